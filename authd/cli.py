@@ -1,0 +1,111 @@
+"""`authd`: serve, check-config, --version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from . import __version__, logs, policy as policy_mod, systemd
+from .errors import AuthdError, ConfigError
+from .events import model as events
+from .lifecycle import Lifecycle
+from .runtime import Runtime
+from .server import Server
+
+DEFAULT_CONFIG = os.environ.get("AUTHD_CONFIG", "authd.toml")
+Ready = Callable[[str | None], None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="authd", description="PAM authentication daemon for Unix sockets.")
+    parser.add_argument("--version", action="version", version=f"authd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="run the daemon")
+    serve_p.add_argument("-c", "--config", default=DEFAULT_CONFIG, type=Path)
+    serve_p.add_argument("--daemon", action="store_true", help="detach (for hosts without systemd)")
+    serve_p.add_argument("--pidfile", type=Path, help="with --daemon: a locked pidfile")
+    check_p = sub.add_parser("check-config", help="validate authd.toml and exit 0 (valid) or 1")
+    check_p.add_argument("-c", "--config", default=DEFAULT_CONFIG, type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.daemon:
+        return serve_daemonized(args.config, args.pidfile)
+    return serve(args.config)
+
+
+def check_config(path: Path) -> int:
+    try:
+        policy = policy_mod.load(path, 0, build=False)
+    except ConfigError as exc:
+        print(f"authd: {exc}", file=sys.stderr)
+        return 1
+    print(f"{policy.source}: ok ({len(policy.services)} services, {len(policy.config.handler)} handlers)")
+    return 0
+
+
+def serve(path: Path, ready: Ready | None = None) -> int:
+    """Load the policy, then run until drained. `ready` hears once: None when serving, or why not."""
+    ready = ready or (lambda error: None)
+    try:
+        policy = policy_mod.load(path, 1)
+    except ConfigError as exc:
+        print(f"authd: {exc}", file=sys.stderr)
+        ready(str(exc))
+        return 1
+    daemon = policy.daemon
+    logs.configure(level=daemon.log_level, fmt=daemon.log_format, path=str(policy.path(daemon.log_file)) if daemon.log_file else None)
+    try:
+        return asyncio.run(_run(policy, ready))
+    except AuthdError as exc:
+        structlog.get_logger("authd").error("cannot start", error=str(exc))
+        print(f"authd: {exc}", file=sys.stderr)
+        ready(str(exc))
+        return 1
+
+
+async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
+    rt = Runtime(policy)
+    server = Server(rt)
+    lifecycle = Lifecycle(rt, server)
+    lifecycle.install_signal_handlers()
+    await rt.start()
+    try:
+        inherited = systemd.listen_fds()
+        native = inherited.get("authd") or inherited.get("unknown") or [None]
+        await server.listen(native[0])
+    except BaseException:
+        await rt.pam.close(0)
+        raise
+    rt.emit(events.DAEMON_STARTED, generation=policy.generation)
+    structlog.get_logger("authd").info("ready", pid=os.getpid(), generation=policy.generation, socket=str(policy.socket_path))
+    ready(None)
+    return await lifecycle.run()
+
+
+def serve_daemonized(path: Path, pidfile: Path | None) -> int:
+    from .daemonize import run_daemon
+
+    try:
+        policy = policy_mod.load(path, 0, build=False)
+    except ConfigError as exc:
+        print(f"authd: {exc}", file=sys.stderr)
+        return 1
+    daemon = policy.daemon
+    log_file = policy.path(daemon.log_file) if daemon.log_file else policy.state_dir / "authd.log"
+    return run_daemon(
+        lambda ready: serve(path.resolve(), ready),
+        pidfile=(pidfile or policy.state_dir / "authd.pid").resolve(),
+        log_file=log_file,
+        working_directory=policy.base_dir,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

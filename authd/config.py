@@ -1,0 +1,180 @@
+"""authd.toml: strict schema, loading, and the line locator behind its error messages.
+
+Loading is pure (file in, frozen structs out) so that `authd check-config`, SIGHUP and
+`authctl reload` share one code path; checks that need the running system (groups, PAM
+service files) live in `authd.policy`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from .errors import ConfigError
+from .events.config import HandlerConfig
+from .lockout import LockoutConfig
+
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+Principal = str | int  # a user or group, by name or by numeric id
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Limits(_Section):
+    max_line: Annotated[int, msgspec.Meta(ge=256)] = 64 * 1024
+    max_connections: Positive = 1024
+    max_connections_per_uid: Positive = 256
+    max_inflight: Positive = 32
+    idle_timeout: Seconds = 300.0
+    request_timeout: Seconds = 30.0
+    write_buffer: Annotated[int, msgspec.Meta(ge=4096)] = 1024 * 1024
+
+
+class Daemon(_Section):
+    socket: str = "authd.sock"
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
+    socket_group: str | None = None
+    state_dir: str = "state"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: str | None = None
+    workers: Annotated[int, msgspec.Meta(ge=0)] = 0
+    worker_max_calls: Positive = 1000
+    pam_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    drain_timeout: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    dump_keep: Positive = 5
+    sweep_interval: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    limits: Limits = Limits()
+
+
+class Clients(_Section):
+    """Which peers (by SO_PEERCRED uid/gid) may connect, and which may use admin ops.
+
+    The uid the daemon runs as is always both: it owns the state anyway.
+    """
+
+    users: list[Principal] = msgspec.field(default_factory=lambda: ["*"])
+    groups: list[Principal] = []
+    admin_users: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
+    admin_groups: list[Principal] = []
+
+
+class Service(_Section):
+    name: str
+    pam_service: str | None = None
+    allow_users: list[str] = []
+    allow_groups: list[str] = []
+    deny_users: list[str] = []
+    deny_groups: list[str] = []
+    session_ttl: Annotated[float, msgspec.Meta(gt=0)] = 8 * 3600.0
+    idle_timeout: Seconds = 3600.0
+    failure_delay: Seconds = 2.0
+
+    @property
+    def pam_name(self) -> str:
+        return self.pam_service or self.name
+
+
+class Config(_Section):
+    daemon: Daemon = Daemon()
+    clients: Clients = Clients()
+    service: list[Service] = []
+    lockout: LockoutConfig = LockoutConfig()
+    handler: list[HandlerConfig] = []
+
+
+def parse(text: str, source: str = "authd.toml") -> Config:
+    """Parse and validate TOML text; errors name the source, line and key path, never a value."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_located(str(exc), text, source)) from None
+    _check_services(config, text, source)
+    return config
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse(text, str(path))
+
+
+def resolve(base_dir: Path, value: str) -> Path:
+    """Relative paths in authd.toml are relative to the file's own directory."""
+    return (base_dir / os.path.expanduser(value)).resolve()
+
+
+def _check_services(config: Config, text: str, source: str) -> None:
+    seen: set[str] = set()
+    for i, service in enumerate(config.service):
+        if service.name in seen:
+            path = f"service[{i}].name"
+            raise ConfigError(_located(f"duplicate service name - at `$.{path}`", text, source))
+        seen.add(service.name)
+        if "\0" in service.name or not service.name:
+            raise ConfigError(_located(f"invalid service name - at `$.service[{i}].name`", text, source))
+
+
+_PATH = re.compile(r" - at `\$\.?([^`]*)`")
+
+
+def _located(message: str, text: str, source: str) -> str:
+    """Turn msgspec's `... - at `$.a[1].b`` into `source:LINE: a[1].b: ...`."""
+    match = _PATH.search(message)
+    if not match:
+        return f"{source}: {message}"
+    key_path = match.group(1)
+    if unknown := _UNKNOWN.search(message):
+        key_path = f"{key_path}.{unknown.group(1)}" if key_path else unknown.group(1)
+    detail = message[: match.start()] + message[match.end() :]
+    line = find_line(text, key_path)
+    where = f"{source}:{line}" if line else source
+    return f"{where}: {key_path}: {detail}"
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\[\]#]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*')\s*=")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+
+
+def find_line(text: str, key_path: str) -> int | None:
+    """Best-effort 1-based line of a key path like `service[1].session_ttl`.
+
+    Follows table headers and counts array-of-tables entries: enough to point an operator at
+    the right line, which is all an error message needs. Falls back to the enclosing table.
+    """
+    counts: dict[str, int] = {}
+    table = ""
+    best: int | None = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if header := _HEADER.match(line):
+            name = ".".join(part.strip().strip("\"'") for part in header.group(2).split("."))
+            if header.group(1) == "[[":
+                counts[name] = counts.get(name, -1) + 1
+                name = f"{name}[{counts[name]}]"
+            here = table = name
+        elif key := _KEY.match(line):
+            name = key.group(1).strip("\"'")
+            here = f"{table}.{name}" if table else name
+        else:
+            continue
+        if here == key_path:
+            return lineno
+        if key_path.startswith((here + ".", here + "[")):
+            best = lineno
+    return best

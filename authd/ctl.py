@@ -1,0 +1,112 @@
+"""`authctl`: talk to a running authd from a shell. Passwords never come from argv."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .client import Client, ClientError, ReplyError, default_socket
+
+Command = Callable[[Client, argparse.Namespace], dict[str, Any]]
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
+
+
+def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None) -> Callable[[Command], Command]:
+    """Register a subcommand; other modules (lastlog, lockouts) add theirs the same way."""
+
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = (help, args, fn)
+        return fn
+
+    return register
+
+
+def read_password(prompt: str = "Password: ") -> str:
+    """No-echo prompt on a terminal; otherwise the first line of stdin."""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\n")
+
+
+@command("hello", "server name, version, protocol, policy generation")
+def _hello(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.hello()
+
+
+def _auth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("user")
+    p.add_argument("--service", default="login")
+    p.add_argument("--rhost")
+    p.add_argument("--no-session", action="store_true", help="check the password only")
+
+
+@command("auth", "authenticate USER (password from a no-echo prompt or stdin)", _auth_args)
+def _auth(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.auth(a.user, read_password(), a.service, rhost=a.rhost, open_session=not a.no_session)
+
+
+@command("session", "show the session of TOKEN", lambda p: p.add_argument("token"))
+def _session(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.session(a.token)
+
+
+@command("logout", "end the session of TOKEN", lambda p: p.add_argument("token"))
+def _logout(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.logout(a.token)
+
+
+@command("sessions", "list sessions (admin)", lambda p: p.add_argument("--user"))
+def _sessions(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.sessions(a.user)
+
+
+def _revoke_args(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="session_id")
+    which.add_argument("--user")
+
+
+@command("revoke", "revoke a session by --id, or all of a --user's (admin)", _revoke_args)
+def _revoke(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.revoke(session_id=a.session_id, user=a.user)
+
+
+@command("status", "counters, uptime, policy generation, queue depths (admin)")
+def _status(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.status()
+
+
+@command("reload", "reload authd.toml now; exits non-zero with the error if it is invalid (admin)")
+def _reload(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.reload()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.")
+    parser.add_argument("-s", "--socket", default=None, help=f"authd socket (default: {default_socket()})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    try:
+        with Client(args.socket) as client:
+            result = COMMANDS[args.command][2](client, args)
+    except ReplyError as exc:
+        print(json.dumps(exc.reply, indent=2), file=sys.stderr)
+        return 1
+    except ClientError as exc:
+        print(f"authctl: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    result.pop("id", None)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``audit``: one JSON line per event, appended to a file that logrotate may move away."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from authd.errors import ConfigError
+from authd.events.bus import Handler
+from authd.events.config import AuditConfig, HandlerContext, resolve_path
+from authd.events.model import Event
+
+
+class AuditHandler(Handler):
+    """Appends with ``O_APPEND`` and one ``write`` per line, so concurrent writers (an old and a
+    new handler during a reload) never interleave within a line. The file is opened lazily and
+    reopened after :meth:`reopen`, which is what logrotate's ``create`` mode needs."""
+
+    def __init__(self, path: Path, mode: int, **base: Any) -> None:
+        super().__init__(**base)
+        self.path = path
+        self.mode = mode
+        self._fd: int | None = None
+
+    def handle(self, event: Event) -> None:
+        if self._fd is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(self.path, flags, self.mode)
+        os.write(self._fd, event.to_json() + b"\n")
+
+    def reopen(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def build(cfg: AuditConfig, ctx: HandlerContext, where: str, **base: Any) -> AuditHandler:
+    path = resolve_path(ctx, cfg.path)
+    if cfg.mode & 0o002:
+        raise ConfigError(f"{where}.mode: an audit log must not be world-writable")
+    if path.is_dir():
+        raise ConfigError(f"{where}.path: {path} is a directory")
+    target = path if path.exists() else path.parent
+    if not os.access(target, os.W_OK):
+        raise ConfigError(f"{where}.path: {target} is not writable (or does not exist)")
+    return AuditHandler(path, cfg.mode, **base)

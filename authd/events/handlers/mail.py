@@ -1,0 +1,183 @@
+"""``mail``: templated mail over SMTP — a welcome on a user's first login ever, or one per event.
+
+In ``welcome`` mode the handler claims ``(handler name, user)`` in SQLite in the state dir
+*before* sending and releases the claim if sending fails: a restart never re-sends, and a
+reload that briefly runs the old and the new handler side by side cannot send twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import sqlite3
+import ssl
+import string
+import time
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid, parseaddr
+from pathlib import Path
+from typing import Any
+
+from authd.errors import ConfigError
+from authd.events.bus import Handler, HandlerError
+from authd.events.config import HandlerContext, MailConfig, read_secret
+from authd.events.model import AUTH_SUCCEEDED, Event
+
+FILENAME = "welcome.sqlite3"
+FIELDS = frozenset({"user", "service", "rhost", "time", "event", "session_id", "reason"})
+_ADDRESS = re.compile(r"[^@\s,;:<>()\[\]\"\\]+@[^@\s,;:<>()\[\]\"\\]+")
+
+
+def _render(template: str, event: Event) -> str:
+    values = {
+        "user": event.user,
+        "service": event.service,
+        "rhost": event.rhost,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.time)),
+        "event": event.name,
+        "session_id": event.session_id,
+        "reason": event.reason,
+    }
+    return template.format_map({k: "-" if v is None else v for k, v in values.items()})
+
+
+class MailHandler(Handler):
+    def __init__(
+        self,
+        *,
+        mode: str,
+        host: str,
+        port: int,
+        tls: str,
+        username: str | None,
+        password: bytes | None,
+        sender: str,
+        to: str,
+        subject: str,
+        body: str,
+        smtp_timeout: float,
+        welcome_db: Path,
+        **base: Any,
+    ) -> None:
+        super().__init__(timeout=3 * smtp_timeout, **base)
+        self.mode = mode
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.username = username
+        self._password = password
+        self.sender = sender
+        self.to = to
+        self.subject = subject
+        self.body = body
+        self.smtp_timeout = smtp_timeout
+        self.welcome_db = welcome_db
+        self._db: sqlite3.Connection | None = None
+
+    def handle(self, event: Event) -> None:
+        if self.mode == "every":
+            self._send(event)
+            return
+        if event.name != AUTH_SUCCEEDED or event.user is None or not self._claim(event.user):
+            return
+        try:
+            self._send(event)
+        except BaseException:
+            self._db.execute(  # type: ignore[union-attr]
+                "DELETE FROM welcomed WHERE handler = ? AND user = ?", (self.name, event.user)
+            )
+            raise
+
+    def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            db.close()
+
+    def _claim(self, user: str) -> bool:
+        if self._db is None:
+            self.welcome_db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.welcome_db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            self._db = sqlite3.connect(self.welcome_db, timeout=10.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS welcomed"
+                " (handler TEXT, user TEXT, time REAL, PRIMARY KEY (handler, user))"
+            )
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO welcomed (handler, user, time) VALUES (?, ?, ?)",
+            (self.name, user, time.time()),
+        )
+        return cursor.rowcount == 1
+
+    def _send(self, event: Event) -> None:
+        recipient = _render(self.to, event)
+        if not _ADDRESS.fullmatch(recipient):
+            raise HandlerError(f"recipient {recipient!r} is not a single mail address")
+        message = EmailMessage()
+        message["From"] = self.sender
+        message["To"] = recipient
+        message["Subject"] = _render(self.subject, event)
+        message["Date"] = formatdate(event.time)
+        message["Message-ID"] = make_msgid(domain=parseaddr(self.sender)[1].rpartition("@")[2])
+        message["Auto-Submitted"] = "auto-generated"
+        message.set_content(_render(self.body, event))
+        try:
+            if self.tls == "implicit":
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    self.host, self.port, timeout=self.smtp_timeout, context=ssl.create_default_context()
+                )
+            else:
+                smtp = smtplib.SMTP(self.host, self.port, timeout=self.smtp_timeout)
+            with smtp:
+                if self.tls == "starttls":
+                    smtp.starttls(context=ssl.create_default_context())
+                if self.username is not None and self._password is not None:
+                    smtp.login(self.username, self._password.decode())
+                smtp.send_message(message, to_addrs=[recipient])
+        except TimeoutError:
+            raise
+        except (smtplib.SMTPException, OSError) as e:
+            raise HandlerError(f"SMTP via {self.host}:{self.port}: {e}") from None
+
+
+def _check_template(where: str, key: str, template: str) -> None:
+    try:
+        names = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as e:
+        raise ConfigError(f"{where}.{key}: {e}") from None
+    unknown = names - FIELDS
+    if unknown:
+        raise ConfigError(
+            f"{where}.{key}: unknown placeholder {{{sorted(unknown)[0]}}};"
+            f" use {', '.join('{' + f + '}' for f in sorted(FIELDS))}"
+        )
+
+
+def build(cfg: MailConfig, ctx: HandlerContext, where: str, **base: Any) -> MailHandler:
+    for key in ("to", "subject", "body"):
+        _check_template(where, key, getattr(cfg, key))
+    if "@" not in parseaddr(cfg.sender)[1]:
+        raise ConfigError(f"{where}.from: {cfg.sender!r} is not a mail address")
+    if "{" not in cfg.to and not _ADDRESS.fullmatch(cfg.to):
+        raise ConfigError(f"{where}.to: {cfg.to!r} is not a mail address")
+    password = read_secret(
+        ctx, where, "password", value=None, file=cfg.password_file, env=cfg.password_env
+    )
+    if (cfg.username is None) != (password is None):
+        raise ConfigError(f"{where}: username and password_file/password_env go together")
+    return MailHandler(
+        mode=cfg.mode,
+        host=cfg.host,
+        port=cfg.port or (465 if cfg.tls == "implicit" else 25),
+        tls=cfg.tls,
+        username=cfg.username,
+        password=password,
+        sender=cfg.sender,
+        to=cfg.to,
+        subject=cfg.subject,
+        body=cfg.body,
+        smtp_timeout=cfg.timeout,
+        welcome_db=ctx.state_dir / FILENAME,
+        **base,
+    )

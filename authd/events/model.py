@@ -1,0 +1,74 @@
+"""The event record: what happened, to whom, from where — and by construction never a secret.
+
+Events are built from explicit fields only: there is no field that could carry a password or a
+session token, and unknown keyword arguments are rejected, so a careless
+``Event.create(name, **request)`` fails loudly instead of leaking.
+"""
+
+from __future__ import annotations
+
+import time as _time
+import uuid
+from typing import Any
+
+import msgspec
+
+AUTH_SUCCEEDED = "auth.succeeded"
+AUTH_FAILED = "auth.failed"
+AUTH_LOCKED_OUT = "auth.locked_out"
+SESSION_OPENED = "session.opened"
+SESSION_CLOSED = "session.closed"
+POLICY_RELOADED = "policy.reloaded"
+POLICY_RELOAD_FAILED = "policy.reload_failed"
+DAEMON_STARTED = "daemon.started"
+DAEMON_DRAINING = "daemon.draining"
+DAEMON_STOPPED = "daemon.stopped"
+
+EVENT_NAMES: tuple[str, ...] = (
+    AUTH_SUCCEEDED,
+    AUTH_FAILED,
+    AUTH_LOCKED_OUT,
+    SESSION_OPENED,
+    SESSION_CLOSED,
+    POLICY_RELOADED,
+    POLICY_RELOAD_FAILED,
+    DAEMON_STARTED,
+    DAEMON_DRAINING,
+    DAEMON_STOPPED,
+)
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One auth or lifecycle outcome; ``pid``/``uid``/``gid`` are the client's SO_PEERCRED."""
+
+    name: str
+    id: str
+    time: float
+    user: str | None = None
+    service: str | None = None
+    rhost: str | None = None
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    session_id: str | None = None
+    reason: str | None = None
+    latency: float | None = None
+    generation: int | None = None
+
+    @classmethod
+    def create(cls, name: str, **fields: Any) -> Event:
+        """Build an event with a fresh id and the current time."""
+        return cls(name=name, id=uuid.uuid4().hex, time=_time.time(), **fields)
+
+    @property
+    def sender(self) -> str | None:
+        """What blinker-style ``sender=`` filters compare against: the service."""
+        return self.service
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a plain dict for JSON, without the fields that are ``None``."""
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not None}
+
+    def to_json(self) -> bytes:
+        """Compact JSON of :meth:`to_dict`, as handlers send and store it."""
+        return msgspec.json.encode(self)

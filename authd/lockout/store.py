@@ -1,0 +1,190 @@
+"""SQLite persistence for lockout state.
+
+The engine's in-memory state is authoritative and every change is written through. When the
+database cannot be written (disk full, read-only, locked, corrupt) authentication goes on from
+memory: the store records the error, and on a later write (at most once a second) reopens the
+file, merges what it holds and rewrites the whole state, so nothing committed is lost and the
+file catches up once the fault clears. A corrupt file is moved aside, never silently reused.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import structlog
+
+FailureRow = tuple[str, str, float]
+"""(scope, key, time of the failure)."""
+LockRow = tuple[str, str, float, float | None, int]
+"""(scope, key, locked at, locked until or None for permanent, lock count)."""
+Rows = tuple[list[FailureRow], list[LockRow]]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS failures (scope TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS failures_by_key ON failures (scope, key);
+CREATE TABLE IF NOT EXISTS locks (
+    scope TEXT NOT NULL, key TEXT NOT NULL, since REAL NOT NULL, until REAL,
+    strikes INTEGER NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+PRAGMA user_version = 1;
+"""
+_CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+_RETRY_INTERVAL = 1.0
+
+log = structlog.get_logger("authd.lockout")
+
+
+class _Corrupt(sqlite3.DatabaseError):
+    """The file is not a usable SQLite database; it gets moved aside."""
+
+
+class LockoutStore:
+    """Write-through SQLite mirror (WAL, mode 0600) of failures and locks."""
+
+    def __init__(
+        self, path: Path, *, snapshot: Callable[[], Rows], merge: Callable[[Rows], None]
+    ) -> None:
+        self._path = Path(path)
+        self._snapshot = snapshot
+        self._merge = merge
+        self._conn: sqlite3.Connection | None = None
+        self._loaded = False
+        self._dirty = False
+        self._retry_at = 0.0
+        self.error: str | None = None
+
+    def open(self) -> None:
+        """Load persisted state into the engine; on failure start empty and retry on writes."""
+        try:
+            self._load()
+        except (sqlite3.Error, OSError) as exc:
+            self._failed(exc)
+
+    def add_failure(self, scope: str, key: str, at: float) -> None:
+        self._write(lambda c: c.execute("INSERT INTO failures VALUES (?, ?, ?)", (scope, key, at)))
+
+    def set_lock(
+        self, scope: str, key: str, since: float, until: float | None, strikes: int
+    ) -> None:
+        """Record a lock; the failures that led to it are spent."""
+
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM failures WHERE scope = ? AND key = ?", (scope, key))
+            row = (scope, key, since, until, strikes)
+            c.execute("INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?, ?)", row)
+
+        self._write(op)
+
+    def clear(self, scope: str, key: str) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM failures WHERE scope = ? AND key = ?", (scope, key))
+            c.execute("DELETE FROM locks WHERE scope = ? AND key = ?", (scope, key))
+
+        self._write(op)
+
+    def purge(self, failures_before: dict[str, float], locks_before: float) -> None:
+        """Drop failures older than their scope's interval and locks long expired."""
+
+        def op(c: sqlite3.Connection) -> None:
+            for scope, cutoff in failures_before.items():
+                c.execute("DELETE FROM failures WHERE scope = ? AND at < ?", (scope, cutoff))
+            c.execute("DELETE FROM locks WHERE until IS NOT NULL AND until < ?", (locks_before,))
+
+        self._write(op)
+
+    def close(self) -> None:
+        """Persist what is still pending (one last try), then close the file."""
+        if self._dirty:
+            self._retry_at = 0.0
+            self._write(lambda c: None)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _write(self, op: Callable[[sqlite3.Connection], object]) -> None:
+        if self._dirty:
+            if time.monotonic() < self._retry_at:
+                return
+            op = self._rewrite
+        try:
+            if not self._loaded:
+                self._load()
+            conn = self._connection()
+            with conn:
+                op(conn)
+        except (sqlite3.Error, OSError) as exc:
+            self._failed(exc)
+            return
+        if self._dirty:
+            self._dirty = False
+            self.error = None
+            log.warning("lockout state persisted again", db=str(self._path))
+
+    def _rewrite(self, conn: sqlite3.Connection) -> None:
+        failures, locks = self._snapshot()
+        conn.execute("DELETE FROM failures")
+        conn.execute("DELETE FROM locks")
+        conn.executemany("INSERT INTO failures VALUES (?, ?, ?)", failures)
+        conn.executemany("INSERT INTO locks VALUES (?, ?, ?, ?, ?)", locks)
+
+    def _load(self) -> None:
+        conn = self._connection()
+        failures: list[FailureRow] = conn.execute("SELECT scope, key, at FROM failures").fetchall()
+        locks: list[LockRow] = conn.execute("SELECT scope, key, since, until, strikes FROM locks").fetchall()
+        self._merge((failures, locks))
+        self._loaded = True
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            try:
+                self._conn = self._connect()
+            except _Corrupt as exc:
+                self._quarantine(exc)
+                self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        conn = sqlite3.connect(self._path, timeout=0.1)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            (check,) = conn.execute("PRAGMA quick_check").fetchone()
+            if check != "ok":
+                raise _Corrupt(f"integrity check failed: {check}")
+            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if isinstance(exc, _Corrupt) or exc.sqlite_errorcode not in _CORRUPT:
+                raise
+            raise _Corrupt(str(exc)) from exc
+        return conn
+
+    def _quarantine(self, exc: _Corrupt) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            src = self._path.with_name(self._path.name + suffix)
+            if src.exists():
+                src.rename(src.with_name(f"{self._path.name}.corrupt-{stamp}{suffix}"))
+        log.error("lockout database corrupt, moved aside", db=str(self._path), error=str(exc))
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._dirty = True
+        self._retry_at = time.monotonic() + _RETRY_INTERVAL
+        if self.error is None:
+            log.error("lockout state not persisted", db=str(self._path), error=str(exc))
+        self.error = str(exc)

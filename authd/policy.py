@@ -1,0 +1,170 @@
+"""The running policy: a validated config plus what only the live system can tell, frozen.
+
+A reload builds a whole new `Policy` (including its event handlers) before anything is
+swapped, so a request always sees one consistent generation from start to finish.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as cfg
+from .errors import ConfigError
+from .events import Handler, HandlerContext, build_handlers
+from .peer import Peer
+
+
+@dataclass(frozen=True)
+class Policy:
+    config: cfg.Config
+    source: Path
+    generation: int
+    services: Mapping[str, cfg.Service]
+    client_uids: frozenset[int] | None  # None: any uid that can open the socket
+    client_gids: frozenset[int]
+    admin_uids: frozenset[int]
+    admin_gids: frozenset[int]
+    handlers: tuple[Handler, ...] = field(default=())
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent
+
+    @property
+    def daemon(self) -> cfg.Daemon:
+        return self.config.daemon
+
+    def path(self, value: str) -> Path:
+        return cfg.resolve(self.base_dir, value)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.path(self.daemon.socket)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path(self.daemon.state_dir)
+
+    def is_client(self, peer: Peer) -> bool:
+        if peer.uid == os.getuid() or self.is_admin(peer):
+            return True
+        if self.client_uids is None or peer.uid in self.client_uids:
+            return True
+        return not self.client_gids.isdisjoint(peer.groups)
+
+    def is_admin(self, peer: Peer) -> bool:
+        return peer.uid == os.getuid() or peer.uid in self.admin_uids or not self.admin_gids.isdisjoint(peer.groups)
+
+    def permits(self, service: cfg.Service, user: str, groups: Iterable[str]) -> bool:
+        """Deny rules win; empty allow lists allow everyone; `*` matches any user."""
+        groups = set(groups)
+        if user in service.deny_users or "*" in service.deny_users or groups & set(service.deny_groups):
+            return False
+        if not service.allow_users and not service.allow_groups:
+            return True
+        return user in service.allow_users or "*" in service.allow_users or bool(groups & set(service.allow_groups))
+
+
+def load(source: Path, generation: int, *, build: bool = True) -> Policy:
+    """Parse, validate and (with `build`) construct handlers: the one routine behind start,
+    SIGHUP, `authctl reload` and `authd check-config`."""
+    source = source.resolve()
+    config = cfg.load(source)
+    policy = Policy(
+        config=config,
+        source=source,
+        generation=generation,
+        services={s.name: s for s in config.service},
+        client_uids=None if "*" in config.clients.users else _uids(config.clients.users, "clients.users"),
+        client_gids=_gids(config.clients.groups, "clients.groups"),
+        admin_uids=_uids(config.clients.admin_users, "clients.admin_users"),
+        admin_gids=_gids(config.clients.admin_groups, "clients.admin_groups"),
+    )
+    _check_system(policy)
+    handlers = build_handlers(config.handler, HandlerContext(state_dir=policy.state_dir, base_dir=policy.base_dir))
+    if not build:
+        for handler in handlers:
+            handler.close()
+        handlers = []
+    return Policy(**{**policy.__dict__, "handlers": tuple(handlers)})
+
+
+def restart_only_changes(old: Policy, new: Policy) -> list[str]:
+    """Settings a reload cannot apply to a running daemon; reported, never half-applied."""
+    keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file")
+    return [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
+
+
+def _same_path(old: Policy, new: Policy, key: str) -> bool:
+    if key not in ("socket", "state_dir", "log_file"):
+        return False
+    a, b = getattr(old.daemon, key), getattr(new.daemon, key)
+    return a is not None and b is not None and old.path(a) == new.path(b)
+
+
+def _uids(principals: Iterable[Any], where: str) -> frozenset[int]:
+    uids = set()
+    for i, p in enumerate(principals):
+        if isinstance(p, int):
+            uids.add(p)
+            continue
+        try:
+            uids.add(pwd.getpwnam(p).pw_uid)
+        except KeyError:
+            raise ConfigError(f"{where}[{i}]: no such user {p!r}") from None
+    return frozenset(uids)
+
+
+def _gids(principals: Iterable[Any], where: str) -> frozenset[int]:
+    gids = set()
+    for i, p in enumerate(principals):
+        if isinstance(p, int):
+            gids.add(p)
+            continue
+        try:
+            gids.add(grp.getgrnam(p).gr_gid)
+        except KeyError:
+            raise ConfigError(f"{where}[{i}]: no such group {p!r}") from None
+    return frozenset(gids)
+
+
+def _check_system(policy: Policy) -> None:
+    for i, service in enumerate(policy.config.service):
+        for key in ("allow_groups", "deny_groups"):
+            _gids(getattr(service, key), f"service[{i}].{key}")
+        if not pam_service_exists(service.pam_name):
+            raise ConfigError(f"service[{i}].pam_service: no PAM service file {service.pam_name!r} in {', '.join(map(str, pam_dirs()))}")
+    if policy.daemon.socket_group is not None:
+        _gids([policy.daemon.socket_group], "daemon.socket_group")
+
+
+def pam_dirs() -> list[Path]:
+    """Where libpam looks for service files (pam_wrapper redirects it in tests)."""
+    if os.environ.get("PAM_WRAPPER") == "1" and os.environ.get("PAM_WRAPPER_SERVICE_DIR"):
+        return [Path(os.environ["PAM_WRAPPER_SERVICE_DIR"])]
+    return [Path("/etc/pam.d"), Path("/usr/lib/pam.d")]
+
+
+def pam_service_exists(name: str) -> bool:
+    return "/" not in name and any((d / name).is_file() for d in pam_dirs())
+
+
+def user_groups(user: str) -> tuple[str, ...]:
+    """Group names of a user from NSS (blocking: call it off the event loop)."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return ()
+    names = []
+    for gid in os.getgrouplist(user, entry.pw_gid):
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            names.append(str(gid))
+    return tuple(sorted(set(names)))

@@ -1,0 +1,206 @@
+"""The native protocol as pure functions of bytes: JSON lines in, typed requests out.
+
+Sans-I/O in the style of h11: `Decoder.feed()` takes whatever bytes arrived and returns what
+they complete; `encode()` turns a reply into a line. No sockets, no asyncio, so the codec is
+fuzzed and unit-tested on its own and the server stays a thin loop around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+import msgspec
+
+RequestId = int | str | None
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+
+# Error codes of SPEC §2, the only values `error` ever takes.
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+BUSY = "busy"
+AUTH_FAILED = "auth_failed"
+ACCOUNT_EXPIRED = "account_expired"
+PASSWORD_EXPIRED = "password_expired"
+NOT_AUTHORIZED = "not_authorized"
+LOCKED_OUT = "locked_out"
+CLIENT_FORBIDDEN = "client_forbidden"
+UNAVAILABLE = "unavailable"
+INVALID_SESSION = "invalid_session"
+NOT_FOUND = "not_found"
+FORBIDDEN = "forbidden"
+SHUTTING_DOWN = "shutting_down"
+RELOAD_FAILED = "reload_failed"
+
+
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="op"):
+    """Base of every op; `admin` ops are refused to peers that are not admins."""
+
+    id: int | str
+    admin: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for field in self.__struct_fields__:
+            value = getattr(self, field)
+            if isinstance(value, str) and "\0" in value:
+                raise ValueError(f"NUL byte in `{field}`")
+
+
+class Hello(Request, tag="hello"):
+    pass
+
+
+class Auth(Request, tag="auth"):
+    user: Name
+    password: Annotated[str, msgspec.Meta(max_length=4096)]
+    service: Name
+    rhost: Name | None = None
+    ruser: Name | None = None
+    open_session: bool = True
+
+    def __repr__(self) -> str:  # the password must not reach a log or traceback via repr
+        return f"Auth(id={self.id!r}, user={self.user!r}, service={self.service!r}, rhost={self.rhost!r})"
+
+
+class SessionInfo(Request, tag="session"):
+    token: Text
+
+
+class Logout(Request, tag="logout"):
+    token: Text
+
+
+class Sessions(Request, tag="sessions"):
+    admin = True
+    user: Name | None = None
+
+
+class Revoke(Request, tag="revoke"):
+    admin = True
+    session_id: Name | None = None
+    user: Name | None = None
+
+
+class Status(Request, tag="status"):
+    admin = True
+
+
+class Reload(Request, tag="reload"):
+    admin = True
+
+
+REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload]
+
+
+def register(request_type: type[Request]) -> None:
+    """Add an op (e.g. from the handlers or lockout modules); the decoder picks it up."""
+    REQUEST_TYPES.append(request_type)
+    _decoders.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """A line that could not become a request; answered with this error, then serving goes on."""
+
+    id: RequestId
+    error: str
+    message: str
+
+
+class _IdOnly(msgspec.Struct):
+    id: Any = None
+
+
+_decoders: dict[int, msgspec.json.Decoder[Any]] = {}
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+_encoder = msgspec.json.Encoder()
+
+
+def _request_decoder() -> msgspec.json.Decoder[Any]:
+    key = len(REQUEST_TYPES)
+    if key not in _decoders:
+        _decoders[key] = msgspec.json.Decoder(_union())
+    return _decoders[key]
+
+
+def _union() -> Any:
+    union: Any = REQUEST_TYPES[0]
+    for request_type in REQUEST_TYPES[1:]:
+        union = union | request_type
+    return union
+
+
+def decode_line(line: bytes) -> Request | ProtocolError:
+    """One line (without its newline) to a request, or to the error that answers it."""
+    try:
+        return _request_decoder().decode(line)
+    except msgspec.ValidationError as exc:
+        return ProtocolError(_salvage_id(line), BAD_REQUEST, _describe(exc))
+    except msgspec.DecodeError:
+        return ProtocolError(_salvage_id(line), BAD_REQUEST, "malformed JSON")
+
+
+def _salvage_id(line: bytes) -> RequestId:
+    try:
+        request_id = _id_decoder.decode(line).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
+        return None
+    if isinstance(request_id, str) and ("\0" in request_id or len(request_id) > 256):
+        return None
+    return request_id
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """msgspec names types and paths, never values; keep that and make `op` errors readable."""
+    text = str(exc)
+    if "Invalid value" in text and "$.op" in text or "missing required field `op`" in text:
+        return "unknown or missing op"
+    return text
+
+
+class Decoder:
+    """Splits a byte stream into requests; an over-long line is answered, skipped, not fatal."""
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._buffer = bytearray()
+        self._skipping = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete line held so far (0 while skipping an over-long one)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Request | ProtocolError]:
+        out: list[Request | ProtocolError] = []
+        self._buffer += data
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > self.max_line and not self._skipping:
+                    out.append(ProtocolError(None, TOO_LARGE, f"line longer than {self.max_line} bytes"))
+                    self._skipping = True
+                if self._skipping:
+                    self._buffer.clear()
+                return out
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if self._skipping:
+                self._skipping = False
+                continue
+            if len(line) > self.max_line:
+                out.append(ProtocolError(_salvage_id(line), TOO_LARGE, f"line longer than {self.max_line} bytes"))
+                continue
+            if line.strip():
+                out.append(decode_line(line))
+
+
+def reply(request_id: RequestId, **fields: Any) -> bytes:
+    return _encoder.encode({"id": request_id, "ok": True, **fields}) + b"\n"
+
+
+def error(request_id: RequestId, code: str, message: str, **fields: Any) -> bytes:
+    return _encoder.encode({"id": request_id, "ok": False, "error": code, "message": message, **fields}) + b"\n"

@@ -1,0 +1,239 @@
+"""The asyncio Unix-socket server around the sans-I/O codec: connections, limits, drain.
+
+Each request runs as its own task, so replies leave in completion order: a failed login
+waiting out its delay never holds up the requests behind it on the same connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import stat
+import time
+from collections import Counter
+from pathlib import Path
+
+import structlog
+
+from . import protocol as p
+from .config import Limits
+from .errors import AuthdError
+from .ops import dispatch
+from .peer import Peer
+from .runtime import Runtime
+
+log = structlog.get_logger("authd.server")
+
+DRAIN_GRACE = 0.2  # requests already in the kernel's buffer when draining starts are still served
+
+
+class Server:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.connections: set[Connection] = set()
+        self.per_uid: Counter[int] = Counter()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._owned_paths: list[Path] = []
+        self.drain_started: float | None = None
+
+    async def listen(self, inherited: socket.socket | None = None) -> None:
+        """Serve on a socket systemd passed in, or bind our own at the policy's path."""
+        sock = inherited if inherited is not None else self._bind(self.rt.policy.socket_path)
+        server = await asyncio.start_unix_server(self._accept, sock=sock, limit=64 * 1024)
+        self._servers.append(server)
+        log.info("listening", socket=sock.getsockname(), inherited=inherited is not None)
+
+    def _bind(self, path: Path) -> socket.socket:
+        daemon = self.rt.policy.daemon
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~daemon.socket_mode)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise AuthdError(f"cannot bind {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, daemon.socket_mode)
+        if daemon.socket_group is not None:
+            os.chown(path, -1, grp.getgrnam(daemon.socket_group).gr_gid)
+        sock.listen(socket.SOMAXCONN)
+        self._owned_paths.append(path)
+        return sock
+
+    def stop_accepting(self) -> None:
+        """Close the listeners; the socket file goes too unless systemd owns it."""
+        for server in self._servers:
+            server.close()
+        for path in self._owned_paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._owned_paths.clear()
+
+    async def drain(self) -> None:
+        """Answer what was received, then close every connection. The caller bounds the wait."""
+        self.drain_started = time.monotonic()
+        self.stop_accepting()
+        await asyncio.sleep(DRAIN_GRACE)
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        while self.connections:
+            await asyncio.sleep(0.01)
+
+    def abort(self) -> None:
+        for conn in list(self.connections):
+            conn.writer.transport.abort()
+
+    def accepting_requests(self) -> bool:
+        return self.drain_started is None or time.monotonic() - self.drain_started < DRAIN_GRACE
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        limits = self.rt.policy.daemon.limits
+        try:
+            peer = Peer.of(writer.get_extra_info("socket"))
+        except OSError:
+            writer.transport.abort()
+            return
+        counters = self.rt.counters
+        counters["connections_total"] += 1
+        if len(self.connections) >= limits.max_connections or self.per_uid[peer.uid] >= limits.max_connections_per_uid:
+            counters["connections_refused_busy"] += 1
+            writer.write(p.error(None, p.BUSY, "too many connections"))
+            writer.close()
+            return
+        conn = Connection(self, reader, writer, peer)
+        self.connections.add(conn)
+        self.per_uid[peer.uid] += 1
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self.per_uid[peer.uid] -= 1
+            if not self.per_uid[peer.uid]:
+                del self.per_uid[peer.uid]
+
+    def stats(self) -> dict[str, int]:
+        return {"connections": len(self.connections), "inflight": sum(len(c.inflight) for c in self.connections)}
+
+
+class Connection:
+    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
+        self.server = server
+        self.rt = server.rt
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.decoder = p.Decoder(self.rt.policy.daemon.limits.max_line)
+        self._partial_since: float | None = None
+        self._closing = False
+
+    async def run(self) -> None:
+        try:
+            await self._read_loop()
+            if self.inflight:
+                await asyncio.wait(self.inflight)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.writer.close()
+
+    async def _read_loop(self) -> None:
+        counters = self.rt.counters
+        while not self._closing:
+            limits = self.rt.policy.daemon.limits
+            try:
+                async with asyncio.timeout(self._read_timeout(limits)):
+                    data = await self.reader.read(64 * 1024)
+            except TimeoutError:
+                if self.inflight and self._partial_since is None:
+                    continue
+                if self._partial_since is not None:
+                    counters["connections_closed_slow_request"] += 1
+                    self._send(p.error(None, p.BAD_REQUEST, f"request not completed within {limits.request_timeout:g}s"))
+                else:
+                    counters["connections_closed_idle"] += 1
+                return
+            if not data:
+                return
+            for item in self.decoder.feed(data):
+                self._handle(item)
+            self._partial_since = (self._partial_since or time.monotonic()) if self.decoder.pending else None
+
+    def _read_timeout(self, limits: Limits) -> float:
+        if self._partial_since is not None:
+            return max(0.0, self._partial_since + limits.request_timeout - time.monotonic())
+        return limits.idle_timeout
+
+    def _handle(self, item: p.Request | p.ProtocolError) -> None:
+        counters = self.rt.counters
+        if isinstance(item, p.ProtocolError):
+            counters[f"protocol:{item.error}"] += 1
+            self._send(p.error(item.id, item.error, item.message))
+            return
+        if not self.server.accepting_requests():
+            counters["refused_shutting_down"] += 1
+            self._send(p.error(item.id, p.SHUTTING_DOWN, "authd is shutting down; retry"))
+            return
+        if len(self.inflight) >= self.rt.policy.daemon.limits.max_inflight:
+            counters["refused_busy"] += 1
+            self._send(p.error(item.id, p.BUSY, "too many requests in flight on this connection"))
+            return
+        counters[f"op:{item.__struct_config__.tag}"] += 1
+        task = asyncio.create_task(self._serve(item))
+        self.inflight.add(task)
+        task.add_done_callback(self._done)
+
+    async def _serve(self, req: p.Request) -> None:
+        structlog.contextvars.bind_contextvars(request_id=req.id, **self.peer.log_fields())
+        try:
+            out = await dispatch(self.rt, self.peer, req)
+        except Exception:
+            self.rt.counters["internal_errors"] += 1
+            log.exception("request failed", op=req.__struct_config__.tag)
+            out = p.error(req.id, p.UNAVAILABLE, "internal error")
+        self._send(out)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        if not self.inflight and self._closing:
+            self.writer.close()
+
+    def _send(self, data: bytes) -> None:
+        transport = self.writer.transport
+        if transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.rt.policy.daemon.limits.write_buffer:
+            self.rt.counters["connections_closed_not_reading"] += 1
+            log.warning("client is not reading its replies; closing", **self.peer.log_fields())
+            transport.abort()
+
+    def close_when_idle(self) -> None:
+        self._closing = True
+        if not self.inflight:
+            self.writer.close()
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A socket file nobody answers on is left from a crash; one that answers is in use."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise AuthdError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise AuthdError(f"{path} is in use by another process (is authd already running?)")

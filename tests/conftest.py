@@ -1,0 +1,58 @@
+"""Shared fixtures: a pam_wrapper PAM environment and a real authd daemon on top of it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .daemon import BASE_POLICY, PAM_SERVICE, PASSWORD, Daemon
+from .pamenv import PamEnv, compile_pam_module
+
+
+@pytest.fixture
+def pam(tmp_path: Path) -> PamEnv:
+    """Users alice and bob (password PASSWORD) in PAM service `authd-test`."""
+    env = PamEnv.create(tmp_path / "pam")
+    env.add_service(PAM_SERVICE)
+    for user in ("alice", "bob"):
+        env.add_user(user, PASSWORD, PAM_SERVICE)
+    return env
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, pam: PamEnv) -> Iterator[Callable[..., Daemon]]:
+    """Build (not start) daemons: `make_daemon(extra_toml, env={...})`.
+
+    `extra` is appended to the base policy, i.e. into the `login` service table unless it opens
+    another table; the service's failure delay is 0 unless `extra` sets one.
+    """
+    made: list[Daemon] = []
+
+    def make(extra: str = "", *, base: str = BASE_POLICY, env: dict[str, str] | None = None, name: str = "d") -> Daemon:
+        root = tmp_path / name
+        root.mkdir(exist_ok=True)
+        if "failure_delay" not in extra:
+            extra = "failure_delay = 0.0\n" + extra
+        daemon = Daemon(root, pam, base + extra, env=env)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.cleanup()
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
+    """A running authd with the base policy."""
+    return make_daemon().start()
+
+
+@pytest.fixture(scope="session")
+def crash_modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """PAM modules that segfault, hang forever and call exit(), compiled with gcc."""
+    out = tmp_path_factory.mktemp("pam-modules")
+    sources = Path(__file__).parent / "pam" / "modules"
+    return {name: compile_pam_module(sources / f"{name}.c", out) for name in ("segv", "hang", "exit")}

@@ -1,0 +1,108 @@
+"""``mail``: a welcome mail on the first successful login ever, to a real aiosmtpd on loopback."""
+
+from __future__ import annotations
+
+import socket
+from email import message_from_bytes
+from email.message import Message
+
+from authd.events import AUTH_FAILED, AUTH_LOCKED_OUT, AUTH_SUCCEEDED, Event, EventBus, HandlerContext
+
+from .conftest import CANARY, SmtpServer, from_toml, login_event, run
+
+
+def welcome_toml(smtp: SmtpServer, port: int | None = None) -> str:
+    return f"""
+[[handler]]
+type = "mail"
+name = "welcome"
+events = ["auth.succeeded"]
+host = "{smtp.host}"
+port = {port or smtp.port}
+timeout = 5
+from = "authd <authd@example.org>"
+to = "{{user}}@example.org"
+subject = "Welcome to {{service}}, {{user}}"
+body = "Hello {{user}}, your first login was from {{rhost}} at {{time}}."
+"""
+
+
+def deliver(ctx: HandlerContext, toml: str, events: list[Event]) -> dict:
+    async def main() -> dict:
+        bus = EventBus()
+        bus.set_handlers(from_toml(toml, ctx))
+        await bus.start()
+        for event in events:
+            bus.emit(event)
+        assert await bus.close(30) == 0
+        return bus.stats()["handlers"]
+
+    return run(main())
+
+
+def messages(smtp: SmtpServer) -> list[Message]:
+    return [message_from_bytes(e.content) for e in smtp.mailbox.envelopes]
+
+
+def login(user: str, **fields: object) -> Event:
+    request = {"user": user, "password": CANARY, "service": "webmail", "rhost": "192.0.2.7"}
+    return login_event(AUTH_SUCCEEDED, request | fields)
+
+
+def test_welcome_mail_is_sent_once_per_user_even_across_restarts(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
+    alice = login("alice")
+    deliver(
+        ctx,
+        welcome_toml(smtp_server),
+        [alice, login("alice"), login_event(AUTH_FAILED, {"user": "carol"}), login("bob"), login("alice")],
+    )
+    sent = messages(smtp_server)
+    assert [m["To"] for m in sent] == ["alice@example.org", "bob@example.org"]
+    assert [e.rcpt_tos for e in smtp_server.mailbox.envelopes] == [["alice@example.org"], ["bob@example.org"]]
+    assert smtp_server.mailbox.envelopes[0].mail_from == "authd@example.org"
+    first = sent[0]
+    assert first["Subject"] == "Welcome to webmail, alice"
+    assert first["From"] == "authd <authd@example.org>"
+    assert first["Auto-Submitted"] == "auto-generated"
+    body = first.get_payload(decode=True).decode()
+    assert "Hello alice, your first login was from 192.0.2.7 at 20" in body and body.rstrip().endswith("Z.")
+
+    deliver(ctx, welcome_toml(smtp_server), [login("alice"), login("bob")])  # a restarted daemon
+    assert len(smtp_server.mailbox.envelopes) == 2
+    assert (ctx.state_dir / "welcome.sqlite3").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failed_send_is_retried_on_the_next_login(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    stats = deliver(ctx, welcome_toml(smtp_server, closed_port), [login("dave")])
+    assert stats["welcome"]["failed"] == 1
+    deliver(ctx, welcome_toml(smtp_server), [login("dave"), login("dave")])
+    assert [m["To"] for m in messages(smtp_server)] == ["dave@example.org"]
+
+
+def test_every_mode_mails_each_event(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
+    toml = f"""
+[[handler]]
+type = "mail"
+mode = "every"
+events = ["auth.locked_out"]
+host = "{smtp_server.host}"
+port = {smtp_server.port}
+from = "authd@example.org"
+to = "security@example.org"
+subject = "{{user}} locked out ({{event}})"
+body = "Too many failures for {{user}} from {{rhost}}; session {{session_id}}."
+"""
+    locked = login_event(AUTH_LOCKED_OUT, {"user": "erin", "password": CANARY, "rhost": "198.51.100.9"})
+    stats = deliver(ctx, toml, [locked, login("erin")])
+    assert stats["mail"]["delivered"] == 1
+    (sent,) = messages(smtp_server)
+    assert sent["To"] == "security@example.org" and sent["Subject"] == "erin locked out (auth.locked_out)"
+    assert "from 198.51.100.9; session -." in sent.get_payload(decode=True).decode()
+
+
+def test_a_recipient_that_is_not_one_address_is_refused(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
+    stats = deliver(ctx, welcome_toml(smtp_server), [login("x@evil.example, y")])
+    assert stats["welcome"]["failed"] == 1 and smtp_server.mailbox.envelopes == []

@@ -1,0 +1,96 @@
+"""``webhook``: POSTs to a real HTTP server on loopback, retries, HMAC signature."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+
+from structlog.testing import capture_logs
+
+from authd.events import AUTH_FAILED, AUTH_SUCCEEDED, EventBus, HandlerContext
+
+from .conftest import CANARY, HttpReceiver, eventually, from_toml, login_event, run
+
+SECRET = "hook-secret-42"
+REQUEST = {"user": "alice", "password": CANARY, "service": "imap", "rhost": "192.0.2.7"}
+
+
+def test_delivered_retried_after_500_and_signed(ctx: HandlerContext, http_receiver: HttpReceiver) -> None:
+    (ctx.base_dir / "hook.key").write_text(SECRET + "\n")
+    http_receiver.statuses = [500, 503]
+
+    async def main() -> None:
+        bus = EventBus()
+        bus.set_handlers(
+            from_toml(
+                f'[[handler]]\ntype = "webhook"\nurl = "{http_receiver.url}?src=authd"\n'
+                'secret_file = "hook.key"\nbackoff = 0.05\n'
+                'headers = {"Authorization" = "Bearer t0ken", "X-Env" = "test"}\n',
+                ctx,
+            )
+        )
+        await bus.start()
+        event = login_event(AUTH_SUCCEEDED, REQUEST, session_id="s-1", latency=0.01)
+        bus.emit(event)
+        assert await bus.close(30) == 0
+        assert bus.stats()["handlers"]["webhook"]["delivered"] == 1
+
+        assert len(http_receiver.requests) == 3  # 500, 503, then 200
+        bodies = {r.body for r in http_receiver.requests}
+        deliveries = {r.headers["X-Authd-Delivery"] for r in http_receiver.requests}
+        assert len(bodies) == 1 and deliveries == {event.id}
+        request = http_receiver.requests[-1]
+        assert request.path == "/hook?src=authd"
+        assert request.json() == event.to_dict()
+        assert request.headers["Content-Type"] == "application/json"
+        assert request.headers["X-Authd-Event"] == "auth.succeeded"
+        assert request.headers["Authorization"] == "Bearer t0ken" and request.headers["X-Env"] == "test"
+        expected = hmac.new(SECRET.encode(), request.body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(request.headers["X-Authd-Signature"], f"sha256={expected}")
+        assert CANARY.encode() not in request.body
+
+    run(main())
+
+
+def test_client_errors_are_final_and_counted(ctx: HandlerContext, http_receiver: HttpReceiver) -> None:
+    http_receiver.statuses = [404]
+
+    async def main() -> None:
+        bus = EventBus()
+        bus.set_handlers(from_toml(f'[[handler]]\ntype = "webhook"\nurl = "{http_receiver.url}"\nbackoff = 0.01\n', ctx))
+        await bus.start()
+        bus.emit(login_event(AUTH_FAILED, REQUEST))
+        bus.emit(login_event(AUTH_FAILED, REQUEST))
+        await eventually(lambda: len(http_receiver.requests) == 2)
+        assert await bus.close(30) == 0
+        assert bus.stats()["handlers"]["webhook"] | {"queued": 0} == {
+            "delivered": 1, "failed": 1, "dropped": 0, "timed_out": 0, "queued": 0,
+        }  # fmt: skip
+        assert "X-Authd-Signature" not in http_receiver.requests[0].headers
+
+    run(main())
+
+
+def test_unreachable_receiver_is_retried_then_counted_as_failed(ctx: HandlerContext) -> None:
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main() -> None:
+        bus = EventBus()
+        bus.set_handlers(
+            from_toml(
+                f'[[handler]]\ntype = "webhook"\nurl = "http://127.0.0.1:{port}/"\nretries = 2\nbackoff = 0.01\n',
+                ctx,
+            )
+        )
+        await bus.start()
+        with capture_logs() as logs:
+            bus.emit(login_event(AUTH_FAILED, REQUEST))
+            assert await bus.close(30) == 0
+        assert bus.stats()["handlers"]["webhook"]["failed"] == 1
+        (failure,) = [r for r in logs if r["event"] == "handler failed"]
+        assert "after 3 attempt(s): ConnectionRefusedError" in failure["error"]
+
+    run(main())

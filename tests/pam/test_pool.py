@@ -1,0 +1,257 @@
+"""authd.pam.pool: real worker processes running real libpam under pam_wrapper."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authd.errors import AuthdError
+from authd.pam.pool import PamPool
+
+from ..pamenv import PamEnv, compile_test_modules
+
+CANARY = "canary-Pw-51d0e2"
+SERVICE = "pool-test"
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return compile_test_modules(tmp_path_factory.mktemp("pam-modules"))
+
+
+@pytest.fixture
+def pam(tmp_path: Path, modules: dict[str, Path]) -> PamEnv:
+    env = PamEnv.create(tmp_path / "pam")
+    env.add_service(SERVICE)
+    env.add_user("alice", CANARY, SERVICE)
+    env.add_service("elsewhere")
+    env.add_faildelay_service("slow", 2.0)
+    for name in ("segv", "hang", "exit"):
+        env.add_module_service(f"crash-{name}", modules[name])
+    return env
+
+
+def with_pool(
+    pam: PamEnv, body: Callable[[PamPool], Awaitable[Any]], **options: Any
+) -> tuple[Any, list[int]]:
+    """Run ``body(pool)`` on a started pool; returns its value and every worker pid seen."""
+
+    async def main() -> tuple[Any, list[int]]:
+        pool = PamPool(**{"size": 2, "timeout": 10.0, "env": pam.env(), **options})
+        await pool.start()
+        pids = pool.pids()
+        try:
+            return await body(pool), pids
+        finally:
+            pids = sorted(set(pids) | set(pool.pids()))
+            await pool.close(5.0)
+            assert pool.stats()["idle"] == pool.stats()["busy"] == 0
+            for pid in pids:
+                assert not Path(f"/proc/{pid}").exists(), f"worker {pid} not reaped"
+
+    return asyncio.run(main())
+
+
+async def settle(pool: PamPool, *, size: int, timeout: float = 30.0) -> None:
+    """Wait until the pool is back to ``size`` idle workers (replacements spawn in the background)."""
+    deadline = time.monotonic() + timeout
+    while pool.stats()["idle"] < size:
+        assert time.monotonic() < deadline, pool.stats()
+        await asyncio.sleep(0.02)
+
+
+def test_outcomes(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        ok = await pool.authenticate(SERVICE, "alice", CANARY, rhost="192.0.2.1", ruser="relay")
+        wrong = await pool.authenticate(SERVICE, "alice", "nope")
+        unknown = await pool.authenticate(SERVICE, "mallory", CANARY)
+        mismatch = await pool.authenticate("elsewhere", "alice", CANARY)
+        assert ok.ok and ok.stage == "acct_mgmt"
+        assert wrong == unknown and wrong.outcome == "auth_failed"
+        assert mismatch.outcome == "not_authorized"
+        assert pool.stats()["calls"] == 4
+
+    with_pool(pam, body)
+
+
+def test_fail_delay_reported_and_not_slept(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        started = time.monotonic()
+        result = await pool.authenticate("slow", "alice", "nope")
+        assert time.monotonic() - started < 1.0
+        assert result.outcome == "auth_failed"
+        assert 1.0 <= result.fail_delay <= 3.0
+
+    with_pool(pam, body)
+
+
+def test_nul_byte_raises_before_any_worker(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        with pytest.raises(ValueError, match="password") as info:
+            await pool.authenticate(SERVICE, "alice", CANARY + "\0")
+        assert CANARY not in str(info.value)
+        with pytest.raises(ValueError, match="rhost"):
+            await pool.authenticate(SERVICE, "alice", CANARY, rhost="a\0b")
+        assert pool.stats()["calls"] == 0
+
+    with_pool(pam, body, size=1)
+
+
+@pytest.mark.parametrize("module", ["segv", "exit", "hang"])
+def test_broken_module_costs_one_call(pam: PamEnv, module: str) -> None:
+    async def body(pool: PamPool) -> None:
+        [before] = pool.pids()
+        result = await pool.authenticate(f"crash-{module}", "alice", CANARY)
+        assert (result.outcome, result.stage) == ("unavailable", "worker")
+        assert (await pool.authenticate(SERVICE, "alice", CANARY)).ok
+        assert pool.pids() != [before]
+        stats = pool.stats()
+        assert stats["timed_out" if module == "hang" else "crashed"] == 1
+        assert stats["spawned"] == 2
+
+    with_pool(pam, body, size=1, timeout=1.0)
+
+
+def test_recycled_after_max_calls(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> set[int]:
+        seen = set()
+        for _ in range(7):
+            assert (await pool.authenticate(SERVICE, "alice", CANARY)).ok
+            await settle(pool, size=1)
+            seen.update(pool.pids())
+        assert pool.stats()["recycled"] == 2
+        return seen
+
+    seen, _ = with_pool(pam, body, size=1, max_calls=3)
+    assert len(seen) == 3
+
+
+def test_callers_beyond_size_wait_in_fifo_order(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        finished: list[int] = []
+
+        async def one(i: int) -> None:
+            assert (await pool.authenticate(SERVICE, "alice", CANARY)).ok
+            finished.append(i)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(12)]
+        await asyncio.sleep(0)
+        assert pool.stats()["waiting"] == 11
+        await asyncio.gather(*tasks)
+        assert finished == list(range(12))
+        assert pool.stats()["waiting"] == 0
+
+    with_pool(pam, body, size=1)
+
+
+def test_many_concurrent_callers_all_served(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        passwords = [CANARY if i % 3 else "nope" for i in range(40)]
+        results = await asyncio.gather(
+            *(pool.authenticate(SERVICE, "alice", pw) for pw in passwords)
+        )
+        assert [r.ok for r in results] == [pw == CANARY for pw in passwords]
+        assert pool.stats()["calls"] == 40
+
+    with_pool(pam, body, size=3, max_calls=7)
+
+
+def test_cancelled_caller_does_not_leak_a_worker(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        [stuck] = pool.pids()
+        task = asyncio.create_task(pool.authenticate("crash-hang", "alice", CANARY))
+        while pool.stats()["busy"] == 0:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(pool.authenticate(SERVICE, "alice", CANARY))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (await waiting).ok
+        assert stuck not in pool.pids()
+        await settle(pool, size=1)
+
+    with_pool(pam, body, size=1)
+
+
+def test_idle_worker_killed_from_outside_is_replaced(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        victim, other = pool.pids()
+        os.kill(victim, signal.SIGKILL)
+        while victim in pool.pids() or pool.stats()["idle"] < 2:
+            await asyncio.sleep(0.02)
+        results = await asyncio.gather(
+            *(pool.authenticate(SERVICE, "alice", CANARY) for _ in range(4))
+        )
+        assert all(r.ok for r in results)
+        assert other in pool.pids()
+
+    with_pool(pam, body)
+
+
+def test_workers_ignore_the_daemons_signals(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        pids = pool.pids()
+        for pid in pids:
+            for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+                os.kill(pid, sig)
+        await asyncio.sleep(0.2)
+        assert (await pool.authenticate(SERVICE, "alice", CANARY)).ok
+        assert pool.pids() == pids and pool.stats()["crashed"] == 0
+
+    with_pool(pam, body)
+
+
+def test_close_lets_calls_in_flight_finish(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        calls = [asyncio.create_task(pool.authenticate(SERVICE, "alice", CANARY)) for _ in range(6)]
+        await asyncio.sleep(0)
+        await pool.close(10.0)
+        assert all(c.result().ok for c in calls)
+        after = await pool.authenticate(SERVICE, "alice", CANARY)
+        assert after.outcome == "unavailable"
+
+    with_pool(pam, body)
+
+
+def test_close_kills_a_call_stuck_past_the_deadline(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        stuck = asyncio.create_task(pool.authenticate("crash-hang", "alice", CANARY))
+        while pool.stats()["busy"] == 0:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await pool.close(0.3)
+        assert time.monotonic() - started < 5.0
+        assert (await stuck).outcome == "unavailable"
+
+    with_pool(pam, body, size=1, timeout=30.0)
+
+
+def test_start_fails_loudly_when_workers_cannot_run(pam: PamEnv) -> None:
+    async def main() -> None:
+        pool = PamPool(size=2, env={**pam.env(), "PYTHONHOME": "/nonexistent"})
+        with pytest.raises(AuthdError, match="PAM worker failed to start"):
+            await pool.start()
+        assert pool.pids() == []
+
+    asyncio.run(main())
+
+
+def test_canary_password_never_leaves_the_worker(pam: PamEnv, capfd: pytest.CaptureFixture[str]) -> None:
+    async def body(pool: PamPool) -> list[str]:
+        calls = [(SERVICE, "alice"), ("elsewhere", "alice"), ("slow", "bob"), ("crash-segv", "alice"),
+                 ("crash-exit", "alice"), ("crash-hang", "alice"), ("nosuch", "alice")]
+        results = [await pool.authenticate(service, user, CANARY, rhost="192.0.2.9") for service, user in calls]
+        return [repr(r) for r in results] + [str(pool.stats())]
+
+    texts, _ = with_pool(pam, body, size=1, timeout=1.0)
+    captured = capfd.readouterr()
+    assert CANARY not in "".join(texts)
+    assert CANARY not in captured.out + captured.err

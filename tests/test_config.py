@@ -1,0 +1,144 @@
+"""authd.toml validation: strict keys, errors with file, line and key path, `check-config`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from authd import config
+from authd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, "authd.toml")
+    return str(info.value)
+
+
+def test_example_policy_is_valid() -> None:
+    parsed = config.load(ROOT / "authd.toml")
+    assert [s.name for s in parsed.service] == ["login"]
+    assert parsed.service[0].pam_name == "login"
+
+
+def test_defaults_are_safe() -> None:
+    parsed = config.parse("")
+    assert parsed.daemon.socket_mode == 0o660
+    assert parsed.daemon.limits.max_line == 64 * 1024
+    assert parsed.service == []
+
+
+def test_unknown_key_names_path_and_line() -> None:
+    message = error_of('[daemon]\nsocket = "x"\n\n[[service]]\nname = "a"\n\n[[service]]\nname = "b"\nttl = 5\n')
+    assert message.startswith("authd.toml:9: service[1].ttl:"), message
+    assert "unknown field" in message
+
+
+def test_wrong_type_names_path_and_line() -> None:
+    message = error_of('[daemon]\nworkers = "many"\n')
+    assert message.startswith("authd.toml:2: daemon.workers:"), message
+
+
+def test_nested_table_error_line() -> None:
+    message = error_of("[daemon]\n\n[daemon.limits]\nmax_line = 10\n")
+    assert message.startswith("authd.toml:4: daemon.limits.max_line:"), message
+
+
+def test_missing_required_field_points_at_table() -> None:
+    message = error_of('[[service]]\nname = "a"\n[[service]]\npam_service = "x"\n')
+    assert message.startswith("authd.toml:3: service[1]:"), message
+    assert "name" in message
+
+
+def test_toml_syntax_error_has_line() -> None:
+    message = error_of("[daemon\nsocket = 1\n")
+    assert "line 1" in message
+
+
+def test_duplicate_service_rejected() -> None:
+    assert "duplicate service" in error_of('[[service]]\nname = "a"\n[[service]]\nname = "a"\n')
+
+
+def test_errors_carry_no_values() -> None:
+    message = error_of('[daemon]\nsocket_group = ["canary-secret"]\n')
+    assert "canary-secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "code"), [("", 0), ("[[service]]\nname = 'x'\nbogus = 1\n", 1), ("not toml [", 1)]
+)
+def test_check_config_exit_codes(tmp_path: Path, text: str, code: int) -> None:
+    path = tmp_path / "authd.toml"
+    path.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "authd", "check-config", "-c", str(path)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == code, result.stderr
+    if code:
+        assert str(path) in result.stderr
+
+
+def test_check_config_rejects_missing_pam_service_and_group(tmp_path: Path) -> None:
+    path = tmp_path / "authd.toml"
+    path.write_text('[[service]]\nname = "x"\npam_service = "no-such-pam-service"\n')
+    result = subprocess.run([sys.executable, "-m", "authd", "check-config", "-c", str(path)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 1 and "service[0].pam_service" in result.stderr
+    path.write_text('[[service]]\nname = "x"\npam_service = "login"\nallow_groups = ["no-such-group-zz"]\n')
+    result = subprocess.run([sys.executable, "-m", "authd", "check-config", "-c", str(path)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 1 and "service[0].allow_groups[0]" in result.stderr
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_gives_config_or_config_error(text: str) -> None:
+    try:
+        config.parse(text)
+    except ConfigError:
+        pass
+
+
+_values = st.recursive(
+    st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.text(max_size=8)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["name", "socket", "max_line", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["daemon", "clients", "service", "lockout", "handler", "zzz"]), _values, max_size=3))
+def test_any_toml_document_gives_config_or_config_error(doc: dict[str, object]) -> None:
+    text = _to_toml(doc)
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return
+    try:
+        config.parse(text)
+    except ConfigError as exc:
+        assert str(exc).startswith("authd.toml")
+
+
+def _to_toml(doc: dict[str, object]) -> str:
+    return "\n".join(f"{key} = {_inline(value)}" for key, value in doc.items())
+
+
+def _inline(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{k} = {_inline(v)}" for k, v in value.items()) + "}"

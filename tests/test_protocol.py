@@ -1,0 +1,113 @@
+"""The sans-I/O codec on its own: bytes in, requests or errors out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from authd import protocol as p
+
+from .daemon import CANARY
+
+
+def feed_all(data: bytes, max_line: int = 1024, chunk: int = 7) -> list[p.Request | p.ProtocolError]:
+    decoder = p.Decoder(max_line)
+    out: list[p.Request | p.ProtocolError] = []
+    for i in range(0, len(data), chunk):
+        out += decoder.feed(data[i : i + chunk])
+    return out
+
+
+def test_requests_split_across_chunks_and_pipelined() -> None:
+    data = b'{"id":1,"op":"hello"}\n{"id":"b","op":"auth","user":"u","password":"x","service":"s"}\n'
+    out = feed_all(data, chunk=3)
+    assert out == [p.Hello(id=1), p.Auth(id="b", user="u", password="x", service="s")]
+
+
+def test_incomplete_line_waits() -> None:
+    decoder = p.Decoder(1024)
+    assert decoder.feed(b'{"id":1,"op":') == []
+    assert decoder.pending == len(b'{"id":1,"op":')
+    assert decoder.feed(b'"hello"}\n') == [p.Hello(id=1)]
+    assert decoder.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "request_id", "message"),
+    [
+        (b"{not json", None, "malformed JSON"),
+        (b'{"id":7,"op":"frobnicate"}', 7, "unknown or missing op"),
+        (b'{"id":7}', 7, "unknown or missing op"),
+        (b'{"id":8,"op":"hello","extra":1}', 8, "unknown field `extra`"),
+        (b'{"id":9,"op":"auth","user":"a\\u0000b","password":"x","service":"s"}', 9, "NUL byte in `user`"),
+        (b'{"id":true,"op":"hello"}', None, "Expected `int | str`"),
+        (b"[1,2]", None, "Expected `object`"),
+    ],
+)
+def test_bad_requests_are_answered_with_reason(line: bytes, request_id: object, message: str) -> None:
+    (err,) = feed_all(line + b"\n")
+    assert isinstance(err, p.ProtocolError)
+    assert err.error == p.BAD_REQUEST and err.id == request_id and message in err.message
+
+
+def test_error_messages_never_echo_values() -> None:
+    line = json.dumps({"id": 1, "op": "auth", "user": "u", "password": CANARY + "\0", "service": "s"}).encode()
+    (err,) = feed_all(line + b"\n")
+    assert isinstance(err, p.ProtocolError) and CANARY not in err.message
+    line = json.dumps({"id": 1, "op": "auth", "user": "u", "password": 5, "service": CANARY}).encode()
+    (err,) = feed_all(line + b"\n")
+    assert isinstance(err, p.ProtocolError) and CANARY not in err.message
+
+
+def test_repr_of_auth_hides_password() -> None:
+    req = p.Auth(id=1, user="u", password=CANARY, service="s")
+    assert CANARY not in repr(req) and CANARY not in str(req)
+
+
+def test_overlong_line_is_answered_then_skipped() -> None:
+    decoder = p.Decoder(256)
+    out = decoder.feed(b'{"id":1,"op":"hello","x":"' + b"a" * 300)
+    assert [type(o) for o in out] == [p.ProtocolError] and out[0].error == p.TOO_LARGE
+    out = decoder.feed(b"a" * 10_000)
+    assert out == [] and decoder.pending == 0, "an over-long line is not buffered"
+    assert decoder.feed(b'"}\n{"id":2,"op":"hello"}\n') == [p.Hello(id=2)]
+
+
+def test_overlong_complete_line_keeps_its_id() -> None:
+    (err,) = p.Decoder(256).feed(json.dumps({"id": 42, "op": "hello", "pad": "x" * 300}).encode() + b"\n")
+    assert isinstance(err, p.ProtocolError) and err.error == p.TOO_LARGE and err.id == 42
+
+
+def test_blank_lines_are_ignored() -> None:
+    assert feed_all(b'\n\n  \n{"id":1,"op":"hello"}\n') == [p.Hello(id=1)]
+
+
+def test_replies_are_single_json_lines() -> None:
+    line = p.error(3, p.AUTH_FAILED, "multi\nline")
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {"id": 3, "ok": False, "error": "auth_failed", "message": "multi\nline"}
+    assert json.loads(p.reply("x", user="u")) == {"id": "x", "ok": True, "user": "u"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048), st.integers(min_value=1, max_value=64))
+def test_any_bytes_give_requests_or_clean_errors(data: bytes, chunk: int) -> None:
+    decoder = p.Decoder(512)
+    for i in range(0, len(data), chunk):
+        for item in decoder.feed(data[i : i + chunk]):
+            assert isinstance(item, (p.Request, p.ProtocolError))
+            if isinstance(item, p.ProtocolError):
+                assert item.error in (p.BAD_REQUEST, p.TOO_LARGE)
+                json.loads(p.error(item.id, item.error, item.message))
+    assert decoder.pending <= 512 + chunk
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "op", "user", "password", "service", "rhost", "token", "open_session"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20), st.sampled_from(
+                           ["hello", "auth", "session", "logout", "status", "sessions", "revoke", "reload"]))))
+def test_any_json_object_gives_request_or_clean_error(obj: dict[str, object]) -> None:
+    (item,) = feed_all(json.dumps(obj).encode() + b"\n", max_line=4096, chunk=4096)
+    assert isinstance(item, (p.Request, p.ProtocolError))
