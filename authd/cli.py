@@ -15,7 +15,7 @@ from . import __version__, logs, policy as policy_mod, systemd
 from .errors import AuthdError, ConfigError
 from .events import model as events
 from .lifecycle import Lifecycle
-from .runtime import Runtime
+from .runtime import Runtime, prepare_state_dir
 from .server import Server
 
 DEFAULT_CONFIG = os.environ.get("AUTHD_CONFIG", "authd.toml")
@@ -50,8 +50,11 @@ def check_config(path: Path) -> int:
     return 0
 
 
-def serve(path: Path, ready: Ready | None = None) -> int:
-    """Load the policy, then run until drained. `ready` hears once: None when serving, or why not."""
+def serve(path: Path, ready: Ready | None = None, daemon_log: Path | None = None) -> int:
+    """Load the policy, then run until drained. `ready` hears once: None when serving, or why not.
+
+    `daemon_log` (from `--daemon`) is where fds 1 and 2 go, reopened on SIGHUP.
+    """
     ready = ready or (lambda error: None)
     try:
         policy = policy_mod.load(path, 1)
@@ -60,7 +63,9 @@ def serve(path: Path, ready: Ready | None = None) -> int:
         ready(str(exc))
         return 1
     daemon = policy.daemon
-    logs.configure(level=daemon.log_level, fmt=daemon.log_format, path=str(policy.path(daemon.log_file)) if daemon.log_file else None)
+    log_file = policy.path(daemon.log_file) if daemon.log_file else daemon_log
+    logs.configure(level=daemon.log_level, fmt=daemon.log_format, path=str(log_file) if log_file else None,
+                   std=daemon_log is not None)
     try:
         return asyncio.run(_run(policy, ready))
     except AuthdError as exc:
@@ -97,10 +102,15 @@ def serve_daemonized(path: Path, pidfile: Path | None) -> int:
     except ConfigError as exc:
         print(f"authd: {exc}", file=sys.stderr)
         return 1
+    try:
+        prepare_state_dir(policy)
+    except ConfigError as exc:
+        print(f"authd: {exc}", file=sys.stderr)
+        return 1
     daemon = policy.daemon
     log_file = policy.path(daemon.log_file) if daemon.log_file else policy.state_dir / "authd.log"
     return run_daemon(
-        lambda ready: serve(path.resolve(), ready),
+        lambda ready: serve(path.resolve(), ready, daemon_log=log_file),
         pidfile=(pidfile or policy.state_dir / "authd.pid").resolve(),
         log_file=log_file,
         working_directory=policy.base_dir,

@@ -114,6 +114,22 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(text, str(path))
 
 
+_LEADING_PATH = re.compile(r"^([A-Za-z_][\w-]*(?:\[\d+\])?(?:\.[A-Za-z_][\w-]*(?:\[\d+\])?)*): ")
+
+
+def located(exc: ConfigError, source: Path) -> ConfigError:
+    """Prefix `file:line:` to an error that starts with a key path (checks made after parsing)."""
+    message = str(exc)
+    match = _LEADING_PATH.match(message)
+    if not match:
+        return exc if message.startswith(str(source)) else ConfigError(f"{source}: {message}")
+    try:
+        line = find_line(source.read_text(encoding="utf-8"), match.group(1))
+    except (OSError, UnicodeDecodeError):
+        line = None
+    return ConfigError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+
+
 def resolve(base_dir: Path, value: str) -> Path:
     """Relative paths in authd.toml are relative to the file's own directory."""
     return (base_dir / os.path.expanduser(value)).resolve()

@@ -164,18 +164,6 @@ def run_daemon(
     return 0
 
 
-def reopen_log(log_file: Path) -> None:
-    """Point stdout and stderr at a fresh `log_file`, e.g. on SIGHUP after logrotate moved it."""
-    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-    finally:
-        os.close(fd)
-
-
 class _Reporter:
     """The daemon's end of the start-up pipe: JSON lines, `{"pid"}` then `{"ready"}` or `{"error"}`."""
 

@@ -100,9 +100,9 @@ class Lifecycle:
 
     async def dump(self) -> None:
         started = time.monotonic()
-        policy = self.rt.policy
+        state_dir = self.rt.boot_policy.state_dir
         try:
-            path, by_service = await dump_sessions(self.rt.sessions.all(), policy.state_dir, policy.daemon.dump_keep, os.getpid())
+            path, by_service = await dump_sessions(self.rt.sessions.all(), state_dir, self.rt.policy.daemon.dump_keep, os.getpid())
         except OSError as exc:
             log.error("session dump failed", error=str(exc))
             return

@@ -17,26 +17,34 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 class _Stream:
-    """A reopenable log destination: SIGHUP reopens the file so logrotate can move it."""
+    """A reopenable log destination: SIGHUP reopens the file so logrotate can move it.
+
+    With `std=True` (the `--daemon` mode) the file also becomes fds 1 and 2, so whatever a
+    library or a PAM worker prints lands in the same, reopened, log.
+    """
 
     def __init__(self) -> None:
         self.path: str | None = None
+        self.std = False
         self.file: TextIO = sys.stderr
 
-    def open(self, path: str | None) -> None:
+    def open(self, path: str | None, *, std: bool = False) -> None:
         old = self.file
+        self.path, self.std = path, std
         if path is None:
+            self.file = sys.stderr
+        elif std:
+            redirect_std(path)
             self.file = sys.stderr
         else:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self.file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
-        self.path = path
-        if old is not sys.stderr and old is not self.file:
+        if old not in (sys.stderr, self.file):
             old.close()
 
     def reopen(self) -> None:
         if self.path is not None:
-            self.open(self.path)
+            self.open(self.path, std=self.std)
 
     def write(self, text: str) -> int:
         return self.file.write(text)
@@ -45,11 +53,23 @@ class _Stream:
         self.file.flush()
 
 
+def redirect_std(path: str | os.PathLike[str]) -> None:
+    """Point fds 1 and 2 at a freshly opened `path` (append, 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
 stream = _Stream()
 
 
-def configure(*, level: str = "info", fmt: str = "auto", path: str | None = None) -> None:
-    stream.open(path)
+def configure(*, level: str = "info", fmt: str = "auto", path: str | None = None, std: bool = False) -> None:
+    stream.open(path, std=std)
     json_out = fmt == "json" or (fmt == "auto" and (path is not None or not sys.stderr.isatty()))
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

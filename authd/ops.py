@@ -90,7 +90,7 @@ async def reload(rt: Runtime, peer: Peer, req: p.Reload) -> bytes:
         new = await rt.lifecycle.reload()
     except ConfigError as exc:
         return p.error(req.id, p.RELOAD_FAILED, str(exc))
-    return p.reply(req.id, generation=new.generation)
+    return p.reply(req.id, generation=new.generation, restart_required=rt.restart_required)
 
 
 def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = None) -> None:

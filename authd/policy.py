@@ -10,7 +10,7 @@ import grp
 import os
 import pwd
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +76,26 @@ def load(source: Path, generation: int, *, build: bool = True) -> Policy:
     SIGHUP, `authctl reload` and `authd check-config`."""
     source = source.resolve()
     config = cfg.load(source)
-    policy = Policy(
-        config=config,
-        source=source,
-        generation=generation,
-        services={s.name: s for s in config.service},
-        client_uids=None if "*" in config.clients.users else _uids(config.clients.users, "clients.users"),
-        client_gids=_gids(config.clients.groups, "clients.groups"),
-        admin_uids=_uids(config.clients.admin_users, "clients.admin_users"),
-        admin_gids=_gids(config.clients.admin_groups, "clients.admin_groups"),
-    )
-    _check_system(policy)
-    handlers = build_handlers(config.handler, HandlerContext(state_dir=policy.state_dir, base_dir=policy.base_dir))
+    try:
+        policy = Policy(
+            config=config,
+            source=source,
+            generation=generation,
+            services={s.name: s for s in config.service},
+            client_uids=None if "*" in config.clients.users else _uids(config.clients.users, "clients.users"),
+            client_gids=_gids(config.clients.groups, "clients.groups"),
+            admin_uids=_uids(config.clients.admin_users, "clients.admin_users"),
+            admin_gids=_gids(config.clients.admin_groups, "clients.admin_groups"),
+        )
+        _check_system(policy)
+        handlers = build_handlers(config.handler, HandlerContext(state_dir=policy.state_dir, base_dir=policy.base_dir))
+    except ConfigError as exc:
+        raise cfg.located(exc, source) from None
     if not build:
         for handler in handlers:
             handler.close()
         handlers = []
-    return Policy(**{**policy.__dict__, "handlers": tuple(handlers)})
+    return replace(policy, handlers=tuple(handlers))
 
 
 def restart_only_changes(old: Policy, new: Policy) -> list[str]:
@@ -117,7 +120,7 @@ def _uids(principals: Iterable[Any], where: str) -> frozenset[int]:
         try:
             uids.add(pwd.getpwnam(p).pw_uid)
         except KeyError:
-            raise ConfigError(f"{where}[{i}]: no such user {p!r}") from None
+            raise ConfigError(f"{where}[{i}]: no such user") from None
     return frozenset(uids)
 
 
@@ -130,7 +133,7 @@ def _gids(principals: Iterable[Any], where: str) -> frozenset[int]:
         try:
             gids.add(grp.getgrnam(p).gr_gid)
         except KeyError:
-            raise ConfigError(f"{where}[{i}]: no such group {p!r}") from None
+            raise ConfigError(f"{where}[{i}]: no such group") from None
     return frozenset(gids)
 
 

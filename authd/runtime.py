@@ -33,12 +33,15 @@ STARTING, READY, RELOADING, DRAINING, STOPPED = "starting", "ready", "reloading"
 class Runtime:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        self.boot_policy = policy  # what the sockets, workers and state dir were built from
         self.state = STARTING
         self.started_at = time.time()
         self.counters: Counter[str] = Counter()
         self.reload_error: str | None = None
+        self.restart_required: list[str] = []
         self.last_reload: float | None = None
         daemon = policy.daemon
+        prepare_state_dir(policy)
         self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout)
         self.sessions = SessionStore(policy.state_dir / "sessions.db")
         self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
@@ -48,7 +51,6 @@ class Runtime:
         self.lifecycle: Lifecycle | None = None  # set by Lifecycle; ops use it for `reload`
 
     async def start(self) -> None:
-        prepare_state_dir(self.policy)
         self.sessions.open()
         await self.bus.start()
         self.bus.set_handlers(list(self.policy.handlers))
@@ -83,11 +85,12 @@ class Runtime:
                 log.error("reload failed; previous policy kept", error=str(exc), generation=old.generation)
                 self.emit(events.POLICY_RELOAD_FAILED, reason=str(exc), generation=old.generation)
                 raise
-            ignored = policy_mod.restart_only_changes(old, new)
+            ignored = policy_mod.restart_only_changes(self.boot_policy, new)
             self.policy = new
             self.lockout.configure(new.config.lockout)
             self.bus.set_handlers(list(new.handlers))
             self.reload_error = None
+            self.restart_required = ignored
             self.last_reload = time.time()
             self.counters["reloads"] += 1
             log.info("policy reloaded", generation=new.generation, source=str(new.source), restart_required=ignored or None)
@@ -106,6 +109,7 @@ class Runtime:
             "policy": str(self.policy.source),
             "last_reload": self.last_reload,
             "last_reload_error": self.reload_error,
+            "restart_required": self.restart_required,
             "counters": dict(sorted(self.counters.items())),
             "sessions": len(self.sessions),
             "session_store_error": self.sessions.persist_error,

@@ -50,9 +50,8 @@ class PamEnv:
         passdb = root / "passdb"
         passdb.touch()
         # libpam's fallback for unknown services; without it every pam_start complains on stderr
-        (service_dir / "other").write_text(
-            "".join(f"{stage} required {PAM_DENY}\n" for stage in ("auth", "account", "password", "session"))
-        )
+        stages = ("auth", "account", "password", "session")
+        (service_dir / "other").write_text("".join(f"{s} required {PAM_DENY}\n" for s in stages))
         return cls(root=root, service_dir=service_dir, passdb=passdb)
 
     def service_passdb(self, service: str) -> Path:
@@ -90,17 +89,17 @@ class PamEnv:
             _write_lines(self.service_passdb(service), own + others)
 
     def add_faildelay_service(self, name: str, delay: float) -> None:
-        """pam_matrix behind pam_faildelay: a failure asks libpam for ``delay`` seconds
-        (libpam adds up to ±25% jitter)."""
+        """pam_matrix behind pam_faildelay: a failure asks libpam for ``delay`` seconds,
+        which libpam randomises to somewhere in [0.5, 1.5) x ``delay``."""
         usec = int(delay * 1_000_000)
-        delay_line = f"auth optional {PAM_FAILDELAY} delay={usec}"
-        self.add_service(name, [delay_line, self.matrix("auth", name), self.matrix("account", name)])
+        delay = f"auth optional {PAM_FAILDELAY} delay={usec}"
+        self.add_service(name, [delay, self.matrix("auth", name), self.matrix("account", name)])
 
     def add_rhost_service(self, name: str, rhost: str, ruser: str | None = None) -> None:
         """pam_matrix behind pam_succeed_if: auth fails unless PAM_RHOST (and PAM_RUSER) match."""
         cond = f"rhost = {rhost}" + (f" ruser = {ruser}" if ruser is not None else "")
-        check_line = f"auth requisite {PAM_SUCCEED_IF} {cond}"
-        self.add_service(name, [check_line, self.matrix("auth", name), self.matrix("account", name)])
+        check = f"auth requisite {PAM_SUCCEED_IF} {cond}"
+        self.add_service(name, [check, self.matrix("auth", name), self.matrix("account", name)])
 
     def add_module_service(
         self, name: str, module_so: Path, args: list[str] | None = None, *, account: bool = False

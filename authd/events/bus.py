@@ -89,7 +89,7 @@ class Handler:
 
 
 class FunctionHandler(Handler):
-    """A plain callable (sync or async) taking an Event; its ``reopen``/``close`` are used if present."""
+    """A callable (sync or async) taking an Event; its ``reopen``/``close`` are used if present."""
 
     def __init__(self, fn: Receiver, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -230,7 +230,9 @@ class _Worker:
         if len(self.queue) >= self.limit:
             self.counters.dropped += 1
             if not self._dropping:
-                log.warning("handler queue full, dropping events", handler=self.name, queue_size=self.limit)
+                log.warning(
+                    "handler queue full, dropping events", handler=self.name, queue_size=self.limit
+                )
             self._dropping += 1
             return
         if self._dropping:
@@ -243,7 +245,8 @@ class _Worker:
         if self.task is None:
             if not self.is_async:
                 self._thread = _HandlerThread(self.name)
-            self.task = asyncio.get_running_loop().create_task(self._run(), name=f"authd-handler:{self.name}")
+            loop = asyncio.get_running_loop()
+            self.task = loop.create_task(self._run(), name=f"authd-handler:{self.name}")
             self.task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -290,13 +293,13 @@ class _Worker:
             raise
         except TimeoutError:
             self.counters.timed_out += 1
-            log.warning("handler timed out", handler=self.name, event_name=event.name, event_id=event.id, timeout=self.timeout)
+            log.warning("handler timed out", **self._about(event), timeout=self.timeout)
         except HandlerError as e:
             self.counters.failed += 1
-            log.warning("handler failed", handler=self.name, event_name=event.name, event_id=event.id, error=str(e))
+            log.warning("handler failed", **self._about(event), error=str(e))
         except Exception:
             self.counters.failed += 1
-            log.warning("handler raised", handler=self.name, event_name=event.name, event_id=event.id, exc_info=True)
+            log.warning("handler raised", **self._about(event), exc_info=True)
         else:
             self.counters.delivered += 1
 
@@ -313,6 +316,8 @@ class _Worker:
             task.cancel()
             self.bus._track(task)
             raise TimeoutError
+        if task.cancelled():  # by the handler itself: must not end this worker
+            raise HandlerError("handler was cancelled")
         task.result()
 
     async def _deliver_sync(self, event: Event) -> None:
@@ -325,8 +330,11 @@ class _Worker:
             # only when this call returns, so order holds and threads never pile up. Until
             # then the queue absorbs events, and drops them (counted) once full.
             self.counters.timed_out += 1
-            log.warning("handler timed out, waiting for its thread", handler=self.name, event_name=event.name, event_id=event.id, timeout=self.timeout)
+            log.warning("handler timed out; its thread is still busy", **self._about(event))
             await asyncio.wait({future})
+
+    def _about(self, event: Event) -> dict[str, str]:
+        return {"handler": self.name, "event_name": event.name, "event_id": event.id}
 
     def _begin(self, what: str, fn: Callable[[], Any]) -> Awaitable[Any] | None:
         """Start ``reopen``/``close`` now, where ``handle`` runs: so it is ordered before
@@ -415,21 +423,25 @@ class EventBus:
         decorator. Connecting the same function twice is a no-op. Returns ``fn``.
         """
         if fn is None:
-            return lambda f: self.connect(pattern, f, sender=sender, name=name, timeout=timeout, queue_size=queue_size)
+            options = {"sender": sender, "name": name, "timeout": timeout, "queue_size": queue_size}
+            return lambda f: self.connect(pattern, f, **options)
         patterns = (pattern,) if isinstance(pattern, str) else tuple(pattern)
-        senders = None if sender is None else (sender,) if isinstance(sender, str) else tuple(sender)
+        if isinstance(sender, str):
+            sender = (sender,)
+        senders = None if sender is None else frozenset(sender)
+        for w in self._connected:
+            h = w.handler
+            if getattr(h, "fn", None) is fn and (h.events, h.services) == (patterns, senders):
+                return fn
+        qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
         handler = FunctionHandler(
             fn,
-            name=self._unique_name(name or f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__name__)}"),
+            name=self._unique_name(name or f"{getattr(fn, '__module__', None)}.{qualname}"),
             events=patterns,
             services=senders,
             timeout=timeout,
             queue_size=queue_size,
         )
-        for w in self._connected:
-            h = w.handler
-            if isinstance(h, FunctionHandler) and h.fn is fn and (h.events, h.services) == (handler.events, handler.services):
-                return fn
         self._connected.append(self._worker(handler))
         self._refresh()
         return fn
@@ -440,7 +452,7 @@ class EventBus:
 
     def disconnect(self, fn: Receiver) -> bool:
         """Unsubscribe ``fn`` everywhere; what is already queued for it is still delivered."""
-        gone = [w for w in self._connected if isinstance(w.handler, FunctionHandler) and w.handler.fn is fn]
+        gone = [w for w in self._connected if getattr(w.handler, "fn", None) is fn]
         self._connected = [w for w in self._connected if w not in gone]
         self._refresh()
         for w in gone:
@@ -496,7 +508,7 @@ class EventBus:
         for w in late:
             lost = len(w.queue) + (w.current is not None)
             undelivered += lost
-            log.warning("handler did not finish before the deadline", handler=w.name, undelivered=lost)
+            log.warning("handler missed the deadline", handler=w.name, undelivered=lost)
             w.task.cancel()  # type: ignore[union-attr]
         for t in list(self._tasks):
             t.cancel()
@@ -512,7 +524,7 @@ class EventBus:
         queued = dict.fromkeys(self._counters, 0)
         for w in workers:
             queued[w.name] += len(w.queue)
-        handlers = {name: {**asdict(self._counters[name]), "queued": queued[name]} for name in queued}
+        handlers = {n: {**asdict(self._counters[n]), "queued": queued[n]} for n in queued}
         totals = _Counters()
         totals.add(self._retired)
         for c in self._counters.values():
@@ -543,7 +555,8 @@ class EventBus:
     def _worker_done(self, worker: _Worker) -> None:
         if worker in self._retiring:
             self._retiring.remove(worker)
-        if self._closed or any(w.counters is worker.counters for w in (*self._active, *self._retiring)):
+        live = (*self._active, *self._retiring)
+        if self._closed or any(w.counters is worker.counters for w in live):
             return
         if self._counters.get(worker.name) is worker.counters:
             del self._counters[worker.name]

@@ -76,9 +76,7 @@ class LockoutConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
                 raise ValueError(f"exempt_users[{i}] is empty")
         for i, entry in enumerate(self.exempt_rhosts):
             if _parse_rhost_pattern(entry) is None:
-                raise ValueError(
-                    f"exempt_rhosts[{i}] = {entry!r} is not an IP address, CIDR network or host name"
-                )
+                raise ValueError(f"exempt_rhosts[{i}] is not an IP address, CIDR network or host name")
 
 
 def load_config(raw: Mapping[str, Any] | None, *, path: str = "lockout") -> LockoutConfig:

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -60,11 +60,12 @@ class LockoutStore:
         self.error: str | None = None
 
     def open(self) -> None:
-        """Load persisted state into the engine; on failure start empty and retry on writes."""
+        """Load persisted state into the engine; if the file cannot be written, read it anyway."""
         try:
             self._load()
         except (sqlite3.Error, OSError) as exc:
             self._failed(exc)
+            self._load_read_only()
 
     def add_failure(self, scope: str, key: str, at: float) -> None:
         self._write(lambda c: c.execute("INSERT INTO failures VALUES (?, ?, ?)", (scope, key, at)))
@@ -134,11 +135,29 @@ class LockoutStore:
         conn.executemany("INSERT INTO locks VALUES (?, ?, ?, ?, ?)", locks)
 
     def _load(self) -> None:
-        conn = self._connection()
-        failures: list[FailureRow] = conn.execute("SELECT scope, key, at FROM failures").fetchall()
-        locks: list[LockRow] = conn.execute("SELECT scope, key, since, until, strikes FROM locks").fetchall()
-        self._merge((failures, locks))
+        self._merge(_read(self._connection()))
         self._loaded = True
+
+    def _load_read_only(self) -> None:
+        """Persisted locks stay enforced on a read-only state dir; writes resume when it heals.
+
+        `mode=ro` needs a -shm file it can use (left by an unclean stop); after a clean stop
+        there is none and no -wal either, and `immutable=1` reads the file as it is.
+        """
+        if not self._path.exists():
+            return
+        for options in ("mode=ro", "immutable=1"):
+            try:
+                conn = sqlite3.connect(f"{self._path.as_uri()}?{options}", uri=True, timeout=0.1)
+                try:
+                    rows = _read(conn)
+                finally:
+                    conn.close()
+            except sqlite3.Error:
+                continue
+            self._merge(rows)
+            self._loaded = True
+            return
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -188,3 +207,9 @@ class LockoutStore:
         if self.error is None:
             log.error("lockout state not persisted", db=str(self._path), error=str(exc))
         self.error = str(exc)
+
+
+def _read(conn: sqlite3.Connection) -> Rows:
+    failures: list[FailureRow] = conn.execute("SELECT scope, key, at FROM failures").fetchall()
+    locks: list[LockRow] = conn.execute("SELECT scope, key, since, until, strikes FROM locks").fetchall()
+    return failures, locks

@@ -22,11 +22,7 @@ Outcome = Literal[
 Stage = Literal["start", "authenticate", "acct_mgmt", "worker"]
 
 PAM_SUCCESS: Final = 0
-PAM_OPEN_ERR: Final = 1
-PAM_SYMBOL_ERR: Final = 2
-PAM_SERVICE_ERR: Final = 3
 PAM_SYSTEM_ERR: Final = 4
-PAM_BUF_ERR: Final = 5
 PAM_PERM_DENIED: Final = 6
 PAM_AUTH_ERR: Final = 7
 PAM_CRED_INSUFFICIENT: Final = 8
@@ -189,7 +185,7 @@ def _converse(num_msg: int, msg, resp, appdata: int | None) -> int:  # type: ign
         return PAM_CONV_ERR
 
 
-def _answer(lib: _Lib, tx: _Transaction, message, reply: _Response) -> bool:  # type: ignore[no-untyped-def]
+def _answer(lib: _Lib, tx: _Transaction, message, reply) -> bool:  # type: ignore[no-untyped-def]
     if not message:
         return False
     style = message.contents.msg_style
@@ -248,7 +244,8 @@ def _c_args(
         for item, name, value in ((PAM_RHOST, "rhost", rhost), (PAM_RUSER, "ruser", ruser))
         if value is not None
     ]
-    return c_string("service", service), c_string("user", user), c_string("password", password), items
+    c_password = c_string("password", password)
+    return c_string("service", service), c_string("user", user), c_password, items
 
 
 def validate(
@@ -274,7 +271,6 @@ def authenticate(
     c_service, c_user, c_password, items = _c_args(service, user, password, rhost, ruser)
     items.append((PAM_FAIL_DELAY, _ON_FAIL_DELAY_PTR))  # type: ignore[arg-type]
     tx = _Transaction(c_user, c_password)
-    del c_password
     lib = _lib()
     key = next(_keys)
     conv = _Conv(_CONVERSE, key)

@@ -388,7 +388,8 @@ class PamPool:
             except TimeoutError:
                 log.warning("pam_pool_drain_timeout", inflight=self._inflight)
         if self._all and not self._closed:
-            await asyncio.wait([w.exited for w in self._all], timeout=max(0, deadline - loop.time()))
+            exits = [w.exited for w in self._all]
+            await asyncio.wait(exits, timeout=max(0, deadline - loop.time()))
         self.kill()
         if self._all:
             await asyncio.wait([w.exited for w in self._all], timeout=RETIRE_GRACE)

@@ -68,8 +68,9 @@ def _run(request: Request) -> PamResult:
         return binding.authenticate(
             request.service, request.user, request.password, request.rhost, request.ruser
         )
-    except Exception as exc:  # str(exc) could in principle echo an argument: report the type only
-        return PamResult(outcome="unavailable", pam_code=-1, stage="worker", detail=type(exc).__name__)
+    except Exception as exc:  # str(exc) might echo an argument: report the type only
+        detail = type(exc).__name__
+        return PamResult(outcome="unavailable", pam_code=-1, stage="worker", detail=detail)
 
 
 def serve(fd: int) -> int:

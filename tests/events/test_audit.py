@@ -19,8 +19,7 @@ def lines(path: Path) -> list[dict]:
 
 
 def test_audit_lines_for_success_failure_logout_and_rotation(ctx: HandlerContext) -> None:
-    path = ctx.base_dir / "log" / "audit.jsonl"
-    path.parent.mkdir()
+    path = ctx.base_dir / "log" / "audit.jsonl"  # log/ is created on the first event
 
     async def main() -> None:
         bus = EventBus()

@@ -79,7 +79,7 @@ def test_configs_are_frozen_and_strict() -> None:
     [
         ('type = "audit"\npath = "a"\nevents = ["auht.*"]', "handler[1].events[0]: 'auht.*' matches no event"),
         ('type = "lastlog"', "handler[1].name: 'lastlog' is already used by handler[0]"),
-        ('type = "audit"\npath = "nowhere/a.log"', "handler[1].path:"),
+        ('type = "audit"\npath = "audit.jsonl/a.log"', "handler[1].path:"),
         ('type = "audit"\npath = "a"\nmode = 0o666', "handler[1].mode: an audit log must not be world-writable"),
         ('type = "python"\ncallable = "no_such_module_xyz:f"', "handler[1].callable: cannot load: ModuleNotFoundError"),
         ('type = "python"\ncallable = "json:nope"', "handler[1].callable: cannot load: AttributeError"),

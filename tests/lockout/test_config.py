@@ -61,8 +61,9 @@ def test_permanent_lock_needs_explicit_flag() -> None:
         ({"user": {"lock_time": float("nan")}}, r"^lockout\.user\.lock_time: Expected `float` >= 0"),
         ({"exempt_users": ["ok", 7]}, r"^lockout\.exempt_users\[1\]: Expected `str`, got `int`"),
         ({"exempt_users": [""]}, r"^lockout: exempt_users\[0\] is empty"),
-        ({"exempt_rhosts": ["10.0.0.0/8", "10.0.0.300"]}, r"^lockout: exempt_rhosts\[1\] = '10\.0\.0\.300'"),
-        ({"exempt_rhosts": ["10.0.0/8"]}, r"^lockout: exempt_rhosts\[0\] = '10\.0\.0/8' is not an IP"),
+        ({"exempt_rhosts": ["10.0.0.0/8", "10.0.0.300"]}, r"^lockout: exempt_rhosts\[1\] is not an IP"),
+        ({"exempt_rhosts": ["10.0.0/8"]}, r"^lockout: exempt_rhosts\[0\] is not an IP address, CIDR"),
+        ({"exempt_rhosts": ["bad host!"]}, r"^lockout: exempt_rhosts\[0\] is not an IP"),
         (
             {"progressive": True, "max_lock_time": 60, "user": {"lock_time": 120}},
             r"^lockout: user\.lock_time is longer than max_lock_time",

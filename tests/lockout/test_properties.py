@@ -114,7 +114,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     max_failures=st.integers(1, 4),
     interval=st.sampled_from([10.0, 30.0]),
@@ -183,7 +183,7 @@ concurrent_attempt = st.tuples(
 )
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(max_failures=st.integers(1, 4), attempts=st.lists(concurrent_attempt, min_size=1, max_size=40))
 def test_concurrent_attempts_never_overshoot_the_budget(
     max_failures: int, attempts: list[tuple[str, str, bool, int]]

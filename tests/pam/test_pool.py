@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ from authd.pam.pool import PamPool
 from ..pamenv import PamEnv, compile_test_modules
 
 CANARY = "canary-Pw-51d0e2"
+DAEMON_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 SERVICE = "pool-test"
 
 
@@ -32,7 +36,7 @@ def pam(tmp_path: Path, modules: dict[str, Path]) -> PamEnv:
     env.add_service(SERVICE)
     env.add_user("alice", CANARY, SERVICE)
     env.add_service("elsewhere")
-    env.add_faildelay_service("slow", 2.0)
+    env.add_faildelay_service("slow", 10.0)
     for name in ("segv", "hang", "exit"):
         env.add_module_service(f"crash-{name}", modules[name])
     return env
@@ -60,7 +64,7 @@ def with_pool(
 
 
 async def settle(pool: PamPool, *, size: int, timeout: float = 30.0) -> None:
-    """Wait until the pool is back to ``size`` idle workers (replacements spawn in the background)."""
+    """Wait until ``size`` workers are idle again (replacements start in the background)."""
     deadline = time.monotonic() + timeout
     while pool.stats()["idle"] < size:
         assert time.monotonic() < deadline, pool.stats()
@@ -85,9 +89,9 @@ def test_fail_delay_reported_and_not_slept(pam: PamEnv) -> None:
     async def body(pool: PamPool) -> None:
         started = time.monotonic()
         result = await pool.authenticate("slow", "alice", "nope")
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 5.0  # libpam would have slept at least 5 s
         assert result.outcome == "auth_failed"
-        assert 1.0 <= result.fail_delay <= 3.0
+        assert 5.0 <= result.fail_delay < 15.0
 
     with_pool(pam, body)
 
@@ -200,7 +204,7 @@ def test_workers_ignore_the_daemons_signals(pam: PamEnv) -> None:
     async def body(pool: PamPool) -> None:
         pids = pool.pids()
         for pid in pids:
-            for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            for sig in DAEMON_SIGNALS:
                 os.kill(pid, sig)
         await asyncio.sleep(0.2)
         assert (await pool.authenticate(SERVICE, "alice", CANARY)).ok
@@ -244,14 +248,63 @@ def test_start_fails_loudly_when_workers_cannot_run(pam: PamEnv) -> None:
     asyncio.run(main())
 
 
-def test_canary_password_never_leaves_the_worker(pam: PamEnv, capfd: pytest.CaptureFixture[str]) -> None:
-    async def body(pool: PamPool) -> list[str]:
-        calls = [(SERVICE, "alice"), ("elsewhere", "alice"), ("slow", "bob"), ("crash-segv", "alice"),
-                 ("crash-exit", "alice"), ("crash-hang", "alice"), ("nosuch", "alice")]
-        results = [await pool.authenticate(service, user, CANARY, rhost="192.0.2.9") for service, user in calls]
-        return [repr(r) for r in results] + [str(pool.stats())]
+def test_canary_password_never_leaves_the_worker(
+    pam: PamEnv, capfd: pytest.CaptureFixture[str]
+) -> None:
+    services = [SERVICE, "elsewhere", "slow", "crash-segv", "crash-exit", "crash-hang", "nosuch"]
 
-    texts, _ = with_pool(pam, body, size=1, timeout=1.0)
-    captured = capfd.readouterr()
-    assert CANARY not in "".join(texts)
+    async def body(pool: PamPool) -> str:
+        results = [await pool.authenticate(s, "alice", CANARY, rhost="192.0.2.9") for s in services]
+        return repr(results) + repr(pool.stats())
+
+    text, _ = with_pool(pam, body, size=1, timeout=1.0)
+    captured = capfd.readouterr()  # worker stderr is inherited, so this includes theirs
+    assert CANARY not in text
     assert CANARY not in captured.out + captured.err
+
+
+ORPHAN = """
+import asyncio, json, sys
+from authd.pam.pool import PamPool
+
+async def main():
+    pool = PamPool(size=1, timeout=300, env=json.loads(sys.argv[1]))
+    await pool.start()
+    call = asyncio.create_task(pool.authenticate("crash-hang", "alice", "x"))
+    while pool.stats()["busy"] == 0:
+        await asyncio.sleep(0.01)
+    print(pool.pids()[0], flush=True)
+    await call
+
+asyncio.run(main())
+"""
+
+
+def test_worker_stuck_in_pam_dies_with_the_daemon(pam: PamEnv) -> None:
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN, json.dumps(pam.env())],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert daemon.stdout is not None
+        worker = int(daemon.stdout.readline())
+        daemon.kill()
+        daemon.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(worker):
+            assert time.monotonic() < deadline, f"worker {worker} outlived its parent"
+            time.sleep(0.05)
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for init to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

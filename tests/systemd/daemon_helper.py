@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from authd.daemonize import Ready, reopen_log, run_daemon
+from authd.daemonize import Ready, run_daemon
+from authd.logs import redirect_std
 
 
 def main() -> int:
@@ -52,7 +53,7 @@ def main() -> int:
         ready(None)
         while signal.sigwait({signal.SIGTERM, signal.SIGHUP}) == signal.SIGHUP:
             if args.log is not None:
-                reopen_log(args.log)
+                redirect_std(args.log)
             print("log reopened", flush=True)
         listener.close()
         args.socket.unlink()

@@ -48,7 +48,7 @@ def build_handlers(configs: Sequence[HandlerConfig], ctx: HandlerContext) -> lis
         where = f"handler[{i}]"
         name = cfg.name if cfg.name is not None else type(cfg).__struct_config__.tag
         if not name or any(c.isspace() or not c.isprintable() for c in name):
-            raise ConfigError(f"{where}.name: {name!r} must be non-empty and printable without spaces")
+            raise ConfigError(f"{where}.name: {name!r} must be printable, without spaces")
         if name in seen:
             raise ConfigError(
                 f"{where}.name: {name!r} is already used by handler[{seen[name]}];"

@@ -14,8 +14,8 @@ from authd.events.model import Event
 
 class AuditHandler(Handler):
     """Appends with ``O_APPEND`` and one ``write`` per line, so concurrent writers (an old and a
-    new handler during a reload) never interleave within a line. The file is opened lazily and
-    reopened after :meth:`reopen`, which is what logrotate's ``create`` mode needs."""
+    new handler during a reload) never interleave within a line. The file is opened on the
+    first event and again after :meth:`reopen`, which is what logrotate's ``create`` needs."""
 
     def __init__(self, path: Path, mode: int, **base: Any) -> None:
         super().__init__(**base)
@@ -25,6 +25,7 @@ class AuditHandler(Handler):
 
     def handle(self, event: Event) -> None:
         if self._fd is None:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self._fd = os.open(self.path, flags, self.mode)
         os.write(self._fd, event.to_json() + b"\n")
@@ -44,7 +45,9 @@ def build(cfg: AuditConfig, ctx: HandlerContext, where: str, **base: Any) -> Aud
         raise ConfigError(f"{where}.mode: an audit log must not be world-writable")
     if path.is_dir():
         raise ConfigError(f"{where}.path: {path} is a directory")
-    target = path if path.exists() else path.parent
-    if not os.access(target, os.W_OK):
-        raise ConfigError(f"{where}.path: {target} is not writable (or does not exist)")
+    target = path
+    while not target.exists():  # missing directories are created (0700) on the first event
+        target = target.parent
+    if (target != path and not target.is_dir()) or not os.access(target, os.W_OK):
+        raise ConfigError(f"{where}.path: {target} is not writable")
     return AuditHandler(path, cfg.mode, **base)

@@ -1,7 +1,7 @@
 """``exec``: run a command per event — the event as JSON on stdin, its fields as ``AUTHD_*``.
 
-No shell; the command runs in the directory of authd.toml, so relative paths in it mean
-what they do for the program itself. The child gets a small, clean environment (``PATH``, ``LANG``, the ``AUTHD_*``
+No shell. The command runs in the directory of authd.toml, against which its relative paths
+resolve. The child gets a small, clean environment (``PATH``, ``LANG``, the ``AUTHD_*``
 variables and the handler's ``env`` table), never the daemon's own: that may hold secrets such
 as a webhook key. It runs in its own process group, so a timeout kills whatever it spawned.
 A non-zero exit is a failure; the tail of its stderr is logged.

@@ -89,7 +89,8 @@ def lastlog_lookup(state_dir: Path | str, user: str) -> dict[str, Any] | None:
         return None
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
     try:
-        row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM lastlog WHERE user = ?", (user,)).fetchone()
+        query = f"SELECT {', '.join(_COLUMNS)} FROM lastlog WHERE user = ?"
+        row = db.execute(query, (user,)).fetchone()
     except sqlite3.OperationalError:  # the handler has not created the table yet
         return None
     finally:

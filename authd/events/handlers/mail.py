@@ -124,8 +124,9 @@ class MailHandler(Handler):
         message.set_content(_render(self.body, event))
         try:
             if self.tls == "implicit":
+                context = ssl.create_default_context()
                 smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    self.host, self.port, timeout=self.smtp_timeout, context=ssl.create_default_context()
+                    self.host, self.port, timeout=self.smtp_timeout, context=context
                 )
             else:
                 smtp = smtplib.SMTP(self.host, self.port, timeout=self.smtp_timeout)
@@ -143,7 +144,7 @@ class MailHandler(Handler):
 
 def _check_template(where: str, key: str, template: str) -> None:
     try:
-        names = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
         raise ConfigError(f"{where}.{key}: {e}") from None
     unknown = names - FIELDS

@@ -45,7 +45,7 @@ def load_entry_point(name: str) -> Any:
         )
     if len(found) > 1:
         dists = sorted(ep.dist.name if ep.dist else "?" for ep in found)
-        raise LookupError(f"entry point {name!r} is provided by several packages: {', '.join(dists)}")
+        raise LookupError(f"entry point {name!r} is in several packages: {', '.join(dists)}")
     (ep,) = found
     return ep.load()
 

@@ -1,0 +1,135 @@
+"""contrib/fail2ban: the filter, run by the real fail2ban-regex, and the example jail.
+
+Lines are the JSON shape authd logs (the literal example from the issue, plus lines rendered
+by structlog's own JSONRenderer and ConsoleRenderer). The daemon-level test against real
+authd output lives with the daemon tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "fail2ban"
+FILTER = CONTRIB / "filter.d" / "authd.conf"
+JAIL = CONTRIB / "jail.d" / "authd.conf"
+
+pytestmark = pytest.mark.skipif(shutil.which("fail2ban-regex") is None, reason="fail2ban not installed")
+
+ISSUE_EXAMPLE = (
+    '{"event": "auth failed", "user": "alice", "rhost": "203.0.113.9", "service": "login", '
+    '"error": "auth_failed", "level": "warning", "timestamp": "2026-11-26T05:40:00.123Z"}'
+)
+
+
+def _epoch(timestamp: str) -> int:
+    return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
+
+
+def _render(renderer: Any, event: str, level: str, timestamp: str, **fields: Any) -> str:
+    line = renderer(None, level, {"event": event, "level": level, "timestamp": timestamp, **fields})
+    assert "\n" not in line
+    return line
+
+
+def json_line(event: str, timestamp: str, level: str = "warning", **fields: Any) -> str:
+    return _render(structlog.processors.JSONRenderer(), event, level, timestamp, **fields)
+
+
+def console_line(event: str, timestamp: str, level: str = "warning", **fields: Any) -> str:
+    return _render(structlog.dev.ConsoleRenderer(colors=False), event, level, timestamp, **fields)
+
+
+def fail2ban_regex(tmp_path: Path, lines: list[str]) -> list[tuple[str, str, int]]:
+    log = tmp_path / "authd.log"
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    done = subprocess.run(
+        ["fail2ban-regex", "--raw", "--out", "<ip>\t<F-USER>\t<time>", str(log), str(FILTER)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines() if line.strip()]
+    return [(ip, user, int(float(when))) for ip, user, when in rows]
+
+
+T = [f"2026-11-26T05:40:{second:02d}.{second:03d}Z" for second in range(60)]
+FAILED = {"service": "login", "error": "auth_failed"}
+
+
+def test_failures_match_with_rhost_user_and_time(tmp_path: Path) -> None:
+    lines = [
+        ISSUE_EXAMPLE,
+        json_line("auth failed", T[1], user="bob", rhost="2001:db8::7", service="imap", error="locked_out",
+                  request_id="r-1", pid=4242),
+        '{"level": "warning", "error": "auth_failed", "rhost": "198.51.100.20", "timestamp": "%s", '
+        '"user": "carol", "event": "auth.failed"}' % T[2],
+        console_line("auth failed", T[3], user="dave", rhost="203.0.113.11", request_id=7, pid=1, **FAILED),
+        console_line("auth.failed", T[4], user="erin", rhost="203.0.113.12", service="smtp", error="locked_out"),
+    ]
+    assert fail2ban_regex(tmp_path, lines) == [
+        ("203.0.113.9", "alice", _epoch("2026-11-26T05:40:00Z")),
+        ("2001:db8::7", "bob", _epoch(T[1])),
+        ("198.51.100.20", "carol", _epoch(T[2])),
+        ("203.0.113.11", "dave", _epoch(T[3])),
+        ("203.0.113.12", "erin", _epoch(T[4])),
+    ]
+
+
+def test_successes_and_non_guessing_failures_do_not_match(tmp_path: Path) -> None:
+    lines = []
+    for render in (json_line, console_line):
+        lines += [
+            render("auth succeeded", T[10], level="info", user="alice", rhost="203.0.113.9", service="login"),
+            render("session opened", T[11], level="info", user="alice", rhost="203.0.113.9"),
+            render("auth failed", T[12], user="carol", rhost="203.0.113.10", service="login", error="unavailable"),
+            render("auth failed", T[13], user="carol", rhost="203.0.113.10", service="x", error="not_authorized"),
+            render("auth failed", T[14], user="carol", rhost="203.0.113.10", error="password_expired"),
+            render("auth failed", T[15], user="local", rhost="-", **FAILED),
+            render("auth failed", T[16], user="local", rhost=None, **FAILED),
+            render("lockout", T[17], scope="user", user="alice", rhost="203.0.113.9", retry_after=600),
+        ]
+    assert fail2ban_regex(tmp_path, lines) == []
+
+
+@pytest.mark.parametrize("render", [json_line, console_line], ids=["json", "console"])
+def test_client_controlled_fields_cannot_frame_another_host(tmp_path: Path, render: Any) -> None:
+    forged = [
+        'x", "rhost": "192.0.2.66',
+        '", "event": "auth failed", "error": "auth_failed", "rhost": "192.0.2.67',
+        "a rhost=192.0.2.68 b",
+        "a\u00a0rhost=192.0.2.69\u00a0b",
+        "a' rhost=192.0.2.70 'b",
+        "a'\" rhost=192.0.2.71 \"'b",
+        "x\n2026-11-26T05:40:30.000Z [warning  ] auth failed error=auth_failed rhost=192.0.2.72",
+    ]
+    lines = []
+    for i, text in enumerate(forged):
+        # request_id sorts before rhost in the console rendering, user after it.
+        lines.append(render("auth failed", T[20 + i], user=text, rhost="-", request_id=text, **FAILED))
+        lines.append(render("auth succeeded", T[40 + i], level="info", user=text, rhost="-", request_id=text))
+    assert fail2ban_regex(tmp_path, lines) == []
+
+    real = render("auth failed", T[59], user=forged[2], rhost="203.0.113.50", request_id=forged[3], **FAILED)
+    assert [ip for ip, _, _ in fail2ban_regex(tmp_path, [real])] == ["203.0.113.50"]
+
+
+def test_example_jail_passes_fail2bans_config_test(tmp_path: Path) -> None:
+    if shutil.which("fail2ban-client") is None or not Path("/etc/fail2ban/jail.conf").exists():
+        pytest.skip("fail2ban-client or its stock configuration is missing")
+    confdir = tmp_path / "fail2ban"
+    shutil.copytree("/etc/fail2ban", confdir, ignore=shutil.ignore_patterns("*.local", "jail.d"))
+    (confdir / "jail.d").mkdir()
+    shutil.copy(FILTER, confdir / "filter.d" / "authd.conf")
+    shutil.copy(JAIL, confdir / "jail.d" / "authd.conf")
+
+    test = subprocess.run(["fail2ban-client", "-c", str(confdir), "-t"], capture_output=True, text=True, timeout=60)
+    assert test.returncode == 0, test.stdout + test.stderr
+    dump = subprocess.run(["fail2ban-client", "-c", str(confdir), "-d"], capture_output=True, text=True, timeout=60)
+    assert "['add', 'authd', 'systemd']" in dump.stdout
+    assert "['set', 'authd', 'addjournalmatch', '_SYSTEMD_UNIT=authd.service']" in dump.stdout
