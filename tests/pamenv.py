@@ -5,7 +5,9 @@ of /etc/pam.d; pam_matrix authenticates against ``user:password:service`` lines,
 account stage passes only when the service being logged into is the one on the user's line,
 which gives tests an honest account failure ("service mismatch"). The preload must be in
 place before libpam loads, so use ``env()`` for a subprocess (a PAM worker, a daemon), never
-for the test process itself.
+for the test process itself. pam_wrapper copies the service files when a process starts:
+add services before starting the workers (users can be added at any time, pam_matrix reads
+its file on every call).
 """
 
 from __future__ import annotations

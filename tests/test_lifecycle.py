@@ -300,7 +300,7 @@ def test_socket_activation(pam: PamEnv, make_daemon: Callable[..., Daemon]) -> N
                              *d.command("serve", "-c", str(d.config))],
                             stdout=d.log.open("ab"), stderr=subprocess.STDOUT)
     try:
-        wait_for(d.socket.exists, what="systemd-socket-activate to listen")
+        wait_for(lambda: _connectable(d.socket), what="systemd-socket-activate to listen")
         with Client(d.socket, timeout=30) as client:
             assert client.hello()["ok"]
             assert client.auth("alice", PASSWORD, "login")["user"] == "alice"
@@ -311,6 +311,14 @@ def test_socket_activation(pam: PamEnv, make_daemon: Callable[..., Daemon]) -> N
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _connectable(path: Path) -> bool:
+    try:
+        raw_connect(path).close()
+    except OSError:
+        return False
+    return True
 
 
 # --- --daemon -----------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class MailConfig(_Handler, tag="mail", kw_only=True):
     host: str = "localhost"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
     tls: Literal["none", "starttls", "implicit"] = "none"
+    ca_file: str | None = None
     username: str | None = None
     password_file: str | None = None
     password_env: str | None = None

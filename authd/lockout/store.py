@@ -185,7 +185,7 @@ class LockoutStore:
             conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            if isinstance(exc, _Corrupt) or exc.sqlite_errorcode not in _CORRUPT:
+            if isinstance(exc, _Corrupt) or getattr(exc, "sqlite_errorcode", None) not in _CORRUPT:
                 raise
             raise _Corrupt(str(exc)) from exc
         return conn

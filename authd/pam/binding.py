@@ -68,7 +68,12 @@ OUTCOMES: Final[dict[int, tuple[Outcome, Outcome]]] = {
 
 
 class PamResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """How one PAM transaction ended; never carries the password."""
+    """How one PAM transaction ended; never carries the password.
+
+    ``pam_code`` is libpam's return code, or -1 when PAM never answered (stage ``"worker"``:
+    the pool's worker died, timed out or was shut down). ``fail_delay`` is the failure delay
+    PAM asked for, in seconds, for the caller to apply; ``detail`` is pam_strerror's text.
+    """
 
     outcome: Outcome
     pam_code: int

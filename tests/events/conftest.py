@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import shutil
+import ssl
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -82,8 +86,8 @@ class HttpReceiver:
     requests: list[Request] = field(default_factory=list)
 
 
-@pytest.fixture
-def http_receiver() -> Iterator[HttpReceiver]:
+@contextmanager
+def serve_http(tls: ssl.SSLContext | None = None) -> Iterator[HttpReceiver]:
     receiver: HttpReceiver
 
     class Handler(BaseHTTPRequestHandler):
@@ -102,12 +106,51 @@ def http_receiver() -> Iterator[HttpReceiver]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver = HttpReceiver(url=f"http://127.0.0.1:{server.server_address[1]}/hook")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield receiver
-    server.shutdown()
-    server.server_close()
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    scheme = "https" if tls else "http"
+    receiver = HttpReceiver(url=f"{scheme}://127.0.0.1:{server.server_address[1]}/hook")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def http_receiver() -> Iterator[HttpReceiver]:
+    with serve_http() as receiver:
+        yield receiver
+
+
+@dataclass
+class Cert:
+    """A self-signed certificate for 127.0.0.1: its own trust anchor (``ca_file``)."""
+
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    out = tmp_path_factory.mktemp("tls")
+    cert = Cert(out / "cert.pem", out / "key.pem")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(cert.key), "-out", str(cert.cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert
 
 
 class _Controller(Controller):
@@ -134,13 +177,22 @@ class SmtpServer:
     mailbox: Mailbox
 
 
+@contextmanager
+def serve_smtp(**options: Any) -> Iterator[SmtpServer]:
+    """aiosmtpd on 127.0.0.1; ``options`` go to its Controller (TLS, AUTH)."""
+    mailbox = Mailbox()
+    controller = _Controller(mailbox, hostname="127.0.0.1", port=0, **options)
+    controller.start()
+    try:
+        yield SmtpServer("127.0.0.1", controller.port, mailbox)
+    finally:
+        controller.stop()
+
+
 @pytest.fixture
 def smtp_server() -> Iterator[SmtpServer]:
-    mailbox = Mailbox()
-    controller = _Controller(mailbox, hostname="127.0.0.1", port=0)
-    controller.start()
-    yield SmtpServer("127.0.0.1", controller.port, mailbox)
-    controller.stop()
+    with serve_smtp() as server:
+        yield server
 
 
 @pytest.fixture

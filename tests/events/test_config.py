@@ -107,6 +107,8 @@ def test_configs_are_frozen_and_strict() -> None:
         ('type = "mail"\nfrom = "nobody"\nto = "{user}@b"\nsubject = "x"\nbody = ""', "handler[1].from: 'nobody' is not a mail address"),
         ('type = "mail"\nfrom = "a@b"\nto = "x, y@b"\nsubject = "x"\nbody = ""', "handler[1].to:"),
         ('type = "mail"\nfrom = "a@b"\nto = "{user}@b"\nsubject = "x"\nbody = ""\nusername = "u"', "handler[1]: username and password_file"),
+        ('type = "mail"\nfrom = "a@b"\nto = "{user}@b"\nsubject = "x"\nbody = ""\nusername = "u"\npassword_env = "PATH"', "handler[1].tls: ca_file and SMTP AUTH need"),
+        ('type = "mail"\nfrom = "a@b"\nto = "{user}@b"\nsubject = "x"\nbody = ""\ntls = "starttls"\nca_file = "audit.jsonl"', "handler[1].ca_file:"),
     ],
 )
 def test_build_errors_name_the_key(ctx: HandlerContext, toml: str, message: str) -> None:

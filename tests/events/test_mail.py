@@ -5,10 +5,13 @@ from __future__ import annotations
 import socket
 from email import message_from_bytes
 from email.message import Message
+from typing import Any
+
+from aiosmtpd.smtp import AuthResult
 
 from authd.events import AUTH_FAILED, AUTH_LOCKED_OUT, AUTH_SUCCEEDED, Event, EventBus, HandlerContext
 
-from .conftest import CANARY, SmtpServer, from_toml, login_event, run
+from .conftest import CANARY, Cert, SmtpServer, from_toml, login_event, run, serve_smtp
 
 
 def welcome_toml(smtp: SmtpServer, port: int | None = None) -> str:
@@ -106,3 +109,29 @@ body = "Too many failures for {{user}} from {{rhost}}; session {{session_id}}."
 def test_a_recipient_that_is_not_one_address_is_refused(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
     stats = deliver(ctx, welcome_toml(smtp_server), [login("x@evil.example, y")])
     assert stats["welcome"]["failed"] == 1 and smtp_server.mailbox.envelopes == []
+
+
+def test_starttls_with_auth_and_implicit_tls(ctx: HandlerContext, tls_cert: Cert) -> None:
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        logins.append((data.login, data.password))
+        return AuthResult(success=data.password == b"smtp-pass")
+
+    (ctx.base_dir / "smtp.pass").write_text("smtp-pass\n")
+    every = (
+        '[[handler]]\nname = "{name}"\ntype = "mail"\nmode = "every"\nhost = "127.0.0.1"\nport = {port}\n'
+        'from = "authd@example.org"\nto = "{{user}}@example.org"\nsubject = "s"\nbody = "b"\n'
+        f'ca_file = "{tls_cert.cert}"\n'
+    )
+    server_tls = tls_cert.server_context()
+    with (
+        serve_smtp(tls_context=server_tls, require_starttls=True, authenticator=authenticator, auth_require_tls=True) as submission,
+        serve_smtp(ssl_context=server_tls) as smtps,
+    ):
+        toml = every.format(name="submission", port=submission.port) + 'tls = "starttls"\nusername = "authd"\npassword_file = "smtp.pass"\n'
+        toml += every.format(name="smtps", port=smtps.port) + 'tls = "implicit"\n'
+        stats = deliver(ctx, toml, [login("alice")])
+    assert stats["submission"]["delivered"] == 1 and stats["smtps"]["delivered"] == 1
+    assert logins == [(b"authd", b"smtp-pass")]
+    assert [e.rcpt_tos for e in submission.mailbox.envelopes + smtps.mailbox.envelopes] == [["alice@example.org"]] * 2

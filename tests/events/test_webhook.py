@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from authd.events import AUTH_FAILED, AUTH_SUCCEEDED, EventBus, HandlerContext
 
-from .conftest import CANARY, HttpReceiver, eventually, from_toml, login_event, run
+from .conftest import CANARY, Cert, HttpReceiver, eventually, from_toml, login_event, run, serve_http
 
 SECRET = "hook-secret-42"
 REQUEST = {"user": "alice", "password": CANARY, "service": "imap", "rhost": "192.0.2.7"}
@@ -94,3 +94,23 @@ def test_unreachable_receiver_is_retried_then_counted_as_failed(ctx: HandlerCont
         assert "after 3 attempt(s): ConnectionRefusedError" in failure["error"]
 
     run(main())
+
+
+def test_https_verified_against_ca_file(ctx: HandlerContext, tls_cert: Cert) -> None:
+    with serve_http(tls_cert.server_context()) as receiver:
+        toml = f'[[handler]]\nname = "{{name}}"\ntype = "webhook"\nurl = "{receiver.url}"\nretries = 0\n'
+
+        async def main() -> dict:
+            bus = EventBus()
+            bus.set_handlers(
+                from_toml(toml.format(name="trusted") + f'ca_file = "{tls_cert.cert}"\n', ctx)
+                + from_toml(toml.format(name="untrusted"), ctx)  # system CAs: self-signed is refused
+            )
+            await bus.start()
+            bus.emit(login_event(AUTH_SUCCEEDED, REQUEST))
+            assert await bus.close(30) == 0
+            return bus.stats()["handlers"]
+
+        stats = run(main())
+    assert stats["trusted"]["delivered"] == 1 and stats["untrusted"]["failed"] == 1
+    assert len(receiver.requests) == 1 and receiver.requests[0].json()["user"] == "alice"

@@ -11,11 +11,12 @@ import asyncio
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authd.lockout import Attempt, Locked, Lockout
+from authd.lockout import Attempt, Locked, Lockout, LockoutConfig
 
 from .helpers import config
 
@@ -123,12 +124,12 @@ ops = st.lists(
     steps=ops,
 )
 def test_engine_matches_reference_model(
-    max_failures: int, interval: float, lock_time: float, progressive: bool, steps: list[tuple]
+    max_failures: int, interval: float, lock_time: float, progressive: bool, steps: list[tuple[Any, ...]]
 ) -> None:
     model = Model(max_failures, interval, lock_time, progressive, max_lock_time=60.0)
     clock = Clock()
 
-    def make_config() -> object:
+    def make_config() -> LockoutConfig:
         return config(
             user={"max_failures": model.max_failures, "interval": interval, "lock_time": lock_time},
             rhost={"max_failures": 0}, progressive=progressive, max_lock_time=60.0,

@@ -21,7 +21,7 @@ from typing import Any
 
 from authd.errors import ConfigError
 from authd.events.bus import Handler, HandlerError
-from authd.events.config import HandlerContext, MailConfig, read_secret
+from authd.events.config import HandlerContext, MailConfig, read_secret, resolve_path
 from authd.events.model import AUTH_SUCCEEDED, Event
 
 FILENAME = "welcome.sqlite3"
@@ -49,7 +49,8 @@ class MailHandler(Handler):
         mode: str,
         host: str,
         port: int,
-        tls: str,
+        tls_context: ssl.SSLContext | None,
+        starttls: bool,
         username: str | None,
         password: bytes | None,
         sender: str,
@@ -64,7 +65,8 @@ class MailHandler(Handler):
         self.mode = mode
         self.host = host
         self.port = port
-        self.tls = tls
+        self.tls_context = tls_context
+        self.starttls = starttls
         self.username = username
         self._password = password
         self.sender = sender
@@ -123,16 +125,15 @@ class MailHandler(Handler):
         message["Auto-Submitted"] = "auto-generated"
         message.set_content(_render(self.body, event))
         try:
-            if self.tls == "implicit":
-                context = ssl.create_default_context()
+            if self.tls_context is not None and not self.starttls:
                 smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    self.host, self.port, timeout=self.smtp_timeout, context=context
+                    self.host, self.port, timeout=self.smtp_timeout, context=self.tls_context
                 )
             else:
                 smtp = smtplib.SMTP(self.host, self.port, timeout=self.smtp_timeout)
             with smtp:
-                if self.tls == "starttls":
-                    smtp.starttls(context=ssl.create_default_context())
+                if self.tls_context is not None and self.starttls:
+                    smtp.starttls(context=self.tls_context)
                 if self.username is not None and self._password is not None:
                     smtp.login(self.username, self._password.decode())
                 smtp.send_message(message, to_addrs=[recipient])
@@ -167,11 +168,19 @@ def build(cfg: MailConfig, ctx: HandlerContext, where: str, **base: Any) -> Mail
     )
     if (cfg.username is None) != (password is None):
         raise ConfigError(f"{where}: username and password_file/password_env go together")
+    if cfg.tls == "none" and (cfg.ca_file or cfg.username is not None):
+        raise ConfigError(f"{where}.tls: ca_file and SMTP AUTH need tls = starttls or implicit")
+    try:
+        cafile = str(resolve_path(ctx, cfg.ca_file)) if cfg.ca_file else None
+        context = ssl.create_default_context(cafile=cafile) if cfg.tls != "none" else None
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"{where}.ca_file: {e}") from None
     return MailHandler(
         mode=cfg.mode,
         host=cfg.host,
         port=cfg.port or (465 if cfg.tls == "implicit" else 25),
-        tls=cfg.tls,
+        tls_context=context,
+        starttls=cfg.tls == "starttls",
         username=cfg.username,
         password=password,
         sender=cfg.sender,

@@ -80,12 +80,16 @@ class WebhookHandler(Handler):
 
     def _request(self, event: Event) -> bytes:
         body = event.to_json()
-        headers = {
-            "Host": self.netloc,
+        defaults = {
             "User-Agent": f"authd/{authd.__version__}",
             "Content-Type": "application/json",
             "X-Authd-Event": event.name,
             "X-Authd-Delivery": event.id,
+        }
+        custom = {k.lower() for k in self.headers}
+        headers = {
+            "Host": self.netloc,
+            **{k: v for k, v in defaults.items() if k.lower() not in custom},
             **self.headers,
             "Content-Length": str(len(body)),
             "Connection": "close",
@@ -102,6 +106,8 @@ class WebhookHandler(Handler):
             writer.write(request)
             await writer.drain()
             line = await reader.readline()
+        except ValueError:  # no newline within the stream's limit
+            raise ConnectionError("the reply's status line is too long") from None
         finally:
             writer.close()
         parts = line.split(None, 2)
