@@ -86,6 +86,15 @@ class _Ops(abc.ABC):
     def reload(self) -> Any:
         return self.call("reload")
 
+    def lockouts(self) -> Any:
+        return self.call("lockouts")
+
+    def unlock(self, key: str, scope: str | None = None) -> Any:
+        return self.call("unlock", key=key, scope=scope)
+
+    def lastlog(self, user: str) -> Any:
+        return self.call("lastlog", user=user)
+
 
 class Client(_Ops):
     """Blocking client: one request at a time over one persistent connection."""

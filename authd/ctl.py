@@ -85,6 +85,26 @@ def _reload(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.reload()
 
 
+@command("lockouts", "current locks and failure counters (admin)")
+def _lockouts(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.lockouts()
+
+
+def _unlock_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("key", metavar="USER|RHOST")
+    p.add_argument("--scope", choices=["user", "rhost"])
+
+
+@command("unlock", "clear the lock and failures of USER or RHOST (admin)", _unlock_args)
+def _unlock(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.unlock(a.key, a.scope)
+
+
+@command("lastlog", "last login time, service, rhost and counts of USER (admin)", lambda p: p.add_argument("user"))
+def _lastlog(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.lastlog(a.user)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.")
     parser.add_argument("-s", "--socket", default=None, help=f"authd socket (default: {default_socket()})")

@@ -6,13 +6,16 @@ cannot forget them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+import msgspec
 
 from . import PROTOCOL_VERSION, __version__, protocol as p
 from .authflow import authenticate
 from .errors import ConfigError
-from .events import model as events
+from .events import lastlog_lookup, model as events
 from .peer import Peer
 from .runtime import Runtime
 from .sessions import Session
@@ -91,6 +94,27 @@ async def reload(rt: Runtime, peer: Peer, req: p.Reload) -> bytes:
     except ConfigError as exc:
         return p.error(req.id, p.RELOAD_FAILED, str(exc))
     return p.reply(req.id, generation=new.generation, restart_required=rt.restart_required)
+
+
+@op(p.Lockouts)
+async def lockouts(rt: Runtime, peer: Peer, req: p.Lockouts) -> bytes:
+    rows = msgspec.to_builtins(rt.lockout.lockouts())
+    return p.reply(req.id, lockouts=rows, storage_error=rt.lockout.storage_error)
+
+
+@op(p.Unlock)
+async def unlock(rt: Runtime, peer: Peer, req: p.Unlock) -> bytes:
+    if not rt.lockout.unlock(req.key, req.scope):
+        return p.error(req.id, p.NOT_FOUND, "nothing recorded for that user or rhost")
+    return p.reply(req.id, unlocked=req.key)
+
+
+@op(p.Lastlog)
+async def lastlog(rt: Runtime, peer: Peer, req: p.Lastlog) -> bytes:
+    row = await asyncio.to_thread(lastlog_lookup, rt.boot_policy.state_dir, req.user)
+    if row is None:
+        return p.error(req.id, p.NOT_FOUND, "no login recorded for that user (is a lastlog handler configured?)")
+    return p.reply(req.id, lastlog=row)
 
 
 def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = None) -> None:

@@ -8,7 +8,7 @@ fuzzed and unit-tested on its own and the server stays a thin loop around it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -90,7 +90,22 @@ class Reload(Request, tag="reload"):
     admin = True
 
 
-REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload]
+class Lockouts(Request, tag="lockouts"):
+    admin = True
+
+
+class Unlock(Request, tag="unlock"):
+    admin = True
+    key: Name
+    scope: Literal["user", "rhost"] | None = None
+
+
+class Lastlog(Request, tag="lastlog"):
+    admin = True
+    user: Name
+
+
+REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Lockouts, Unlock, Lastlog]
 
 
 def register(request_type: type[Request]) -> None:

@@ -114,8 +114,13 @@ class Runtime:
             "sessions": len(self.sessions),
             "session_store_error": self.sessions.persist_error,
             "pam": self.pam.stats(),
+            "lockout": self._lockout_summary(),
             "events": self.bus.stats(),
         }
+
+    def _lockout_summary(self) -> dict[str, Any]:
+        rows = self.lockout.lockouts()
+        return {"locked": sum(r.locked for r in rows), "tracked": len(rows), "storage_error": self.lockout.storage_error}
 
 
 def prepare_state_dir(policy: Policy) -> None:

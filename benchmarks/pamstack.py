@@ -30,7 +30,7 @@ import pwd
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -178,10 +178,11 @@ class LoopResult:
 
 def raw_loop(
     stack: PamStack, user: str, password: str, *, processes: int, seconds: float,
-    rhost: str | None = None, timeout: float = 60.0,
+    rhost: str | None = None, timeout: float = 60.0, on_go: Callable[[], None] = lambda: None,
 ) -> LoopResult:
     """``processes`` subprocesses call ``authd.pam.binding.authenticate`` back to back for
-    ``seconds``, all starting together after each has done one warm-up call."""
+    ``seconds``, all starting together after each has done one warm-up call; ``on_go`` runs
+    as they are released."""
     job = json.dumps({"service": stack.service, "user": user, "password": password, "rhost": rhost, "seconds": seconds})
     children = [
         subprocess.Popen(
@@ -203,6 +204,7 @@ def raw_loop(
             assert child.stdin is not None
             child.stdin.write("go\n")
             child.stdin.flush()  # communicate() closes it
+        on_go()
         reports = [json.loads(child.communicate(timeout=seconds + timeout)[0]) for child in children]
     finally:
         for child in children:

@@ -94,7 +94,7 @@ class FunctionHandler(Handler):
     def __init__(self, fn: Receiver, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fn = fn
-        self.handle = fn  # type: ignore[method-assign]
+        self.handle = fn  # type: ignore[method-assign,assignment]
 
     def reopen(self) -> Any:
         method = getattr(self.fn, "reopen", None)
@@ -423,8 +423,13 @@ class EventBus:
         decorator. Connecting the same function twice is a no-op. Returns ``fn``.
         """
         if fn is None:
-            options = {"sender": sender, "name": name, "timeout": timeout, "queue_size": queue_size}
-            return lambda f: self.connect(pattern, f, **options)
+
+            def decorator(f: F) -> F:
+                return self.connect(
+                    pattern, f, sender=sender, name=name, timeout=timeout, queue_size=queue_size
+                )
+
+            return decorator
         patterns = (pattern,) if isinstance(pattern, str) else tuple(pattern)
         if isinstance(sender, str):
             sender = (sender,)
@@ -509,11 +514,10 @@ class EventBus:
             lost = len(w.queue) + (w.current is not None)
             undelivered += lost
             log.warning("handler missed the deadline", handler=w.name, undelivered=lost)
-            w.task.cancel()  # type: ignore[union-attr]
-        for t in list(self._tasks):
+        for t in [*(w.task for w in late if w.task is not None), *self._tasks]:
             t.cancel()
         if late:
-            await asyncio.wait([w.task for w in late], timeout=1.0)  # type: ignore[misc]
+            await asyncio.wait([w.task for w in late if w.task is not None], timeout=1.0)
         if undelivered:
             log.warning("events not delivered at close", undelivered=undelivered)
         return undelivered

@@ -36,16 +36,16 @@ class _Handler(
     queue_size: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
-class AuditConfig(_Handler, tag="audit", kw_only=True):
+class AuditConfig(_Handler, tag="audit", frozen=True, kw_only=True):
     path: str
     mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o600
 
 
-class LastlogConfig(_Handler, tag="lastlog", kw_only=True):
+class LastlogConfig(_Handler, tag="lastlog", frozen=True, kw_only=True):
     pass
 
 
-class WebhookConfig(_Handler, tag="webhook", kw_only=True):
+class WebhookConfig(_Handler, tag="webhook", frozen=True, kw_only=True):
     url: str
     timeout: Positive = 5.0
     retries: Annotated[int, msgspec.Meta(ge=0, le=20)] = 3
@@ -62,7 +62,7 @@ class WebhookConfig(_Handler, tag="webhook", kw_only=True):
         return f"WebhookConfig(name={self.name!r}, url={self.url!r}, secret={shown})"
 
 
-class MailConfig(_Handler, tag="mail", kw_only=True):
+class MailConfig(_Handler, tag="mail", frozen=True, kw_only=True):
     mode: Literal["welcome", "every"] = "welcome"
     host: str = "localhost"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
@@ -78,13 +78,13 @@ class MailConfig(_Handler, tag="mail", kw_only=True):
     timeout: Positive = 10.0
 
 
-class ExecConfig(_Handler, tag="exec", kw_only=True):
+class ExecConfig(_Handler, tag="exec", frozen=True, kw_only=True):
     command: Annotated[list[str], msgspec.Meta(min_length=1)]
     timeout: Positive = 10.0
     env: dict[str, str] = {}
 
 
-class PythonConfig(_Handler, tag="python", kw_only=True):
+class PythonConfig(_Handler, tag="python", frozen=True, kw_only=True):
     callable: str | None = None
     entry_point: str | None = None
     factory: bool = False

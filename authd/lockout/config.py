@@ -13,7 +13,9 @@ from msgspec import Meta
 
 from authd.errors import ConfigError
 
-_HOSTNAME = re.compile(r"(?=.{1,253}\Z)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?\.?\Z")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z)(?:{_LABEL}\.)*(?=[a-z]){_LABEL}\.?\Z")
+"""A DNS name whose last label is not numeric, so a mistyped address is not taken for one."""
 
 
 class Limit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -117,7 +119,7 @@ class Exemptions:
             pattern = _parse_rhost_pattern(entry)
             if isinstance(pattern, str):
                 self._hosts.add(pattern)
-            else:
+            elif pattern is not None:
                 self._networks.append(pattern)
 
     def user(self, key: str) -> bool:

@@ -296,7 +296,8 @@ class Lockout:
 
     def _enforced(self, ukey: str, rkey: str | None) -> list[tuple[_Key, Limit]]:
         keys = []
-        for scope, name in (("user", ukey), ("rhost", rkey)):
+        names: tuple[tuple[Scope, str | None], ...] = (("user", ukey), ("rhost", rkey))
+        for scope, name in names:
             if name is not None and self._is_enforced(scope, name):
                 key = self._keys.get((scope, name))
                 if key is None:
@@ -339,7 +340,7 @@ class Lockout:
                 key.forget_lock()
             if key.idle():
                 del self._keys[ident]
-        cutoffs = {scope: now - self._limit(scope).interval for scope in SCOPES}
+        cutoffs: dict[str, float] = {scope: now - self._limit(scope).interval for scope in SCOPES}
         self._store.purge(cutoffs, forget_before)
 
     def _rows(self) -> Rows:

@@ -11,7 +11,10 @@ from authd.events import AUTH_FAILED, AUTH_SUCCEEDED, SESSION_CLOSED, EventBus, 
 
 from .conftest import CANARY, eventually, from_toml, login_event, run
 
-REQUEST = {"user": "alice", "password": CANARY, "service": "imap", "rhost": "192.0.2.7", "pid": 4242, "uid": 1000, "gid": 1000}
+REQUEST = {
+    "user": "alice", "password": CANARY, "service": "imap", "rhost": "192.0.2.7",
+    "pid": 4242, "uid": 1000, "gid": 1000,
+}  # fmt: skip
 
 
 def lines(path: Path) -> list[dict]:

@@ -29,7 +29,11 @@ with open(sys.argv[1], "a") as f:
 
 
 def test_no_handler_output_contains_the_password(
-    ctx: HandlerContext, tmp_path: Path, http_receiver: HttpReceiver, smtp_server: SmtpServer, plugin_path: Path
+    ctx: HandlerContext,
+    tmp_path: Path,
+    http_receiver: HttpReceiver,
+    smtp_server: SmtpServer,
+    plugin_path: Path,
 ) -> None:
     import authd_test_plugin as plugin
 
@@ -74,7 +78,10 @@ type = "python"
 callable = "json:loads"
 """
     # What the daemon sees from a client, with the password the event must never carry.
-    request = {"id": 1, "op": "auth", "user": "alice", "password": CANARY, "service": "imap", "rhost": "192.0.2.7"}
+    request = {
+        "id": 1, "op": "auth", "user": "alice", "password": CANARY,
+        "service": "imap", "rhost": "192.0.2.7",
+    }  # fmt: skip
     events = [
         login_event(AUTH_FAILED, request, reason="auth_failed", pid=10, uid=1000, gid=1000, latency=2.0),
         login_event(AUTH_SUCCEEDED, request, pid=10, uid=1000, gid=1000, latency=0.1),

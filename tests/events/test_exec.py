@@ -55,7 +55,10 @@ def test_the_command_gets_the_event_on_stdin_and_in_its_environment(ctx: Handler
     out = ctx.base_dir / "out.jsonl"
     record = script(ctx, "record.py", RECORD)
     os.environ["AUTHD_TEST_DAEMON_SECRET"] = "daemon-only"
-    request = {"user": "alice", "password": CANARY, "service": "imap", "rhost": "192.0.2.7", "pid": 77, "uid": 1000, "gid": 100}
+    request = {
+        "user": "alice", "password": CANARY, "service": "imap", "rhost": "192.0.2.7",
+        "pid": 77, "uid": 1000, "gid": 100,
+    }  # fmt: skip
     events = [
         login_event(AUTH_SUCCEEDED, request, session_id="sess-9", latency=0.5),
         login_event(SESSION_CLOSED, request, session_id="sess-9", reason="expired"),

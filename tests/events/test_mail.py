@@ -52,7 +52,9 @@ def login(user: str, **fields: object) -> Event:
     return login_event(AUTH_SUCCEEDED, request | fields)
 
 
-def test_welcome_mail_is_sent_once_per_user_even_across_restarts(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
+def test_welcome_mail_is_sent_once_per_user_even_across_restarts(
+    ctx: HandlerContext, smtp_server: SmtpServer
+) -> None:
     alice = login("alice")
     deliver(
         ctx,
@@ -114,24 +116,30 @@ def test_a_recipient_that_is_not_one_address_is_refused(ctx: HandlerContext, smt
 def test_starttls_with_auth_and_implicit_tls(ctx: HandlerContext, tls_cert: Cert) -> None:
     logins: list[tuple[bytes, bytes]] = []
 
-    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+    def authenticator(server: Any, session: Any, envelope: Any, mech: str, data: Any) -> AuthResult:
         logins.append((data.login, data.password))
         return AuthResult(success=data.password == b"smtp-pass")
 
     (ctx.base_dir / "smtp.pass").write_text("smtp-pass\n")
     every = (
-        '[[handler]]\nname = "{name}"\ntype = "mail"\nmode = "every"\nhost = "127.0.0.1"\nport = {port}\n'
+        '[[handler]]\nname = "{name}"\ntype = "mail"\nmode = "every"\n'
+        'host = "127.0.0.1"\nport = {port}\n'
         'from = "authd@example.org"\nto = "{{user}}@example.org"\nsubject = "s"\nbody = "b"\n'
         f'ca_file = "{tls_cert.cert}"\n'
     )
     server_tls = tls_cert.server_context()
-    with (
-        serve_smtp(tls_context=server_tls, require_starttls=True, authenticator=authenticator, auth_require_tls=True) as submission,
-        serve_smtp(ssl_context=server_tls) as smtps,
-    ):
-        toml = every.format(name="submission", port=submission.port) + 'tls = "starttls"\nusername = "authd"\npassword_file = "smtp.pass"\n'
+    submission_options = {
+        "tls_context": server_tls,
+        "require_starttls": True,
+        "authenticator": authenticator,
+        "auth_require_tls": True,
+    }
+    with serve_smtp(**submission_options) as submission, serve_smtp(ssl_context=server_tls) as smtps:
+        toml = every.format(name="submission", port=submission.port)
+        toml += 'tls = "starttls"\nusername = "authd"\npassword_file = "smtp.pass"\n'
         toml += every.format(name="smtps", port=smtps.port) + 'tls = "implicit"\n'
         stats = deliver(ctx, toml, [login("alice")])
     assert stats["submission"]["delivered"] == 1 and stats["smtps"]["delivered"] == 1
     assert logins == [(b"authd", b"smtp-pass")]
-    assert [e.rcpt_tos for e in submission.mailbox.envelopes + smtps.mailbox.envelopes] == [["alice@example.org"]] * 2
+    envelopes = submission.mailbox.envelopes + smtps.mailbox.envelopes
+    assert [e.rcpt_tos for e in envelopes] == [["alice@example.org"]] * 2

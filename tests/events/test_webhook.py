@@ -58,7 +58,8 @@ def test_client_errors_are_final_and_counted(ctx: HandlerContext, http_receiver:
 
     async def main() -> None:
         bus = EventBus()
-        bus.set_handlers(from_toml(f'[[handler]]\ntype = "webhook"\nurl = "{http_receiver.url}"\nbackoff = 0.01\n', ctx))
+        toml = f'[[handler]]\ntype = "webhook"\nurl = "{http_receiver.url}"\nbackoff = 0.01\n'
+        bus.set_handlers(from_toml(toml, ctx))
         await bus.start()
         bus.emit(login_event(AUTH_FAILED, REQUEST))
         bus.emit(login_event(AUTH_FAILED, REQUEST))
@@ -81,7 +82,8 @@ def test_unreachable_receiver_is_retried_then_counted_as_failed(ctx: HandlerCont
         bus = EventBus()
         bus.set_handlers(
             from_toml(
-                f'[[handler]]\ntype = "webhook"\nurl = "http://127.0.0.1:{port}/"\nretries = 2\nbackoff = 0.01\n',
+                f'[[handler]]\ntype = "webhook"\nurl = "http://127.0.0.1:{port}/"\n'
+                "retries = 2\nbackoff = 0.01\n",
                 ctx,
             )
         )

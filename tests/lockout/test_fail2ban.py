@@ -67,8 +67,8 @@ def test_failures_match_with_rhost_user_and_time(tmp_path: Path) -> None:
         ISSUE_EXAMPLE,
         json_line("auth failed", T[1], user="bob", rhost="2001:db8::7", service="imap", error="locked_out",
                   request_id="r-1", pid=4242),
-        '{"level": "warning", "error": "auth_failed", "rhost": "198.51.100.20", "timestamp": "%s", '
-        '"user": "carol", "event": "auth.failed"}' % T[2],
+        f'{{"level": "warning", "error": "auth_failed", "rhost": "198.51.100.20", "timestamp": "{T[2]}", '
+        '"user": "carol", "event": "auth.failed"}',
         console_line("auth failed", T[3], user="dave", rhost="203.0.113.11", request_id=7, pid=1, **FAILED),
         console_line("auth.failed", T[4], user="erin", rhost="203.0.113.12", service="smtp", error="locked_out"),
     ]

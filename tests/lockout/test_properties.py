@@ -149,7 +149,7 @@ def test_engine_matches_reference_model(
                     continue
                 assert isinstance(outcome, Attempt), step
                 imposed = lockout.finish(outcome, ok)
-                assert [(l.locked_at, l.until, l.lock_count) for l in imposed] == model.finish(
+                assert [(lock.locked_at, lock.until, lock.lock_count) for lock in imposed] == model.finish(
                     user, password, ok, now
                 )
             elif step[0] == "wait":

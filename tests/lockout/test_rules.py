@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from authd.lockout import Attempt, LockInfo, Locked, Lockout
+from authd.lockout import Attempt, Locked, LockInfo, Lockout
 
 from .helpers import config, fail_distinct, login, run
 

@@ -46,7 +46,7 @@ def build_handlers(configs: Sequence[HandlerConfig], ctx: HandlerContext) -> lis
     seen: dict[str, int] = {}
     for i, cfg in enumerate(configs):
         where = f"handler[{i}]"
-        name = cfg.name if cfg.name is not None else type(cfg).__struct_config__.tag
+        name = cfg.name if cfg.name is not None else str(type(cfg).__struct_config__.tag)
         if not name or any(c.isspace() or not c.isprintable() for c in name):
             raise ConfigError(f"{where}.name: {name!r} must be printable, without spaces")
         if name in seen:
