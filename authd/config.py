@@ -51,6 +51,8 @@ class Daemon(_Section):
     pam_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     drain_timeout: Annotated[float, msgspec.Meta(gt=0)] = 20.0
     dump_keep: Positive = 5
+    event_queue: Positive = 1000
+    handler_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     sweep_interval: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     limits: Limits = Limits()
 

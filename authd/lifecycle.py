@@ -91,10 +91,9 @@ class Lifecycle:
         self.rt.state = RELOADING
         systemd.notify_reloading()
         try:
-            new = await self.rt.reload()
-            logs.stream.reopen()
-            return new
+            return await self.rt.reload()
         finally:
+            logs.stream.reopen()
             if self.rt.state == RELOADING:
                 self._set_ready()
 

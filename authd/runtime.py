@@ -45,7 +45,7 @@ class Runtime:
         self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout)
         self.sessions = SessionStore(policy.state_dir / "sessions.db")
         self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
-        self.bus = EventBus()
+        self.bus = EventBus(queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
         self.draining = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.lifecycle: Lifecycle | None = None  # set by Lifecycle; ops use it for `reload`
@@ -80,6 +80,7 @@ class Runtime:
             try:
                 new = await asyncio.to_thread(policy_mod.load, old.source, old.generation + 1)
             except ConfigError as exc:
+                self.bus.reopen()  # the old handlers stay; SIGHUP still means "reopen your files"
                 self.reload_error = str(exc)
                 self.counters["reloads_failed"] += 1
                 log.error("reload failed; previous policy kept", error=str(exc), generation=old.generation)

@@ -6,13 +6,15 @@ Four phases of S seconds each, every one bounded by its own deadline:
 
 1. raw PAM loop: W processes call ``authd.pam.binding.authenticate`` back to back;
 2. authd, ``open_session = false``: the real daemon (W workers) under N asyncio clients, one
-   connection each, run from this process (not the daemon's); ratio to (1) is the overhead;
+   connection and one user each, run from this process (not the daemon's); ratio to (1);
 3. the same with ``open_session = true`` (a session written to SQLite per login);
 4. (2) again while 10 more clients send wrong passwords for an existing user: good-login p99
    against (2)'s. The service's own ``failure_delay`` is 0, so the wait is the one PAM asks for
    (pam_unix's 2 s); lockout exempts that user so every attempt really reaches PAM.
 
-It prints figures and asserts nothing: the targets are ratios on a quiet machine.
+Each phase also says how much CPU the box spent on this benchmark's processes and on
+everything else: on a shared machine the second number tells whether a figure can be trusted.
+It prints figures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,16 +35,15 @@ from pathlib import Path
 
 from authd.client import AsyncClient, Client, ClientError, ReplyError
 
-from .pamstack import LoopResult, PamStack, raw_loop
+from .pamstack import PamStack, raw_loop
 
-GOOD_USERS = {f"bench{i}": f"bench-pass-{i}" for i in range(1, 5)}
 INTRUDER = "intruder"
-USERS = {**GOOD_USERS, INTRUDER: "intruder-pass"}
 WRONG_PASSWORD = "not-the-password"
 WRONG_CLIENTS = 10
 SERVICE = "bench"
 RHOST = "127.0.0.1"
 GRACE = 30.0  # how long past its window a phase may take to wind down before it is cut off
+NOISY = 0.15  # cores used by other processes during a phase above which figures are suspect
 
 POLICY = """\
 [daemon]
@@ -66,6 +67,68 @@ exempt_users = ["{intruder}"]
 """
 
 
+def good_users(count: int) -> dict[str, str]:
+    return {f"bench{i}": f"bench-pass-{i}" for i in range(1, count + 1)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+class CpuMeter:
+    """Core-seconds the whole box was busy, and how many of them went to our process tree.
+
+    Ours is this process plus every live descendant (daemon, PAM workers, raw-loop children),
+    with reaped children counted through their parent's cutime/cstime.
+    """
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.started = self._snapshot()
+
+    def _snapshot(self) -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(cpu[:3]) + sum(cpu[5:8])  # user nice system, irq softirq steal
+        parents: dict[int, int] = {}
+        times: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(entry.name)
+            parents[pid] = int(fields[1])
+            times[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        me = os.getpid()
+        ours = 0
+        for pid, total in times.items():
+            ancestor = pid
+            while ancestor not in (me, 0, 1) and ancestor in parents:
+                ancestor = parents[ancestor]
+            if ancestor == me:
+                ours += total
+        return time.monotonic(), busy / self.tick, ours / self.tick
+
+    def restart(self) -> None:
+        self.started = self._snapshot()
+
+    def cores(self) -> tuple[float, float]:
+        """(our cores, other processes' cores) averaged since the start."""
+        now = self._snapshot()
+        wall = max(1e-9, now[0] - self.started[0])
+        ours = (now[2] - self.started[2]) / wall
+        busy = (now[1] - self.started[1]) / wall
+        return ours, max(0.0, busy - ours)
+
+
 @dataclass
 class LoadResult:
     """Good logins completed inside the window, their latencies, and the wrong-password side."""
@@ -75,21 +138,15 @@ class LoadResult:
     errors: Counter[str] = field(default_factory=Counter)
     wrong_waits: list[float] = field(default_factory=list)
     daemon_cpu: float = 0.0
+    client_cpu: float = 0.0
+    cores: tuple[float, float] = (0.0, 0.0)
 
     @property
     def rate(self) -> float:
         return len(self.latencies) / self.seconds
 
-    @property
-    def cpu_per_auth(self) -> float:
-        return self.daemon_cpu / max(1, len(self.latencies) + len(self.wrong_waits))
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+    def per_auth(self, cpu: float) -> float:
+        return cpu / max(1, len(self.latencies) + len(self.wrong_waits))
 
 
 class Authd:
@@ -144,17 +201,26 @@ class Authd:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-async def load(authd: Authd, clients: int, seconds: float, *, open_session: bool, wrong_clients: int = 0) -> LoadResult:
-    """N good clients (and optionally wrong-password ones) against authd for ``seconds``."""
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def load(
+    authd: Authd, users: dict[str, str], clients: int, seconds: float, *, open_session: bool,
+    wrong_clients: int = 0,
+) -> LoadResult:
+    """``clients`` good clients (client i logs in as user i mod len(users)), and optionally
+    wrong-password ones, against authd for ``seconds``."""
     result = LoadResult(seconds=seconds)
     ready = asyncio.Barrier(clients + wrong_clients + 1)
     go = asyncio.Event()
-    users = list(GOOD_USERS.items())
+    accounts = list(users.items())
     clock = time.perf_counter
     deadline = 0.0
 
     async def good(i: int) -> None:
-        user, password = users[i % len(users)]
+        user, password = accounts[i % len(accounts)]
         async with AsyncClient(authd.socket) as client:
             await client.auth(user, password, SERVICE, rhost=RHOST, open_session=open_session)  # warm-up
             await ready.wait()
@@ -178,24 +244,27 @@ async def load(authd: Authd, clients: int, seconds: float, *, open_session: bool
                     result.errors["wrong password accepted"] += 1
                 except ReplyError as exc:
                     if exc.code != "auth_failed":
-                        result.errors[f"wrong: {exc.code}"] += 1
+                        result.errors[f"wrong password: {exc.code}"] += 1
                 result.wrong_waits.append(clock() - started)
 
     goods = [asyncio.create_task(good(i)) for i in range(clients)]
     wrongs = [asyncio.create_task(wrong()) for _ in range(wrong_clients)]
     async with asyncio.timeout(GRACE):
         await ready.wait()
-    cpu_before = authd.cpu_seconds()
+    meter = CpuMeter()
+    daemon_before, client_before = authd.cpu_seconds(), _own_cpu()
     deadline = clock() + seconds
     go.set()
     done, pending = await asyncio.wait(goods, timeout=seconds + GRACE)
-    result.daemon_cpu = authd.cpu_seconds() - cpu_before
+    result.daemon_cpu = authd.cpu_seconds() - daemon_before
+    result.client_cpu = _own_cpu() - client_before
+    result.cores = meter.cores()
     for task in [*pending, *wrongs]:  # a wrong-password client may be mid-delay: that wait is not ours
         task.cancel()
     await asyncio.gather(*pending, *wrongs, return_exceptions=True)
     for task in done:
-        if task.exception() is not None:
-            result.errors[f"client: {task.exception()!r}"] += 1
+        if (exc := task.exception()) is not None:
+            result.errors[f"client: {exc!r}"] += 1
     if pending:
         result.errors["client still waiting after the window"] += len(pending)
     return result
@@ -205,60 +274,90 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def report_errors(result: LoadResult) -> None:
-    for what, count in sorted(result.errors.items()):
-        print(f"  !! {count} x {what}")
+def cpu_note(cores: tuple[float, float]) -> str:
+    return f"cpu: ours {cores[0]:.2f} cores, others {cores[1]:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_auth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16, help="concurrent good-login clients (default 16)")
+    parser.add_argument("--users", type=int, default=0, help="distinct good users the clients log in as (default: one per client)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase (default 10)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="PAM workers = raw-loop processes (default: CPUs)")
     parser.add_argument("--stack", choices=["unix", "matrix"], default="unix", help="PAM stack (default: pam_unix + yescrypt)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (daemon log, stack files)")
     args = parser.parse_args(argv)
-    if args.clients < 1 or args.workers < 1 or args.seconds <= 0:
-        parser.error("--clients and --workers must be >= 1 and --seconds > 0")
+    if args.clients < 1 or args.workers < 1 or args.users < 0 or args.seconds <= 0:
+        parser.error("--clients and --workers must be >= 1, --users >= 0 and --seconds > 0")
+    users = good_users(args.users or args.clients)
 
     root = Path(tempfile.mkdtemp(prefix="authd-bench-", dir="/tmp"))  # AF_UNIX paths are short
+    noisy = False
     try:
-        stack = PamStack.create(root / "pam", USERS, kind=args.stack)
-        print(f"stack: {stack.description}, workers={args.workers}, clients={args.clients}, {args.seconds:g} s", flush=True)
-        user, password = next(iter(GOOD_USERS.items()))
-        raw: LoopResult = raw_loop(stack, user, password, processes=args.workers, seconds=args.seconds, rhost=RHOST)
-        print(f"raw PAM loop:   {raw.rate:7.1f} auth/s  ({ms(statistics.median(raw.latencies))} per call)", flush=True)
+        stack = PamStack.create(root / "pam", {**users, INTRUDER: "intruder-pass"}, kind=args.stack)
+        print(
+            f"stack: {stack.description}, workers={args.workers}, clients={args.clients}"
+            f" ({len(users)} users), {args.seconds:g} s",
+            flush=True,
+        )
+        user, password = next(iter(users.items()))
+        meter = CpuMeter()
+        raw = raw_loop(
+            stack, user, password, processes=args.workers, seconds=args.seconds, rhost=RHOST, on_go=meter.restart,
+        )
+        cores = meter.cores()
+        noisy |= cores[1] > NOISY
+        print(
+            f"raw PAM loop:   {raw.rate:7.1f} auth/s  p50 {ms(percentile(raw.latencies, 50))} per call"
+            f"   ({cpu_note(cores)})",
+            flush=True,
+        )
         if raw.failures:
             print(f"  !! {raw.failures} raw-loop logins failed")
 
         with Authd(root, stack, args.workers) as authd:
             phases = {}
             for name, open_session in (("authd:", False), ("authd+session:", True)):
-                r = phases[open_session] = asyncio.run(load(authd, args.clients, args.seconds, open_session=open_session))
+                r = phases[open_session] = asyncio.run(load(authd, users, args.clients, args.seconds, open_session=open_session))
+                noisy |= r.cores[1] > NOISY
                 print(
-                    f"{name:<15} {r.rate:7.1f} auth/s  p50 {ms(percentile(r.latencies, 50))}  p99 {ms(percentile(r.latencies, 99))}"
-                    f"   ratio {r.rate / raw.rate:.2f}x   (open_session={str(open_session).lower()}, daemon CPU {ms(r.cpu_per_auth)}/auth)",
+                    f"{name:<15} {r.rate:7.1f} auth/s  p50 {ms(percentile(r.latencies, 50))}"
+                    f"  p99 {ms(percentile(r.latencies, 99))}   ratio {r.rate / raw.rate:.2f}x",
                     flush=True,
                 )
-                report_errors(r)
+                print(
+                    f"  (open_session={str(open_session).lower()}; per auth: daemon {ms(r.per_auth(r.daemon_cpu))},"
+                    f" client {ms(r.per_auth(r.client_cpu))} CPU; {cpu_note(r.cores)})"
+                )
+                _report_errors(r)
             alone = phases[False]
-            hammered = asyncio.run(load(authd, args.clients, args.seconds, open_session=False, wrong_clients=WRONG_CLIENTS))
+            hammered = asyncio.run(load(authd, users, args.clients, args.seconds, open_session=False, wrong_clients=WRONG_CLIENTS))
+        noisy |= hammered.cores[1] > NOISY
         p99_alone, p99_hammered = percentile(alone.latencies, 99), percentile(hammered.latencies, 99)
+        delay = "2 s delay" if args.stack == "unix" else "2 s pam_faildelay"
         print(
-            f"good p99 alone: {ms(p99_alone)}; with {WRONG_CLIENTS} wrong-password clients (2 s delay): {ms(p99_hammered)}"
-            f"  ratio {p99_hammered / p99_alone:.2f}x"
+            f"good p99 alone: {ms(p99_alone)}; with {WRONG_CLIENTS} wrong-password clients ({delay}):"
+            f" {ms(p99_hammered)}  ratio {p99_hammered / p99_alone:.2f}x"
         )
         print(
-            f"  (good logins {hammered.rate:.1f} auth/s; {len(hammered.wrong_waits)} wrong-password replies,"
-            f" median wait {statistics.median(hammered.wrong_waits or [float('nan')]):.2f} s)"
+            f"  (good logins {hammered.rate:.1f} auth/s, p50 {ms(percentile(hammered.latencies, 50))};"
+            f" {len(hammered.wrong_waits)} wrong-password replies, p50 wait {percentile(hammered.wrong_waits, 50):.2f} s;"
+            f" {cpu_note(hammered.cores)})"
         )
-        report_errors(hammered)
+        _report_errors(hammered)
+        if noisy:
+            print(f"note: other processes used more than {NOISY} cores during some phase; those figures are noisy")
     finally:
         if args.keep:
             print(f"scratch directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def _report_errors(result: LoadResult) -> None:
+    for what, count in sorted(result.errors.items()):
+        print(f"  !! {count} x {what}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class MailConfig(_Handler, tag="mail", frozen=True, kw_only=True):
 
 
 class ExecConfig(_Handler, tag="exec", frozen=True, kw_only=True):
-    command: Annotated[list[str], msgspec.Meta(min_length=1)]
+    command: Annotated[tuple[str, ...], msgspec.Meta(min_length=1)]
     timeout: Positive = 10.0
     env: dict[str, str] = {}
 

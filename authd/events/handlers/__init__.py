@@ -37,7 +37,10 @@ _BUILDERS: dict[type, Callable[..., Handler]] = {
 
 
 def build_handlers(configs: Sequence[HandlerConfig], ctx: HandlerContext) -> list[Handler]:
-    """Build every handler or raise ConfigError naming ``handler[i]...``; nothing half-built.
+    """Build every handler, or raise ConfigError naming ``handler[i]...``.
+
+    Built handlers hold no resources until their first event, so a failed build (a refused
+    reload) leaves nothing to clean up.
 
     A handler's name defaults to its type; names must be unique (they key ``status`` counters
     and who a welcome mail was sent to), so two handlers of one type need explicit names.
