@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.socket) as client:
             result = COMMANDS[args.command][2](client, args)
     except ReplyError as exc:
+        exc.reply.pop("id", None)
         print(json.dumps(exc.reply, indent=2), file=sys.stderr)
         return 1
     except ClientError as exc:
@@ -124,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     result.pop("id", None)
-    print(json.dumps(result, indent=2))
+    try:
+        print(json.dumps(result, indent=2))
+    except BrokenPipeError:  # `authctl status | head`
+        sys.stderr.close()
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -112,29 +112,22 @@ def _same_path(old: Policy, new: Policy, key: str) -> bool:
 
 
 def _uids(principals: Iterable[Any], where: str) -> frozenset[int]:
-    uids = set()
-    for i, p in enumerate(principals):
-        if isinstance(p, int):
-            uids.add(p)
-            continue
-        try:
-            uids.add(pwd.getpwnam(p).pw_uid)
-        except KeyError:
-            raise ConfigError(f"{where}[{i}]: no such user") from None
-    return frozenset(uids)
+    return _ids(principals, where, "user", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def _gids(principals: Iterable[Any], where: str) -> frozenset[int]:
-    gids = set()
-    for i, p in enumerate(principals):
-        if isinstance(p, int):
-            gids.add(p)
-            continue
+    return _ids(principals, where, "group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _ids(principals: Iterable[Any], where: str, kind: str, lookup: Callable[[str], int]) -> frozenset[int]:
+    """Names or numeric ids to ids; a name NSS does not know is a config error."""
+    ids = set()
+    for i, principal in enumerate(principals):
         try:
-            gids.add(grp.getgrnam(p).gr_gid)
+            ids.add(principal if isinstance(principal, int) else lookup(principal))
         except KeyError:
-            raise ConfigError(f"{where}[{i}]: no such group") from None
-    return frozenset(gids)
+            raise ConfigError(f"{where}[{i}]: no such {kind}") from None
+    return frozenset(ids)
 
 
 def _check_system(policy: Policy) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import grp
 import os
+import resource
 import socket
 import stat
 import time
@@ -28,13 +29,17 @@ from .runtime import Runtime
 log = structlog.get_logger("authd.server")
 
 DRAIN_GRACE = 0.2  # requests already in the kernel's buffer when draining starts are still served
+FD_HEADROOM = 256  # descriptors beyond the connections: listeners, PAM workers, SQLite, logs
+BUSY_LOG_INTERVAL = 10.0  # a connection flood is logged once per interval, counted always
 
 
 class Server:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.connections: set[Connection] = set()
+        self.open = 0  # descriptors held: live connections and closed ones still flushing replies
         self.per_uid: Counter[int] = Counter()
+        self._busy_logged = 0.0
         self._servers: list[asyncio.AbstractServer] = []
         self._owned_paths: list[Path] = []
         self.drain_started: float | None = None
@@ -42,6 +47,7 @@ class Server:
     async def listen(self, inherited: socket.socket | None = None) -> None:
         """Serve on a socket systemd passed in, or bind our own at the policy's path."""
         sock = inherited if inherited is not None else self._bind(self.rt.policy.socket_path)
+        _raise_fd_limit(self.rt.policy.daemon.limits)
         server = await asyncio.start_unix_server(self._accept, sock=sock, limit=64 * 1024)
         self._servers.append(server)
         log.info("listening", socket=sock.getsockname(), inherited=inherited is not None)
@@ -101,24 +107,39 @@ class Server:
             return
         counters = self.rt.counters
         counters["connections_total"] += 1
-        if len(self.connections) >= limits.max_connections or self.per_uid[peer.uid] >= limits.max_connections_per_uid:
+        if self.open >= limits.max_connections or self.per_uid[peer.uid] >= limits.max_connections_per_uid:
             counters["connections_refused_busy"] += 1
+            self._log_busy(peer, limits)
             writer.write(p.error(None, p.BUSY, "too many connections"))
             writer.close()
             return
         conn = Connection(self, reader, writer, peer)
         self.connections.add(conn)
+        self.open += 1
         self.per_uid[peer.uid] += 1
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
-            self.per_uid[peer.uid] -= 1
-            if not self.per_uid[peer.uid]:
-                del self.per_uid[peer.uid]
+            try:
+                await conn.linger()
+            finally:
+                self.open -= 1
+                self.per_uid[peer.uid] -= 1
+                if not self.per_uid[peer.uid]:
+                    del self.per_uid[peer.uid]
+
+    def _log_busy(self, peer: Peer, limits: Limits) -> None:
+        now = time.monotonic()
+        if now - self._busy_logged >= BUSY_LOG_INTERVAL:
+            self._busy_logged = now
+            log.warning("connection limit reached; refusing", open=self.open, max_connections=limits.max_connections,
+                        uid_open=self.per_uid[peer.uid], max_connections_per_uid=limits.max_connections_per_uid,
+                        **peer.log_fields())
 
     def stats(self) -> dict[str, int]:
-        return {"connections": len(self.connections), "inflight": sum(len(c.inflight) for c in self.connections)}
+        return {"connections": len(self.connections), "open": self.open,
+                "inflight": sum(len(c.inflight) for c in self.connections)}
 
 
 class Connection:
@@ -163,7 +184,9 @@ class Connection:
                 return
             for item in self.decoder.feed(data):
                 self._handle(item)
-            self._partial_since = (self._partial_since or time.monotonic()) if self.decoder.pending else None
+            # Not `decoder.pending`: a line being skipped as too large is still a line in progress.
+            partial = not data.endswith(b"\n")
+            self._partial_since = (self._partial_since or time.monotonic()) if partial else None
 
     def _read_timeout(self, limits: Limits) -> float:
         if self._partial_since is not None:
@@ -214,10 +237,46 @@ class Connection:
             log.warning("client is not reading its replies; closing", **self.peer.log_fields())
             transport.abort()
 
+    async def linger(self) -> None:
+        """After the last reply, give the client `request_timeout` to read what is still buffered.
+
+        A client that never reads would otherwise keep its descriptor and up to `write_buffer`
+        bytes after the connection is done, beyond the reach of `max_connections`.
+        """
+        self.writer.close()
+        try:
+            async with asyncio.timeout(self.rt.policy.daemon.limits.request_timeout):
+                await self.writer.wait_closed()
+        except TimeoutError:
+            self.rt.counters["connections_aborted_unread"] += 1
+            self.writer.transport.abort()
+        except (ConnectionError, OSError):
+            pass
+
     def close_when_idle(self) -> None:
         self._closing = True
         if not self.inflight:
             self.writer.close()
+
+
+def _raise_fd_limit(limits: Limits) -> None:
+    """Every connection is a descriptor: lift the soft limit so `max_connections` refuses, not EMFILE.
+
+    On EMFILE asyncio stops accepting for everyone for a second, and SQLite, the audit log and
+    worker respawns fail too; systemd's default soft limit (1024) is below the default cap. Up
+    to the hard limit, like Go's runtime does, so a reload that raises the cap is covered too.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = limits.max_connections + FD_HEADROOM
+    target = max(soft, wanted) if hard == resource.RLIM_INFINITY else hard
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    if target < wanted:
+        log.warning("descriptor limit is below max_connections; raise LimitNOFILE", nofile=target,
+                    max_connections=limits.max_connections)
 
 
 def _remove_stale_socket(path: Path) -> None:

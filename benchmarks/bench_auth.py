@@ -6,7 +6,7 @@ Four phases of S seconds each, every one bounded by its own deadline:
 
 1. raw PAM loop: W processes call ``authd.pam.binding.authenticate`` back to back;
 2. authd, ``open_session = false``: the real daemon (W workers) under N asyncio clients, one
-   connection and one user each, run from this process (not the daemon's); ratio to (1);
+   connection, user and rhost each, run from this process (not the daemon's); ratio to (1);
 3. the same with ``open_session = true`` (a session written to SQLite per login);
 4. (2) again while 10 more clients send wrong passwords for an existing user: good-login p99
    against (2)'s. The service's own ``failure_delay`` is 0, so the wait is the one PAM asks for
@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from authd.client import AsyncClient, Client, ClientError, ReplyError
 
@@ -41,7 +42,6 @@ INTRUDER = "intruder"
 WRONG_PASSWORD = "not-the-password"
 WRONG_CLIENTS = 10
 SERVICE = "bench"
-RHOST = "127.0.0.1"
 GRACE = 30.0  # how long past its window a phase may take to wind down before it is cut off
 NOISY = 0.15  # cores used by other processes during a phase above which figures are suspect
 
@@ -69,6 +69,11 @@ exempt_users = ["{intruder}"]
 
 def good_users(count: int) -> dict[str, str]:
     return {f"bench{i}": f"bench-pass-{i}" for i in range(1, count + 1)}
+
+
+def rhost(client: int) -> str:
+    """A distinct remote host per client (TEST-NET-1: only ever a string handed to PAM)."""
+    return f"192.0.2.{client % 254 + 1}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -162,7 +167,7 @@ class Authd:
         ))
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Authd:
+    def __enter__(self) -> Self:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "authd", "serve", "-c", str(self.config)], env=self.stack.subprocess_env(),
@@ -221,13 +226,14 @@ async def load(
 
     async def good(i: int) -> None:
         user, password = accounts[i % len(accounts)]
+        host = rhost(i)
         async with AsyncClient(authd.socket) as client:
-            await client.auth(user, password, SERVICE, rhost=RHOST, open_session=open_session)  # warm-up
+            await client.auth(user, password, SERVICE, rhost=host, open_session=open_session)  # warm-up
             await ready.wait()
             await go.wait()
             while (started := clock()) < deadline:
                 try:
-                    await client.auth(user, password, SERVICE, rhost=RHOST, open_session=open_session)
+                    await client.auth(user, password, SERVICE, rhost=host, open_session=open_session)
                 except ReplyError as exc:
                     result.errors[exc.code] += 1
                     continue
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         user, password = next(iter(users.items()))
         meter = CpuMeter()
         raw = raw_loop(
-            stack, user, password, processes=args.workers, seconds=args.seconds, rhost=RHOST, on_go=meter.restart,
+            stack, user, password, processes=args.workers, seconds=args.seconds, rhost=rhost(0), on_go=meter.restart,
         )
         cores = meter.cores()
         noisy |= cores[1] > NOISY

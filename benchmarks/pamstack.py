@@ -23,8 +23,8 @@ The preloads must be in place before libpam loads, so ``env`` is for subprocesse
 from __future__ import annotations
 
 import ctypes
-import json
 import grp
+import json
 import os
 import pwd
 import subprocess
@@ -123,7 +123,7 @@ def yescrypt(password: str) -> str:
     lib.crypt.restype = ctypes.c_char_p
     lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     setting = lib.crypt_gensalt(b"$y$", 0, None, 0)
-    hashed = lib.crypt(password.encode(), setting) if setting else None
+    hashed: bytes | None = lib.crypt(password.encode(), setting) if setting else None
     if not hashed or hashed.startswith(b"*"):
         raise RuntimeError("libcrypt cannot make yescrypt hashes here")
     return hashed.decode()

@@ -204,12 +204,7 @@ def test_term_refuses_new_connections_and_drains_loop(daemon: Daemon) -> None:
 
 def test_term_while_pam_hangs_exits_within_deadline(pam: PamEnv, make_daemon: Callable[..., Daemon],
                                                     crash_modules: dict[str, Path]) -> None:
-    pam.add_module_service("hangs", crash_modules["hang"])
-    base = BASE_POLICY.replace("pam_timeout = 5.0", "pam_timeout = 120.0").replace("drain_timeout = 10.0", "drain_timeout = 2.0")
-    d = make_daemon(base=base, extra='\n[[service]]\nname = "hangs"\npam_service = "hangs"\n').start()
-    sock = raw_connect(d.socket)
-    sock.sendall(b'{"id":1,"op":"auth","user":"alice","password":"x","service":"hangs"}\n')
-    time.sleep(0.5)
+    d, _hung = _daemon_with_hung_pam_call(pam, make_daemon, crash_modules, drain_timeout=2.0)
     started = time.monotonic()
     d.kill(signal.SIGTERM)
     code = d.proc.wait(30) if d.proc else None
@@ -219,12 +214,7 @@ def test_term_while_pam_hangs_exits_within_deadline(pam: PamEnv, make_daemon: Ca
 
 
 def test_second_int_exits_at_once(pam: PamEnv, make_daemon: Callable[..., Daemon], crash_modules: dict[str, Path]) -> None:
-    pam.add_module_service("hangs", crash_modules["hang"])
-    base = BASE_POLICY.replace("pam_timeout = 5.0", "pam_timeout = 120.0").replace("drain_timeout = 10.0", "drain_timeout = 60.0")
-    d = make_daemon(base=base, extra='\n[[service]]\nname = "hangs"\npam_service = "hangs"\n').start()
-    sock = raw_connect(d.socket)
-    sock.sendall(b'{"id":1,"op":"auth","user":"alice","password":"x","service":"hangs"}\n')
-    time.sleep(0.5)
+    d, _hung = _daemon_with_hung_pam_call(pam, make_daemon, crash_modules, drain_timeout=60.0)
     d.kill(signal.SIGINT)
     time.sleep(0.5)
     assert d.proc is not None and d.proc.poll() is None, "first INT drains (and waits for the hung call)"
@@ -232,6 +222,19 @@ def test_second_int_exits_at_once(pam: PamEnv, make_daemon: Callable[..., Daemon
     d.kill(signal.SIGINT)
     assert d.proc.wait(10) != 0
     assert time.monotonic() - started < 5
+
+
+def _daemon_with_hung_pam_call(pam: PamEnv, make_daemon: Callable[..., Daemon], crash_modules: dict[str, Path],
+                               drain_timeout: float) -> tuple[Daemon, socket.socket]:
+    """A daemon with one request stuck in a PAM module that never returns, and its connection."""
+    pam.add_module_service("hangs", crash_modules["hang"])
+    base = BASE_POLICY.replace("pam_timeout = 5.0", "pam_timeout = 120.0").replace(
+        "drain_timeout = 10.0", f"drain_timeout = {drain_timeout}")
+    d = make_daemon(base=base, extra='\n[[service]]\nname = "hangs"\npam_service = "hangs"\n').start()
+    sock = raw_connect(d.socket)
+    sock.sendall(b'{"id":1,"op":"auth","user":"alice","password":"x","service":"hangs"}\n')
+    time.sleep(0.5)
+    return d, sock
 
 
 # --- systemd ------------------------------------------------------------------------------

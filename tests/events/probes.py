@@ -1,0 +1,57 @@
+"""``python`` handlers for the daemon tests: misbehaving ones, and recorders.
+
+They run inside the authd subprocess (``callable = "tests.events.probes:..."``), so whatever
+a test needs to see is written to files, never kept in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Recorder:
+    """Factory: appends ``{"event": ..., "started": t0, "finished": t1}`` per event to
+    ``path`` (relative to the state dir) after sleeping ``delay`` seconds, and touches
+    ``path + ".closed"`` when the bus closes it. ``started`` / ``finished`` let a test
+    compare when the handler ran with when a reply arrived, without timing anything."""
+
+    def __init__(self, context: Any, *, path: str, delay: float = 0.0) -> None:
+        self.path = Path(context.state_dir) / path
+        self.delay = delay
+
+    def __call__(self, event: Any) -> None:
+        started = time.time()
+        if self.delay:
+            time.sleep(self.delay)
+        line = {"event": event.to_dict(), "started": started, "finished": time.time()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        self.path.with_name(self.path.name + ".closed").touch()
+
+
+def raises(event: Any) -> None:
+    raise RuntimeError(f"probe handler refuses {event.name}")
+
+
+def hangs(event: Any) -> None:
+    """Sync, never returns: its thread stays busy forever."""
+    threading.Event().wait()
+
+
+async def hangs_async(event: Any) -> None:
+    """Async, never returns unless cancelled."""
+    await asyncio.Event().wait()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """What a :class:`Recorder` wrote (for the test side)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
