@@ -99,10 +99,20 @@ def parse(text: str, source: str = "authd.toml") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    except ValueError:  # tomllib's int() of a number over Python's 4300-digit limit
+        raise ConfigError(f"{source}: a number has too many digits") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: arrays or tables nested too deeply") from None
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_located(str(exc), text, source)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: arrays or tables nested too deeply") from None
+    if not config.service:
+        # An empty or truncated file (a SIGHUP while an editor rewrites it) must not become a
+        # policy that refuses every login.
+        raise ConfigError(f"{source}: no [[service]] defined; authd would refuse every login")
     _check_services(config, text, source)
     return config
 

@@ -73,7 +73,9 @@ class Daemon:
 
     def write_policy(self, policy: str) -> None:
         self.policy = policy
-        self.config.write_text(policy.replace("{socket}", str(self.socket)).replace("{state}", str(self.state)))
+        staged = self.config.with_suffix(".new")  # rename: a SIGHUP must never read half a file
+        staged.write_text(policy.replace("{socket}", str(self.socket)).replace("{state}", str(self.state)))
+        staged.replace(self.config)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))}
