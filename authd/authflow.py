@@ -27,6 +27,7 @@ _MESSAGES = {
     ACCOUNT_EXPIRED: "account expired",
     PASSWORD_EXPIRED: "password expired; change it before logging in",
     NOT_AUTHORIZED: "not authorized for this service",
+    LOCKED_OUT: "too many failed logins; try again later",
     UNAVAILABLE: "authentication is unavailable; try again later",
 }
 

@@ -100,7 +100,7 @@ def load(source: Path, generation: int, *, build: bool = True) -> Policy:
 
 def restart_only_changes(old: Policy, new: Policy) -> list[str]:
     """Settings a reload cannot apply to a running daemon; reported, never half-applied."""
-    keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file", "event_queue")
+    keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file")
     return [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
 
 

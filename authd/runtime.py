@@ -89,7 +89,9 @@ class Runtime:
             ignored = policy_mod.restart_only_changes(self.boot_policy, new)
             self.policy = new
             self.lockout.configure(new.config.lockout)
-            self.bus.set_handlers(list(new.handlers))
+            self.bus.handler_timeout = new.daemon.handler_timeout  # read by the new handlers' workers
+            self.bus.queue_size = new.daemon.event_queue
+            self.bus.set_handlers(list(new.handlers), retire_within=new.daemon.drain_timeout)
             self.reload_error = None
             self.restart_required = ignored
             self.last_reload = time.time()

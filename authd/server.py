@@ -30,7 +30,8 @@ log = structlog.get_logger("authd.server")
 
 DRAIN_GRACE = 0.2  # requests already in the kernel's buffer when draining starts are still served
 FD_HEADROOM = 256  # descriptors beyond the connections: listeners, PAM workers, SQLite, logs
-BUSY_LOG_INTERVAL = 10.0  # a connection flood is logged once per interval, counted always
+REFUSE_LINGER = 0.5  # a refused client gets this long to send its request and read `busy`
+LOG_INTERVAL = 10.0  # what a client can repeat at will (a flood) is logged once per interval, counted always
 
 
 class Server:
@@ -39,7 +40,8 @@ class Server:
         self.connections: set[Connection] = set()
         self.open = 0  # descriptors held: live connections and closed ones still flushing replies
         self.per_uid: Counter[int] = Counter()
-        self._busy_logged = 0.0
+        self.refusing = 0
+        self._logged: dict[str, float] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._owned_paths: list[Path] = []
         self.drain_started: float | None = None
@@ -109,9 +111,11 @@ class Server:
         counters["connections_total"] += 1
         if self.open >= limits.max_connections or self.per_uid[peer.uid] >= limits.max_connections_per_uid:
             counters["connections_refused_busy"] += 1
-            self._log_busy(peer, limits)
-            writer.write(p.error(None, p.BUSY, "too many connections"))
-            writer.close()
+            if self.sometimes("busy"):
+                log.warning("connection limit reached; refusing", open=self.open, max_connections=limits.max_connections,
+                            uid_open=self.per_uid[peer.uid], max_connections_per_uid=limits.max_connections_per_uid,
+                            **peer.log_fields())
+            await self._refuse(reader, writer, limits)
             return
         conn = Connection(self, reader, writer, peer)
         self.connections.add(conn)
@@ -129,13 +133,35 @@ class Server:
                 if not self.per_uid[peer.uid]:
                     del self.per_uid[peer.uid]
 
-    def _log_busy(self, peer: Peer, limits: Limits) -> None:
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits) -> None:
+        """Answer `busy`, then let the client finish writing its first request before closing.
+
+        Closing at once fails a client's write (EPIPE) that races the close, and many clients
+        then never read the reply. At most `max_connections` refusals wait like this at a time.
+        """
+        writer.write(p.error(None, p.BUSY, "too many connections"))
+        if self.refusing >= limits.max_connections:
+            writer.close()
+            return
+        self.refusing += 1
+        try:
+            writer.write_eof()
+            async with asyncio.timeout(REFUSE_LINGER):
+                while await reader.read(64 * 1024):
+                    pass
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            self.refusing -= 1
+            writer.close()
+
+    def sometimes(self, what: str) -> bool:
+        """True at most once per LOG_INTERVAL for each `what`: rate-limits client-triggered log lines."""
         now = time.monotonic()
-        if now - self._busy_logged >= BUSY_LOG_INTERVAL:
-            self._busy_logged = now
-            log.warning("connection limit reached; refusing", open=self.open, max_connections=limits.max_connections,
-                        uid_open=self.per_uid[peer.uid], max_connections_per_uid=limits.max_connections_per_uid,
-                        **peer.log_fields())
+        if now - self._logged.get(what, -LOG_INTERVAL) < LOG_INTERVAL:
+            return False
+        self._logged[what] = now
+        return True
 
     def stats(self) -> dict[str, int]:
         return {"connections": len(self.connections), "open": self.open,
@@ -182,7 +208,15 @@ class Connection:
                 return
             if not data:
                 return
-            for item in self.decoder.feed(data):
+            try:
+                items = self.decoder.feed(data)
+            except Exception:  # a codec bug costs this connection, never the daemon or its log
+                counters["internal_errors"] += 1
+                if self.server.sometimes("undecodable"):
+                    log.exception("request could not be decoded; closing the connection", **self.peer.log_fields())
+                self._send(p.error(None, p.BAD_REQUEST, "malformed request"))
+                return
+            for item in items:
                 self._handle(item)
             # Not `decoder.pending`: a line being skipped as too large is still a line in progress.
             partial = not data.endswith(b"\n")
@@ -228,14 +262,21 @@ class Connection:
             self.writer.close()
 
     def _send(self, data: bytes) -> None:
+        """Queue a reply; a client that left more than `write_buffer` unread is cut off instead.
+
+        Checked before writing, so one reply larger than the buffer (an admin's `sessions`)
+        still reaches a client that reads: unread data stays below `write_buffer` + one reply.
+        """
         transport = self.writer.transport
         if transport.is_closing():
             return
-        transport.write(data)
         if transport.get_write_buffer_size() > self.rt.policy.daemon.limits.write_buffer:
             self.rt.counters["connections_closed_not_reading"] += 1
-            log.warning("client is not reading its replies; closing", **self.peer.log_fields())
+            if self.server.sometimes("not_reading"):
+                log.warning("client is not reading its replies; closing", **self.peer.log_fields())
             transport.abort()
+            return
+        transport.write(data)
 
     async def linger(self) -> None:
         """After the last reply, give the client `request_timeout` to read what is still buffered.

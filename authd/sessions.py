@@ -1,16 +1,22 @@
 """Sessions: opaque tokens out, only their SHA-256 kept; an in-memory table backed by SQLite.
 
 The table answers lookups from memory; every change is written through to SQLite in WAL mode
-so a restart, or a `kill -9`, keeps every session that was issued. A write that fails (disk
-full, read-only) leaves the session valid in memory and is reported, not fatal.
+so a restart, or a `kill -9`, keeps every session that was issued. When the file cannot be
+written (disk full, read-only, locked by another process, corrupt) sessions are still issued
+and checked from memory: the fault is logged once and shown in `status`, and at most once a
+second (on the next change, or the expiry sweep) the store reopens the file and rewrites it
+whole from memory, so the file catches up once the fault clears. A corrupt file is moved
+aside and what can still be read from it is kept.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +28,11 @@ import structlog
 log = structlog.get_logger("authd.sessions")
 
 TOKEN_BYTES = 32  # 256 bits
+RETRY_INTERVAL = 1.0  # after a fault, the file is retried at most this often
+BUSY_TIMEOUT = 0.1  # SQLite runs on the event loop: never wait long for another process's lock
+_CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+_SELECT = "SELECT id, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout FROM sessions"
+Row = tuple[Any, ...]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -79,40 +90,46 @@ class Session:
         }
 
 
+class _Corrupt(sqlite3.DatabaseError):
+    """The file is not a usable SQLite database; it gets moved aside."""
+
+
 class SessionStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._by_hash: dict[bytes, Session] = {}
         self._by_id: dict[str, Session] = {}
         self._db: sqlite3.Connection | None = None
+        self._dirty = False  # the file may lack what memory holds: rewrite it whole when it can be
+        self._retry_at = 0.0
+        self._complete = True  # memory holds every session the file does
+        self._gone: set[str] = set()  # removed while incomplete: a later merge must not revive them
         self.persist_error: str | None = None
 
     def open(self) -> None:
-        self._connect()
-        now = time.time()
-        assert self._db is not None
-        rows = self._db.execute(
-            "SELECT id, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout FROM sessions"
-        ).fetchall()
-        for row in rows:
-            session = Session(row[0], row[1], row[2], tuple(filter(None, row[3].split("\n"))), *row[4:])
-            if not session.expired(now):
-                self._add(session)
+        """Load the persisted sessions; read-only if the file cannot be written, then serve on."""
+        try:
+            rows = _read(self._connection())
+        except (sqlite3.Error, OSError) as exc:
+            self._failed(exc)
+            rows, self._complete = _read_only(self.path)
+        self._load(rows)
         self._write("DELETE FROM sessions WHERE id NOT IN (SELECT value FROM json_each(?))", (_json_ids(self._by_id),))
         log.info("sessions loaded", count=len(self._by_id), path=str(self.path))
 
-    def _connect(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.path.touch(mode=0o600, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-
     def close(self) -> None:
+        """One last try to persist what a fault kept in memory only, then close the file."""
+        if self._dirty:
+            self._retry_at = 0.0
+            self.flush()
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    def flush(self) -> None:
+        """Retry persisting after a fault (rate-limited); nothing to do while the file is current."""
+        if self._dirty:
+            self._write(None, ())
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -127,10 +144,7 @@ class SessionStore:
             service=service, rhost=rhost, created=now, last_seen=now, ttl=ttl, idle_timeout=idle_timeout,
         )
         self._add(session)
-        self._write(
-            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (session.id, session.token_hash, user, "\n".join(session.groups), service, rhost, now, now, ttl, idle_timeout),
-        )
+        self._write("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(session))
         return session, token
 
     def lookup(self, token: str, *, touch: bool = True) -> Session | None:
@@ -166,14 +180,24 @@ class SessionStore:
         return list(self._by_id.values())
 
     def expire(self, now: float | None = None) -> list[Session]:
+        """Drop expired sessions; run periodically, it is also when a faulted file is retried."""
         now = time.time() if now is None else now
         doomed = [s for s in self._by_id.values() if s.expired(now)]
         self._remove(doomed)
+        self.flush()
         return doomed
 
     def _add(self, session: Session) -> None:
         self._by_hash[session.token_hash] = session
         self._by_id[session.id] = session
+
+    def _load(self, rows: Iterable[Row]) -> None:
+        """Add persisted sessions that are still live and not already (or no longer) in memory."""
+        now = time.time()
+        for row in rows:
+            session = _session(row)
+            if session is not None and not session.expired(now) and session.id not in self._by_id and session.id not in self._gone:
+                self._add(session)
 
     def _remove(self, sessions: list[Session]) -> None:
         if not sessions:
@@ -181,36 +205,155 @@ class SessionStore:
         for session in sessions:
             self._by_hash.pop(session.token_hash, None)
             self._by_id.pop(session.id, None)
+        if not self._complete:
+            self._gone.update(s.id for s in sessions)
         self._write("DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(s.id for s in sessions),))
 
-    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _write(self, sql: str | None, params: tuple[Any, ...]) -> None:
         """Write one change through; after a fault, rewrite the table from memory instead."""
+        if self._dirty and time.monotonic() < self._retry_at:
+            return
         try:
-            if self._db is None or self.persist_error is not None:
-                self._connect()
-                self._resync()
-            else:
-                self._db.execute(sql, params)
+            db = self._connection()
+            if self._dirty:
+                self._resync(db)
+            elif sql is not None:
+                db.execute(sql, params)
         except (sqlite3.Error, OSError) as exc:
-            if self.persist_error is None:
-                log.error("session store write failed; sessions are kept in memory only", error=str(exc), path=str(self.path))
-            self.persist_error = f"{exc.__class__.__name__}: {exc}"
-            self.close()
-        else:
+            self._failed(exc)
+            return
+        if self._dirty:
+            self._dirty = False
             if self.persist_error is not None:
-                log.info("session store writable again", path=str(self.path), sessions=len(self._by_id))
-                self.persist_error = None
+                log.warning("session store writable again; sessions persisted", path=str(self.path), sessions=len(self._by_id))
+            self.persist_error = None
 
-    def _resync(self) -> None:
-        assert self._db is not None
-        rows = [
-            (s.id, s.token_hash, s.user, "\n".join(s.groups), s.service, s.rhost, s.created, s.last_seen, s.ttl, s.idle_timeout)
-            for s in self._by_id.values()
-        ]
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM sessions")
-            self._db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    def _resync(self, db: sqlite3.Connection) -> None:
+        if not self._complete:
+            self._load(_read(db))
+            self._complete = True
+            self._gone.clear()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM sessions")
+            db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [_row(s) for s in self._by_id.values()])
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            try:
+                self._db = _connect(self.path)
+            except _Corrupt as exc:
+                self._quarantine(exc)
+                self._db = _connect(self.path)
+        return self._db
+
+    def _quarantine(self, exc: _Corrupt) -> None:
+        """Move the corrupt file (and its WAL) aside, keep what can still be read, start afresh."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        for suffix in ("", "-wal", "-shm"):
+            source = self.path.with_name(self.path.name + suffix)
+            if source.exists():
+                source.rename(aside.with_name(aside.name + suffix))
+        before = len(self._by_id)
+        self._load(_salvage(aside))
+        self._dirty = True
+        log.error("session database corrupt; moved aside", path=str(self.path), moved_to=str(aside), error=str(exc),
+                  salvaged=len(self._by_id) - before)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self._dirty = True
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
+        message = f"{exc.__class__.__name__}: {exc}"
+        if self.persist_error is None:
+            log.error("session store write failed; sessions are kept in memory only", error=message, path=str(self.path))
+        self.persist_error = message
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open (creating it 0600) and check the database; _Corrupt if it is not a usable one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        (check,) = db.execute("PRAGMA quick_check").fetchone()
+        if check != "ok":
+            raise _Corrupt(f"integrity check failed: {check}")
+        db.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if isinstance(exc, _Corrupt) or exc.sqlite_errorcode not in _CORRUPT:
+            raise
+        raise _Corrupt(str(exc)) from exc
+    return db
+
+
+def _read(db: sqlite3.Connection) -> list[Row]:
+    return db.execute(_SELECT).fetchall()
+
+
+def _read_only(path: Path) -> tuple[list[Row], bool]:
+    """The sessions of a file that cannot be opened for writing, and whether that is all of them.
+
+    `mode=ro` sees the WAL but needs a -shm it can use; `immutable=1` reads the main file as
+    it is, which after a clean stop is everything (the WAL was checkpointed and removed).
+    """
+    if not path.exists():
+        return [], True
+    for options, complete in (("mode=ro", True), ("immutable=1", False)):
+        try:
+            db = sqlite3.connect(f"{path.as_uri()}?{options}", uri=True, timeout=BUSY_TIMEOUT)
+            try:
+                return _read(db), complete
+            finally:
+                db.close()
+        except sqlite3.Error:
+            continue
+    return [], False
+
+
+def _salvage(path: Path) -> list[Row]:
+    """Rows still readable from a corrupt file, up to the first damaged page."""
+    rows: list[Row] = []
+    for options in ("mode=ro", "immutable=1"):
+        try:
+            db = sqlite3.connect(f"{path.as_uri()}?{options}", uri=True, timeout=BUSY_TIMEOUT)
+            try:
+                for row in db.execute(_SELECT):
+                    rows.append(row)
+            finally:
+                db.close()
+        except sqlite3.Error:
+            pass
+        if rows:
+            break
+    return rows
+
+
+def _row(s: Session) -> Row:
+    return (s.id, s.token_hash, s.user, "\n".join(s.groups), s.service, s.rhost, s.created, s.last_seen, s.ttl, s.idle_timeout)
+
+
+def _session(row: Row) -> Session | None:
+    """A stored row as a Session; None for one that does not have the right shape (a damaged file)."""
+    try:
+        sid, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout = row
+        if not (isinstance(sid, str) and isinstance(token_hash, bytes) and isinstance(user, str) and isinstance(groups, str)
+                and isinstance(service, str) and isinstance(rhost, str | None)):
+            return None
+        return Session(sid, token_hash, user, tuple(filter(None, groups.split("\n"))), service, rhost,
+                       float(created), float(last_seen), float(ttl), float(idle_timeout))
+    except (TypeError, ValueError):
+        return None
 
 
 def _json_ids(ids: Iterable[str]) -> str:

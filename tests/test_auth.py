@@ -266,7 +266,7 @@ def test_pam_fail_delay_is_applied_without_holding_a_worker(pam: PamEnv, make_da
             return good_at, time.monotonic() - t0
 
     good_at, bad_at = asyncio.run(scenario())
-    assert bad_at >= 1.4, "libpam's delay (2 s, +-25% jitter) was applied to the failing client"
+    assert bad_at >= 0.9, "libpam's delay (2 s, randomised to 0.5-1.5x) was applied to the failing client"
     assert good_at < bad_at
 
 

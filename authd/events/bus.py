@@ -225,6 +225,7 @@ class _Worker:
         self._wake = asyncio.Event()
         self._thread: _HandlerThread | None = None
         self._dropping = 0
+        self.deadline: asyncio.TimerHandle | None = None
 
     def offer(self, event: Event) -> None:
         if len(self.queue) >= self.limit:
@@ -258,6 +259,18 @@ class _Worker:
         """Finish what is queued, close the handler, end."""
         self.stopping = True
         self._wake.set()
+
+    def abandon(self) -> None:
+        """Drop (and count) what is still queued; the event in hand finishes, then it closes."""
+        if self.queue:
+            lost = len(self.queue)
+            self.queue.clear()
+            self.counters.dropped += lost
+            log.warning(
+                "removed handler missed its deadline; queued events dropped",
+                handler=self.name,
+                dropped=lost,
+            )
 
     def reopen(self) -> None:
         if self.task is not None and not self.task.done():
@@ -474,13 +487,20 @@ class EventBus:
 
     # -- configured handlers and lifecycle ------------------------------------------------
 
-    def set_handlers(self, handlers: list[Handler]) -> None:
-        """Swap the configured handlers: new ones start now, removed ones drain, then close."""
+    def set_handlers(self, handlers: list[Handler], *, retire_within: float | None = None) -> None:
+        """Swap the configured handlers: new ones start now, removed ones drain, then close.
+
+        With ``retire_within``, what a removed handler has not delivered by then is dropped and
+        counted: without a bound, every reload while a receiver is down would leave one more
+        worker behind, each with a full queue and retrying.
+        """
         old = self._configured
         self._configured = [self._worker(h) for h in handlers]
         self._refresh()
         for w in old:
             self._retire(w)
+            if retire_within is not None and self._loop is not None:
+                w.deadline = self._loop.call_later(retire_within, w.abandon)
 
     async def start(self) -> None:
         """Start the workers; events emitted before this wait in their queues."""
@@ -505,6 +525,8 @@ class EventBus:
         self._refresh()
         for w in workers:
             self._retire(w)
+            if w.deadline is not None:
+                w.deadline.cancel()  # the drain deadline rules now
         tasks = [w.task for w in workers if w.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=max(timeout, 0.0))
@@ -557,6 +579,8 @@ class EventBus:
             self._retiring.append(worker)
 
     def _worker_done(self, worker: _Worker) -> None:
+        if worker.deadline is not None:
+            worker.deadline.cancel()
         if worker in self._retiring:
             self._retiring.remove(worker)
         live = (*self._active, *self._retiring)

@@ -2,7 +2,9 @@
 
 Failures only update users who have logged in successfully before: ``auth.failed`` cannot tell
 a wrong password from an unknown user, and rows for every name an attacker guesses would let
-them grow the database without bound.
+them grow the database without bound. Only ``auth.failed`` counts as a failure: every refused
+login emits exactly one (a refusal while locked has ``reason = "locked_out"``), while
+``auth.locked_out`` announces that one of those failures imposed a lock and is no login of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from authd.errors import ConfigError
 from authd.events.bus import Handler
 from authd.events.config import HandlerContext, LastlogConfig
-from authd.events.model import AUTH_FAILED, AUTH_LOCKED_OUT, AUTH_SUCCEEDED, Event
+from authd.events.model import AUTH_FAILED, AUTH_SUCCEEDED, Event
 
 FILENAME = "lastlog.sqlite3"
 
@@ -67,7 +69,7 @@ class LastlogHandler(Handler):
         self._db: sqlite3.Connection | None = None
 
     def handle(self, event: Event) -> None:
-        if event.user is None or event.name not in (AUTH_SUCCEEDED, AUTH_FAILED, AUTH_LOCKED_OUT):
+        if event.user is None or event.name not in (AUTH_SUCCEEDED, AUTH_FAILED):
             return
         if self._db is None:
             self._db = connect(self.path)

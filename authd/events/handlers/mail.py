@@ -29,8 +29,8 @@ FIELDS = frozenset({"user", "service", "rhost", "time", "event", "session_id", "
 _ADDRESS = re.compile(r"[^@\s,;:<>()\[\]\"\\]+@[^@\s,;:<>()\[\]\"\\]+")
 
 
-def _render(template: str, event: Event) -> str:
-    values = {
+def _values(event: Event) -> dict[str, str | None]:
+    return {
         "user": event.user,
         "service": event.service,
         "rhost": event.rhost,
@@ -39,7 +39,14 @@ def _render(template: str, event: Event) -> str:
         "session_id": event.session_id,
         "reason": event.reason,
     }
-    return template.format_map({k: "-" if v is None else v for k, v in values.items()})
+
+
+def _render(template: str, event: Event) -> str:
+    return template.format_map({k: "-" if v is None else v for k, v in _values(event).items()})
+
+
+def _placeholders(template: str) -> set[str]:
+    return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
 
 
 class MailHandler(Handler):
@@ -113,6 +120,10 @@ class MailHandler(Handler):
         return cursor.rowcount == 1
 
     def _send(self, event: Event) -> None:
+        # "{user}@example.org" for an event without a user must not mail "-@example.org"
+        absent = sorted(f for f in _placeholders(self.to) if _values(event)[f] is None)
+        if absent:
+            raise HandlerError(f"no recipient: {event.name} has no {absent[0]} for {self.to!r}")
         recipient = _render(self.to, event)
         if not _ADDRESS.fullmatch(recipient):
             raise HandlerError(f"recipient {recipient!r} is not a single mail address")
@@ -145,7 +156,7 @@ class MailHandler(Handler):
 
 def _check_template(where: str, key: str, template: str) -> None:
     try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        names = _placeholders(template)
     except ValueError as e:
         raise ConfigError(f"{where}.{key}: {e}") from None
     unknown = names - FIELDS

@@ -61,12 +61,12 @@ def build(cfg: PythonConfig, ctx: HandlerContext, where: str, **base: Any) -> Fu
             target = load_callable(cfg.callable)
         else:
             target = load_entry_point(cfg.entry_point)  # type: ignore[arg-type]
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a plugin's sys.exit() must not end the daemon
         raise ConfigError(f"{where}.{key}: cannot load: {type(e).__name__}: {e}") from None
     if cfg.factory:
         try:
             target = target(ctx, **cfg.options)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise ConfigError(f"{where}: factory failed: {type(e).__name__}: {e}") from None
     if not callable(target):
         raise ConfigError(f"{where}.{key}: {type(target).__name__} object is not callable")
