@@ -6,12 +6,10 @@ the password, so policy cannot be probed. Wrong password and unknown user are on
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import structlog
 
-from . import policy as policy_mod
 from .events import model as events
 from .lockout import Locked
 from .peer import Peer
@@ -72,7 +70,7 @@ async def authenticate(rt: Runtime, peer: Peer, req: Auth) -> bytes:
     if result.outcome != "ok":
         return failed(result.outcome)
 
-    groups = await asyncio.to_thread(policy_mod.user_groups, req.user)
+    groups = result.groups
     if not policy.permits(service, req.user, groups):
         return failed(NOT_AUTHORIZED)
 

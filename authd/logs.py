@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
+import msgspec
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -26,28 +27,29 @@ class _Stream:
     def __init__(self) -> None:
         self.path: str | None = None
         self.std = False
-        self.file: TextIO = sys.stderr
+        self.file: BinaryIO = sys.stderr.buffer
 
     def open(self, path: str | None, *, std: bool = False) -> None:
         old = self.file
         self.path, self.std = path, std
         if path is None:
-            self.file = sys.stderr
+            self.file = sys.stderr.buffer
         elif std:
             redirect_std(path)
-            self.file = sys.stderr
+            self.file = sys.stderr.buffer
         else:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self.file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
-        if old not in (sys.stderr, self.file):
+            self.file = os.fdopen(fd, "ab")
+        if old not in (sys.stderr.buffer, self.file):
             old.close()
 
     def reopen(self) -> None:
         if self.path is not None:
             self.open(self.path, std=self.std)
 
-    def write(self, text: str) -> int:
-        return self.file.write(text)
+    def write(self, data: str | bytes) -> int:
+        """Bytes from the JSON renderer, text from the console one; one flush per line."""
+        return self.file.write(data.encode("utf-8", "replace") if isinstance(data, str) else data)
 
     def flush(self) -> None:
         self.file.flush()
@@ -79,14 +81,24 @@ def configure(*, level: str = "info", fmt: str = "auto", path: str | None = None
     if json_out:
         processors += [
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
-            structlog.processors.JSONRenderer(),
+            _render_json,
         ]
+        factory: Any = structlog.BytesLoggerFactory(stream)
     else:
         processors.append(structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback))
+        factory = structlog.PrintLoggerFactory(stream)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+
+
+_json = msgspec.json.Encoder(enc_hook=str)
+
+
+def _render_json(logger: Any, name: str, event_dict: dict[str, Any]) -> bytes:
+    """structlog's JSONRenderer, with msgspec: a log line is on every request's path."""
+    return _json.encode(event_dict)
 

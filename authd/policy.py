@@ -149,18 +149,3 @@ def pam_dirs() -> list[Path]:
 
 def pam_service_exists(name: str) -> bool:
     return "/" not in name and any((d / name).is_file() for d in pam_dirs())
-
-
-def user_groups(user: str) -> tuple[str, ...]:
-    """Group names of a user from NSS (blocking: call it off the event loop)."""
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        return ()
-    names = []
-    for gid in os.getgrouplist(user, entry.pw_gid):
-        try:
-            names.append(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            names.append(str(gid))
-    return tuple(sorted(set(names)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -126,6 +127,8 @@ class Exemptions:
         return key in self._users
 
     def rhost(self, key: str) -> bool:
+        if not (self._networks or self._hosts):
+            return False
         try:
             address = ipaddress.ip_address(key)
         except ValueError:
@@ -138,6 +141,7 @@ def user_key(user: str) -> str:
     return user.casefold()
 
 
+@functools.lru_cache(maxsize=4096)
 def rhost_key(rhost: str | None) -> str | None:
     """Canonical address text (IPv4-mapped IPv6 unwrapped), or a lower-case host name."""
     if not rhost:

@@ -88,7 +88,8 @@ class _Key:
         return any(seen == fingerprint for _, seen in self.failures)
 
     def slots(self) -> int:
-        return sum(self.in_flight.values())
+        """Distinct guesses in PAM: each may still add one failure."""
+        return len(self.in_flight)
 
     def release(self, fingerprint: bytes) -> None:
         left = self.in_flight.pop(fingerprint) - 1
@@ -193,7 +194,10 @@ class Lockout:
                 key.prune(now - limit.interval)
                 if key.counted(fingerprint):
                     continue
-                if fingerprint in key.in_flight or len(key.failures) + key.slots() >= limit.max_failures:
+                if fingerprint in key.in_flight:  # the same guess shares its slot: it can count only once
+                    reserve.append(key)
+                    continue
+                if len(key.failures) + key.slots() >= limit.max_failures:
                     blocked = key, limit
                     break
                 reserve.append(key)

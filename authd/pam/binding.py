@@ -80,6 +80,7 @@ class PamResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     stage: Stage
     fail_delay: float = 0.0
     detail: str = ""
+    groups: tuple[str, ...] = ()  # the user's groups, filled in by the worker on success
 
     @property
     def ok(self) -> bool:

@@ -10,7 +10,6 @@ says "ready". EOF on the socket means "exit". Imports stay minimal so a worker s
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import socket
 import struct
@@ -18,6 +17,7 @@ import sys
 
 import msgspec
 
+from authd.groups import user_groups
 from authd.pam import binding
 from authd.pam.binding import PamResult
 
@@ -65,9 +65,10 @@ def _read_frame(stream) -> bytes | None:  # type: ignore[no-untyped-def]
 
 def _run(request: Request) -> PamResult:
     try:
-        return binding.authenticate(
+        result = binding.authenticate(
             request.service, request.user, request.password, request.rhost, request.ruser
         )
+        return msgspec.structs.replace(result, groups=user_groups(request.user)) if result.ok else result
     except Exception as exc:  # str(exc) might echo an argument: report the type only
         detail = type(exc).__name__
         return PamResult(outcome="unavailable", pam_code=-1, stage="worker", detail=detail)

@@ -158,3 +158,17 @@ async def test_raising_the_limit_on_reload_releases_waiters(db_path: Path) -> No
     assert isinstance(await waiter, Attempt)
     assert isinstance(first, Attempt)
     lockout.close()
+
+
+@run
+async def test_concurrent_logins_with_the_same_password_run_together(db_path: Path) -> None:
+    """A service account logging in from many connections at once is not serialised: the same
+    guess shares one slot, since it can only ever count as one failure."""
+    lockout = Lockout(config(user={"max_failures": 2}), db_path)
+    pam = SimulatedPam()
+    results = await asyncio.gather(*(pam.attempt(lockout, "svc", None, "same-secret", ok=True) for _ in range(20)))
+    assert all(isinstance(r, Attempt) for r in results) and pam.most_inside == 20
+    wrong = await asyncio.gather(*(pam.attempt(lockout, "svc", None, "same-wrong") for _ in range(20)))
+    assert all(isinstance(r, Attempt) for r in wrong)
+    assert [(row.failures, row.locked) for row in lockout.lockouts() if row.scope == "user"] == [(1, False)]
+    lockout.close()
