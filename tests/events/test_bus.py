@@ -289,6 +289,33 @@ def test_set_handlers_swaps_and_old_handlers_finish_their_queue() -> None:
         gate.set()
 
 
+def test_a_removed_handler_gets_a_deadline_for_its_queue() -> None:
+    gate = threading.Event()
+
+    async def main() -> None:
+        bus = EventBus()
+        bus.set_handlers([Recorder("webhook", gate)])
+        await bus.start()
+        for _ in range(4):
+            bus.emit(ev())
+        await asyncio.sleep(0.05)  # the first event is in hand, three wait
+        with capture_logs() as logs:
+            bus.set_handlers([Recorder("webhook")], retire_within=0.1)
+            await eventually(lambda: bus.stats()["handlers"]["webhook"]["dropped"] == 3)
+        gate.set()
+        await eventually(lambda: bus.stats()["handlers"]["webhook"]["delivered"] == 1)
+        assert bus.stats()["handlers"]["webhook"] == {
+            "delivered": 1, "failed": 0, "dropped": 3, "timed_out": 0, "queued": 0,
+        }  # fmt: skip
+        assert [e["dropped"] for e in logs if e["event"].startswith("removed handler")] == [3]
+        assert await bus.close(5) == 0
+
+    try:
+        run(main())
+    finally:
+        gate.set()
+
+
 def test_counters_of_a_name_survive_a_reload() -> None:
     async def main() -> None:
         bus = EventBus()

@@ -2,8 +2,8 @@
 
 Real PAM (pam_wrapper + pam_matrix), the daemon's real socket and signals, and real servers on
 127.0.0.1 (an HTTP receiver, aiosmtpd). Python handlers that misbehave live in
-``tests/events/probes.py`` and are imported by the daemon itself. Every test also logs in once
-with the canary password and checks that it reached no output.
+``tests/events/probes.py`` and are imported by the daemon itself. Tests that log in with the
+canary password check that it reached no output; the last one does so with every handler at once.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from authd.client import Client, ReplyError
+from authd.events import EVENT_NAMES
 
-from ..daemon import BASE_POLICY, CANARY, Daemon, scan_for, wait_for
+from ..daemon import BASE_POLICY, CANARY, PASSWORD, Daemon, scan_for, wait_for
 from .conftest import PLUGIN_DIR, HttpReceiver, SmtpServer
 from .probes import read_records
 
 REPO = Path(__file__).resolve().parents[2]
 PROBES = "tests.events.probes"
+LOCK_AFTER_2 = "\n[lockout.user]\nmax_failures = 2\n"
 SHORT_SERVICE = '\n[[service]]\nname = "short"\npam_service = "authd-test"\nsession_ttl = 1.0\n'
 
 MakeDaemon = Callable[..., Daemon]
@@ -61,6 +63,10 @@ def names(events: list[dict[str, Any]]) -> list[str]:
     return [e["name"] for e in events]
 
 
+def handlers_failed_in_log(d: Daemon) -> list[dict[str, Any]]:
+    return [r for r in d.log_lines() if r.get("event") in ("handler failed", "handler raised", "handler timed out")]
+
+
 def assert_no_canary(d: Daemon, *texts: str | bytes) -> None:
     assert CANARY not in d.output()
     assert scan_for(CANARY, d.root) == []
@@ -72,11 +78,15 @@ def assert_no_canary(d: Daemon, *texts: str | bytes) -> None:
 
 
 def test_audit_records_the_whole_story(make_daemon: MakeDaemon) -> None:
-    d = make_daemon(SHORT_SERVICE + '\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\n').start()
+    d = make_daemon(SHORT_SERVICE + LOCK_AFTER_2 + '\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\n').start()
     audit = d.root / "audit.jsonl"
     ok = d.auth("alice", rhost="192.0.2.7")
     assert d.auth("alice", CANARY, rhost="192.0.2.7")["error"] == "auth_failed"
     assert d.call("logout", token=ok["session"]["token"])["ok"]
+    revoked = d.auth("bob")["session"]
+    assert d.call("revoke", user="bob")["revoked"] == [revoked["id"]]
+    assert [d.auth("mallory", pw)["error"] for pw in ("guess-1", "guess-2", "guess-3")] == \
+        ["auth_failed", "auth_failed", "locked_out"]
     short = d.auth("bob", service="short")["session"]
     wait_for(lambda: any(e.get("reason") == "expired" for e in audit_lines(audit)), what="the sweeper's session.closed")
 
@@ -90,7 +100,7 @@ def test_audit_records_the_whole_story(make_daemon: MakeDaemon) -> None:
     lines = audit_lines(audit)
     seen = names(lines)
     assert seen[0] == "daemon.started" and seen[-2:] == ["daemon.draining", "daemon.stopped"]
-    by_name = {e["name"]: e for e in lines if e.get("service") != "short"}
+    by_name = {e["name"]: e for e in lines if e.get("user") == "alice" or "user" not in e}
     me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
     succeeded = by_name["auth.succeeded"]
     assert succeeded.items() >= {"user": "alice", "service": "login", "rhost": "192.0.2.7",
@@ -99,12 +109,17 @@ def test_audit_records_the_whole_story(make_daemon: MakeDaemon) -> None:
     assert by_name["auth.failed"].items() >= {"user": "alice", "reason": "auth_failed", "rhost": "192.0.2.7", **me}.items()
     assert by_name["session.opened"]["session_id"] == ok["session"]["id"]
     closed = [e for e in lines if e["name"] == "session.closed"]
-    assert {(e["session_id"], e["reason"]) for e in closed} == {(ok["session"]["id"], "logout"), (short["id"], "expired")}
+    assert {(e["session_id"], e["reason"]) for e in closed} == {
+        (ok["session"]["id"], "logout"), (revoked["id"], "revoked"), (short["id"], "expired")}
+    mallory = [(e["name"], e["reason"]) for e in lines if e.get("user") == "mallory"]
+    assert mallory == [("auth.failed", "auth_failed"), ("auth.locked_out", "user locked"),
+                       ("auth.failed", "auth_failed"), ("auth.failed", "locked_out")]
     assert by_name["policy.reloaded"]["generation"] == 2
     assert "handler[0].bogus" in by_name["policy.reload_failed"]["reason"]
     assert len({e["id"] for e in lines}) == len(lines), "event ids are unique"
     assert audit.stat().st_mode & 0o777 == 0o600
-    for secret in (ok["session"]["token"], short["token"]):
+    assert set(seen) == set(EVENT_NAMES)
+    for secret in (ok["session"]["token"], revoked["token"], short["token"]):
         assert secret not in audit.read_text()
     assert_no_canary(d)
 
@@ -113,13 +128,15 @@ def test_audit_records_the_whole_story(make_daemon: MakeDaemon) -> None:
 
 
 def test_lastlog_shown_by_authctl(make_daemon: MakeDaemon) -> None:
-    d = make_daemon('\n[[handler]]\ntype = "lastlog"\nevents = ["auth.*"]\n').start()
+    d = make_daemon(LOCK_AFTER_2 + '\n[[handler]]\ntype = "lastlog"\nevents = ["auth.*"]\n').start()
     before = time.time()
     assert d.auth("alice", rhost="198.51.100.1")["ok"]
     assert d.auth("alice", rhost="192.0.2.7", open_session=False)["ok"]
     assert d.auth("alice", CANARY, rhost="198.51.100.9")["error"] == "auth_failed"
+    assert d.auth("alice", "wrong", rhost="198.51.100.9")["error"] == "auth_failed"  # locks alice
+    assert d.auth("alice", rhost="203.0.113.5")["error"] == "locked_out"
     assert d.auth("mallory", CANARY)["error"] == "auth_failed"
-    wait_counter(d, "lastlog", 4)
+    wait_counter(d, "lastlog", 7)  # with the auth.locked_out, which is not one more failure
 
     def authctl(*args: str) -> subprocess.CompletedProcess[str]:
         cmd = [*d.command()[:-1], "authd.ctl", "-s", str(d.socket), *args]
@@ -129,7 +146,7 @@ def test_lastlog_shown_by_authctl(make_daemon: MakeDaemon) -> None:
     assert shown.returncode == 0, shown.stderr
     row = json.loads(shown.stdout)["lastlog"]
     assert row.items() >= {"user": "alice", "success_count": 2, "last_service": "login", "last_rhost": "192.0.2.7",
-                           "failure_count": 1, "last_failure_rhost": "198.51.100.9"}.items()
+                           "failure_count": 3, "last_failure_rhost": "203.0.113.5"}.items()
     assert before <= row["last_success"] <= row["last_failure"] <= time.time()
     unknown = authctl("lastlog", "mallory")
     assert unknown.returncode == 1 and json.loads(unknown.stderr)["error"] == "not_found", "no row for guessed names"
@@ -216,10 +233,6 @@ def test_welcome_mail_once_per_user_across_restarts(make_daemon: MakeDaemon, smt
     assert len(mailbox) == 2, "a restart welcomes nobody twice"
     assert handlers_failed_in_log(d) == []
     assert_no_canary(d, b"".join(e.content for e in mailbox))
-
-
-def handlers_failed_in_log(d: Daemon) -> list[dict[str, Any]]:
-    return [r for r in d.log_lines() if r.get("event") in ("handler failed", "handler raised", "handler timed out")]
 
 
 # --- exec ----------------------------------------------------------------------------------
@@ -324,7 +337,7 @@ def test_broken_handlers_never_touch_replies_or_each_other(make_daemon: MakeDaem
     ).start()
     replies: list[tuple[dict[str, Any], float]] = []
     with Client(d.socket, timeout=30) as client:
-        for password in ("correct horse", CANARY, "correct horse", CANARY):
+        for password in (PASSWORD, CANARY, PASSWORD, CANARY):
             try:
                 reply = client.auth("alice", password, "login", open_session=False)
             except ReplyError as exc:
@@ -365,10 +378,10 @@ def test_queue_overflow_is_counted_and_logged(make_daemon: MakeDaemon) -> None:
         base=base,
     ).start()
     with Client(d.socket, timeout=30) as client:
-        client.auth("alice", "correct horse", "login", open_session=False)
+        client.auth("alice", PASSWORD, "login", open_session=False)
         wait_counter(d, "stuck", 1, "timed_out")  # the first event holds the handler's thread
         for _ in range(9):
-            client.auth("alice", "correct horse", "login", open_session=False)
+            client.auth("alice", PASSWORD, "login", open_session=False)
     wait_counter(d, "fast", 10)
     stuck = handlers(d)["stuck"]
     assert stuck == {"delivered": 0, "failed": 0, "dropped": 7, "timed_out": 1, "queued": 2}
@@ -387,7 +400,7 @@ def test_drain_delivers_queued_events(make_daemon: MakeDaemon) -> None:
     d = make_daemon(recorder("slowish", "drain.jsonl", delay=0.2)).start()
     with Client(d.socket, timeout=30) as client:
         for _ in range(12):
-            client.auth("alice", "correct horse", "login", open_session=False)
+            client.auth("alice", PASSWORD, "login", open_session=False)
     term = time.time()
     assert d.stop() == 0
     records = read_records(d.state / "drain.jsonl")
@@ -404,7 +417,7 @@ def test_hup_adds_and_removes_handlers(make_daemon: MakeDaemon) -> None:
     d = make_daemon(audit + recorder("leaving", "leaving.jsonl", '["auth.*"]', delay=0.5)).start()
     with Client(d.socket, timeout=30) as client:
         for _ in range(6):
-            client.auth("alice", "correct horse", "login", open_session=False)
+            client.auth("alice", PASSWORD, "login", open_session=False)
     d.write_policy(d.policy.split("\n[[handler]]")[0] + audit + recorder("added", "added.jsonl"))
     hup = time.time()
     d.kill(signal.SIGHUP)
@@ -424,6 +437,65 @@ def test_hup_adds_and_removes_handlers(make_daemon: MakeDaemon) -> None:
     assert names(audit_lines(d.root / "audit.jsonl")).count("auth.succeeded") == 7, "kept across the swap"
 
 
+def test_a_removed_handler_has_the_drain_timeout_to_finish(make_daemon: MakeDaemon) -> None:
+    base = BASE_POLICY.replace("drain_timeout = 10.0", "drain_timeout = 1.0")
+    d = make_daemon(recorder("leaving", "leaving.jsonl", '["auth.*"]', delay=0.5), base=base).start()
+    with Client(d.socket, timeout=30) as client:
+        for _ in range(10):
+            client.auth("alice", PASSWORD, "login", open_session=False)
+    d.write_policy(d.policy.split("\n[[handler]]")[0])
+    d.kill(signal.SIGHUP)
+    wait_for(lambda: (d.state / "leaving.jsonl.closed").exists(), what="the removed handler to close")
+    delivered = len(read_records(d.state / "leaving.jsonl"))
+    (dropped,) = d.log_lines("removed handler missed its deadline; queued events dropped")
+    assert dropped["handler"] == "leaving" and delivered + dropped["dropped"] == 10 and delivered < 10
+    assert d.call("status")["events"]["totals"]["dropped"] == dropped["dropped"]
+    assert d.stop() == 0
+
+
+def test_hup_reopens_audit_and_refuses_a_broken_handler(make_daemon: MakeDaemon) -> None:
+    d = make_daemon('\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\n').start()
+    audit = d.root / "audit.jsonl"
+    good = d.policy
+    assert d.auth("alice", open_session=False)["ok"]
+    wait_for(lambda: len(audit_lines(audit)) == 2, what="two audit lines")
+
+    audit.rename(d.root / "audit.jsonl.1")  # logrotate's `create`, then a reload that fails
+    d.write_policy(good + f'\n[[handler]]\ntype = "python"\ncallable = "{PROBES}:no_such_function"\n')
+    d.kill(signal.SIGHUP)
+    error = wait_for(lambda: d.call("status")["last_reload_error"], what="the refused reload")
+    assert "handler[1].callable: cannot load" in error and str(d.config) in error
+    d.write_policy(good + '\n[[handler]]\ntype = "python"\ncallable = "tests.events.exits_on_import:handle"\n')
+    d.kill(signal.SIGHUP)
+    wait_for(lambda: "SystemExit" in (d.call("status")["last_reload_error"] or ""), what="a plugin's sys.exit() refused")
+    assert d.auth("bob", open_session=False)["ok"]
+    wait_for(lambda: len(audit_lines(audit)) == 3, what="the reopened file")
+    assert [(e["name"], e.get("user")) for e in audit_lines(audit)] == [
+        ("policy.reload_failed", None), ("policy.reload_failed", None), ("auth.succeeded", "bob")]
+    assert set(handlers(d)) == {"audit"} and d.call("status")["generation"] == 1, "the old handlers stay"
+
+    audit.rename(d.root / "audit.jsonl.2")  # and a reload that succeeds
+    d.write_policy(good)
+    d.kill(signal.SIGHUP)
+    wait_for(lambda: d.call("status")["generation"] == 2, what="generation 2")
+    assert d.auth("alice", open_session=False)["ok"]
+    assert d.stop() == 0
+    assert names(audit_lines(d.root / "audit.jsonl.1")) == ["daemon.started", "auth.succeeded"]
+    assert names(audit_lines(d.root / "audit.jsonl.2")) == ["policy.reload_failed", "policy.reload_failed", "auth.succeeded"]
+    assert names(audit_lines(audit)) == ["policy.reloaded", "auth.succeeded", "daemon.draining", "daemon.stopped"]
+
+
+def test_hup_applies_a_new_handler_timeout(make_daemon: MakeDaemon) -> None:
+    hang = f'\n[[handler]]\ntype = "python"\nname = "hangs"\ncallable = "{PROBES}:hangs_async"\nevents = ["auth.*"]\n'
+    base = BASE_POLICY.replace("sweep_interval", "handler_timeout = 30.0\nsweep_interval")
+    d = make_daemon(hang, base=base).start()
+    d.write_policy(d.policy.replace("handler_timeout = 30.0", "handler_timeout = 0.5"))
+    assert d.call("reload")["restart_required"] == []
+    assert d.auth("alice", open_session=False)["ok"]
+    wait_counter(d, "hangs", 1, "timed_out")
+    assert d.log_lines("handler timed out")[-1]["timeout"] == 0.5
+
+
 # --- the canary, with every handler at once ----------------------------------------------------
 
 
@@ -432,7 +504,7 @@ def test_canary_in_no_handler_output(make_daemon: MakeDaemon, http_receiver: Htt
         '\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\n'
         '\n[[handler]]\ntype = "lastlog"\n'
         f'\n[[handler]]\ntype = "webhook"\nurl = "{http_receiver.url}"\nsecret = "k"\nbackoff = 0.05\n'
-        + WELCOME.format(port=smtp_server.port).replace('events = ["auth.succeeded"]\n', "").replace('mode = "welcome"', 'mode = "every"')
+        + WELCOME.format(port=smtp_server.port).replace("auth.succeeded", "auth.*", 1).replace('"welcome"', '"every"')
         + '\n[[handler]]\ntype = "exec"\ncommand = ["./hook.sh"]\nenv = { OUT = "exec-out" }\n'
         + PLUGIN.format(entry_point="recorder"),
         env=plugin_env(),
@@ -451,8 +523,8 @@ def test_canary_in_no_handler_output(make_daemon: MakeDaemon, http_receiver: Htt
     assert len(audit_lines(d.root / "audit.jsonl")) == events
     assert len(list((d.root / "exec-out").glob("*.json"))) == events
     assert len({r.headers["X-Authd-Delivery"] for r in http_receiver.requests}) == events
-    assert len(smtp_server.mailbox.envelopes) == events
-    assert handlers_failed_in_log(d) == [] or all(r.get("handler") == "webhook" for r in handlers_failed_in_log(d))
+    assert len(smtp_server.mailbox.envelopes) == 4, "every auth.* event"
+    assert {r.get("handler") for r in handlers_failed_in_log(d)} <= {"webhook"}, "only the two 500s"
     assert_no_canary(
         d,
         b"".join(r.body + repr(r.headers).encode() for r in http_receiver.requests),

@@ -30,7 +30,10 @@ def test_lastlog_rows_and_lookup(ctx: HandlerContext) -> None:
             login_event(SESSION_OPENED, alice, rhost="192.0.2.1", session_id="s"),
             login_event(AUTH_FAILED, alice, rhost="198.51.100.9", reason="auth_failed"),
             login_event(AUTH_SUCCEEDED, {**alice, "service": "smtp"}, rhost="192.0.2.2"),
-            login_event(AUTH_LOCKED_OUT, alice, rhost="198.51.100.9"),
+            login_event(AUTH_FAILED, alice, rhost="198.51.100.9", reason="auth_failed"),
+            # the daemon announces the lock this failure imposed: not a further failure
+            login_event(AUTH_LOCKED_OUT, alice, rhost="198.51.100.9", reason="user locked"),
+            login_event(AUTH_FAILED, alice, rhost="203.0.113.5", reason="locked_out"),
             login_event(AUTH_FAILED, {"user": "mallory", "password": CANARY, "service": "imap"}),
         ]
         for event in events:
@@ -46,9 +49,9 @@ def test_lastlog_rows_and_lookup(ctx: HandlerContext) -> None:
         "last_service": "smtp",
         "last_rhost": "192.0.2.2",
         "success_count": 2,
-        "last_failure": events[4].time,
-        "last_failure_rhost": "198.51.100.9",
-        "failure_count": 2,
+        "last_failure": events[6].time,
+        "last_failure_rhost": "203.0.113.5",
+        "failure_count": 3,
     }
     assert lastlog_lookup(ctx.state_dir, "mallory") is None  # guessed names leave no rows
     db = sqlite3.connect(ctx.state_dir / "lastlog.sqlite3")

@@ -113,6 +113,15 @@ def test_a_recipient_that_is_not_one_address_is_refused(ctx: HandlerContext, smt
     assert stats["welcome"]["failed"] == 1 and smtp_server.mailbox.envelopes == []
 
 
+def test_a_recipient_from_a_field_the_event_lacks_is_refused(
+    ctx: HandlerContext, smtp_server: SmtpServer
+) -> None:
+    every = welcome_toml(smtp_server).replace('events = ["auth.succeeded"]', 'mode = "every"')
+    stats = deliver(ctx, every, [Event.create("daemon.started", generation=1), login("alice")])
+    assert stats["welcome"]["failed"] == 1 and stats["welcome"]["delivered"] == 1
+    assert [e.rcpt_tos for e in smtp_server.mailbox.envelopes] == [["alice@example.org"]]
+
+
 def test_starttls_with_auth_and_implicit_tls(ctx: HandlerContext, tls_cert: Cert) -> None:
     logins: list[tuple[bytes, bytes]] = []
 
