@@ -14,6 +14,7 @@ import structlog
 from . import __version__, logs, policy as policy_mod, systemd
 from .errors import AuthdError, ConfigError
 from .events import model as events
+from .hardening import no_core_dumps
 from .lifecycle import Lifecycle
 from .runtime import Runtime, prepare_state_dir
 from .server import Server
@@ -64,8 +65,14 @@ def serve(path: Path, ready: Ready | None = None, daemon_log: Path | None = None
         return 1
     daemon = policy.daemon
     log_file = policy.path(daemon.log_file) if daemon.log_file else daemon_log
-    logs.configure(level=daemon.log_level, fmt=daemon.log_format, path=str(log_file) if log_file else None,
-                   std=daemon_log is not None)
+    try:
+        logs.configure(level=daemon.log_level, fmt=daemon.log_format, path=str(log_file) if log_file else None,
+                       std=daemon_log is not None)
+    except OSError as exc:
+        message = f"daemon.log_file: cannot open {log_file}: {exc.strerror}"
+        print(f"authd: {message}", file=sys.stderr)
+        ready(message)
+        return 1
     try:
         return asyncio.run(_run(policy, ready))
     except AuthdError as exc:
@@ -76,6 +83,7 @@ def serve(path: Path, ready: Ready | None = None, daemon_log: Path | None = None
 
 
 async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
+    no_core_dumps()
     rt = Runtime(policy)
     server = Server(rt)
     lifecycle = Lifecycle(rt, server)

@@ -77,7 +77,7 @@ class Lifecycle:
             if DUMP in intents:
                 await self.dump()
             if STATUS in intents:
-                log.info("status", **self.rt.status(), connections=self.server.stats())
+                log.info("status", **self.rt.status())
 
     def _set_ready(self) -> None:
         self.rt.state = READY

@@ -152,14 +152,14 @@ def decode_line(line: bytes) -> Request | ProtocolError:
         return _request_decoder().decode(line)
     except msgspec.ValidationError as exc:
         return ProtocolError(_salvage_id(line), BAD_REQUEST, _describe(exc))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # not UTF-8; nested too deep
         return ProtocolError(_salvage_id(line), BAD_REQUEST, "malformed JSON")
 
 
 def _salvage_id(line: bytes) -> RequestId:
     try:
         request_id = _id_decoder.decode(line).id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
         return None
     if isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
         return None

@@ -10,6 +10,7 @@ import asyncio
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -49,6 +50,7 @@ class Runtime:
         self.draining = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.lifecycle: Lifecycle | None = None  # set by Lifecycle; ops use it for `reload`
+        self.connection_stats: Callable[[], dict[str, int]] = dict  # set by the Server
 
     async def start(self) -> None:
         self.sessions.open()
@@ -79,13 +81,16 @@ class Runtime:
             old = self.policy
             try:
                 new = await asyncio.to_thread(policy_mod.load, old.source, old.generation + 1)
-            except ConfigError as exc:
+            except Exception as exc:
+                if not isinstance(exc, ConfigError):  # a bug must cost the reload, never the daemon
+                    log.exception("reload crashed; previous policy kept")
+                    exc = ConfigError(f"{old.source}: reload failed unexpectedly ({exc.__class__.__name__}); see the log")
                 self.bus.reopen()  # the old handlers stay; SIGHUP still means "reopen your files"
                 self.reload_error = str(exc)
                 self.counters["reloads_failed"] += 1
                 log.error("reload failed; previous policy kept", error=str(exc), generation=old.generation)
                 self.emit(events.POLICY_RELOAD_FAILED, reason=str(exc), generation=old.generation)
-                raise
+                raise exc from None
             ignored = policy_mod.restart_only_changes(self.boot_policy, new)
             self.policy = new
             self.lockout.configure(new.config.lockout)
@@ -114,6 +119,7 @@ class Runtime:
             "last_reload_error": self.reload_error,
             "restart_required": self.restart_required,
             "counters": dict(sorted(self.counters.items())),
+            "connections": self.connection_stats(),
             "sessions": len(self.sessions),
             "session_store_error": self.sessions.persist_error,
             "pam": self.pam.stats(),

@@ -28,6 +28,7 @@ from .runtime import Runtime
 
 log = structlog.get_logger("authd.server")
 
+ACCEPT_BATCH = 4  # accepted per loop turn: a flood waits in the kernel queue, not in front of replies
 DRAIN_GRACE = 0.2  # requests already in the kernel's buffer when draining starts are still served
 FD_HEADROOM = 256  # descriptors beyond the connections: listeners, PAM workers, SQLite, logs
 REFUSE_LINGER = 0.5  # a refused client gets this long to send its request and read `busy`
@@ -37,6 +38,7 @@ LOG_INTERVAL = 10.0  # what a client can repeat at will (a flood) is logged once
 class Server:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        rt.connection_stats = self.stats
         self.connections: set[Connection] = set()
         self.open = 0  # descriptors held: live connections and closed ones still flushing replies
         self.per_uid: Counter[int] = Counter()
@@ -50,7 +52,8 @@ class Server:
         """Serve on a socket systemd passed in, or bind our own at the policy's path."""
         sock = inherited if inherited is not None else self._bind(self.rt.policy.socket_path)
         _raise_fd_limit(self.rt.policy.daemon.limits)
-        server = await asyncio.start_unix_server(self._accept, sock=sock, limit=64 * 1024)
+        server = await asyncio.start_unix_server(self._accept, sock=sock, limit=64 * 1024, backlog=ACCEPT_BATCH)
+        sock.listen(socket.SOMAXCONN)  # asyncio's `backlog` is also its accept batch; keep the kernel queue deep
         self._servers.append(server)
         log.info("listening", socket=sock.getsockname(), inherited=inherited is not None)
 

@@ -196,8 +196,9 @@ class SessionStore:
         now = time.time()
         for row in rows:
             session = _session(row)
-            if session is not None and not session.expired(now) and session.id not in self._by_id and session.id not in self._gone:
-                self._add(session)
+            if session is None or session.expired(now) or session.id in self._by_id or session.id in self._gone:
+                continue
+            self._add(session)
 
     def _remove(self, sessions: list[Session]) -> None:
         if not sessions:
@@ -236,7 +237,8 @@ class SessionStore:
         with db:
             db.execute("BEGIN IMMEDIATE")
             db.execute("DELETE FROM sessions")
-            db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [_row(s) for s in self._by_id.values()])
+            rows = [_row(s) for s in self._by_id.values()]
+            db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:

@@ -56,3 +56,22 @@ def crash_modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("pam-modules")
     sources = Path(__file__).parent / "pam" / "modules"
     return {name: compile_pam_module(sources / f"{name}.c", out) for name in ("segv", "hang", "exit")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def canary_written_nowhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """When the whole run is over, no file it produced may hold the canary password.
+
+    That is every daemon's log and state dir, audit logs, dumps and handler output: everything
+    under the session's temp root, except PAM's own inputs (a PamEnv's service and password
+    files, where a test may register the canary as a real password). A hit fails the run as an
+    error at teardown of its last test.
+    """
+    yield
+    from .daemon import CANARY, scan_for
+
+    base = tmp_path_factory.getbasetemp()
+    pam_inputs = [passdb.parent for passdb in base.rglob("passdb") if (passdb.parent / "pam.d").is_dir()]
+    hits = [hit for hit in scan_for(CANARY, base) if not any(Path(hit).is_relative_to(root) for root in pam_inputs)]
+    if hits:
+        pytest.fail(f"the canary password was written to {len(hits)} file(s): {hits[:20]}", pytrace=False)

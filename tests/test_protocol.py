@@ -111,3 +111,32 @@ def test_any_bytes_give_requests_or_clean_errors(data: bytes, chunk: int) -> Non
 def test_any_json_object_gives_request_or_clean_error(obj: dict[str, object]) -> None:
     (item,) = feed_all(json.dumps(obj).encode() + b"\n", max_line=4096, chunk=4096)
     assert isinstance(item, (p.Request, p.ProtocolError))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=1, max_value=60), st.binary(min_size=1, max_size=8))
+def test_invalid_utf8_inside_a_string_is_a_clean_error(where: int, junk: bytes) -> None:
+    line = b'{"id":1,"op":"auth","user":"' + b"u" * where + junk + b'","password":"p","service":"s"}\n'
+    for item in feed_all(line, max_line=4096, chunk=4096):
+        assert isinstance(item, (p.Request, p.ProtocolError))
+
+
+@pytest.mark.parametrize("depth", [1_000, 30_000])
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+def test_deep_nesting_is_a_clean_error(depth: int, opener: bytes) -> None:
+    closer = b"]" if opener == b"[" else b"}"
+    for wrapped in (opener * depth + b"1" + closer * depth, b'{"id":1,"op":"hello","x":' + opener * depth + b"1" + closer * depth + b"}"):
+        (item,) = feed_all(wrapped + b"\n", max_line=1 << 20, chunk=1 << 20)
+        assert isinstance(item, p.ProtocolError) and item.error == p.BAD_REQUEST
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([
+    b'{"id":1,"op":"hello"}', b"", b" ", b"\r", b"{", b"}", b'"', b"\\", b"\x00", b"\xff", b"\xc3\xa9", b"x" * 300,
+    b'{"id":"a","op":"auth","user":"u","password":"p","service":"s"}', b'"id":', b"[", b"]", b",",
+]), max_size=40), st.integers(min_value=1, max_value=97))
+def test_structured_junk_gives_one_item_per_line(parts: list[bytes], chunk: int) -> None:
+    data = b"\n".join(parts) + b"\n"
+    out = feed_all(data, max_line=256, chunk=chunk)
+    lines = data.split(b"\n")[:-1]
+    assert len(out) == sum(1 for line in lines if len(line) > 256 or line.strip())

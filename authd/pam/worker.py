@@ -18,6 +18,7 @@ import sys
 import msgspec
 
 from authd.groups import user_groups
+from authd.hardening import no_core_dumps
 from authd.pam import binding
 from authd.pam.binding import PamResult
 
@@ -94,6 +95,7 @@ def main(argv: list[str]) -> int:
     for signum in IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     _die_with_parent()
+    no_core_dumps()
     if len(argv) != 2 or not argv[1].isdigit():
         print("usage: python -m authd.pam.worker FD", file=sys.stderr)
         return 2

@@ -1,0 +1,125 @@
+"""Shared pieces of the abuse tests: policies with tight limits, a well-behaved client, probes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from authd.client import Client, ClientError, ReplyError
+
+from ..daemon import BASE_POLICY, PASSWORD, Daemon, wait_for
+
+
+def with_limits(**limits: object) -> str:
+    """The base policy with a `[daemon.limits]` table."""
+    table = "".join(f"{key} = {value}\n" for key, value in limits.items())
+    return BASE_POLICY.replace("[clients]", f"[daemon.limits]\n{table}\n[clients]")
+
+
+def lockout_table(**table: str) -> str:
+    """A `[lockout]` table (values as TOML text), for `make_daemon(extra=...)`."""
+    return "\n[lockout]\n" + "".join(f"{key} = {value}\n" for key, value in table.items())
+
+
+def ctl(daemon: Daemon, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The real `authctl` (python -m authd.ctl) against the daemon's socket."""
+    command = [*daemon.command()[:-1], "authd.ctl", "-s", str(daemon.socket), *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, env=daemon.env(), timeout=60)
+
+
+def ctl_as_nobody(daemon: Daemon, *args: str) -> tuple[int, str]:
+    """authctl's code in a forked child running as uid/gid nobody (who cannot exec root's python)."""
+    with tempfile.TemporaryFile() as out:
+        pid = os.fork()
+        if pid == 0:
+            code = 2
+            try:
+                sys.stdout = sys.stderr = open(out.fileno(), "w", closefd=False)  # past pytest's capture
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                from authd import ctl as authctl
+
+                code = authctl.main(["-s", str(daemon.socket), *args])
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        return os.waitstatus_to_exitcode(status), out.read().decode()
+
+
+def counters(daemon: Daemon) -> dict[str, int]:
+    return daemon.call("status")["counters"]
+
+
+def pam_calls(daemon: Daemon) -> int:
+    return daemon.call("status")["pam"]["calls"]
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class WellBehaved:
+    """A normal client on its own persistent connection, logging in over and over in a thread.
+
+    Used beside an attack to show that the daemon kept serving everyone else.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.replies: list[dict[str, Any]] = []
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WellBehaved:
+        self._thread.start()
+        wait_for(lambda: len(self.replies) >= 3 or self.errors, 20, what="the normal client to get going")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        with Client(self.daemon.socket, timeout=30) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    self.replies.append(client.auth("alice", PASSWORD, "login", open_session=False))
+                except ReplyError as exc:
+                    self.replies.append(exc.reply)
+                except (ClientError, OSError) as exc:
+                    self.errors.append(str(exc))
+                    return
+                self.latencies.append(time.monotonic() - started)
+                time.sleep(0.01)
+
+    def served_during(self, action: Any) -> Any:
+        """Run `action()` and check that this client got fresh good answers meanwhile."""
+        before = len(self.replies)
+        result = action()
+        wait_for(lambda: len(self.replies) >= before + 3 or self.errors, 20, what="answers during the attack")
+        self.check()
+        return result
+
+    def check(self) -> None:
+        assert self.errors == [], self.errors
+        assert self.replies and all(r.get("ok") for r in self.replies), [r for r in self.replies if not r.get("ok")][:3]
