@@ -12,11 +12,10 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
-from .sessions import Session
+from .sessions import PublicSession, Session
 
 PREFIX = "sessions-"
 _CHUNK = 2000
@@ -38,7 +37,7 @@ def _write(sessions: list[Session], state_dir: Path, keep: int, pid: int) -> tup
         with os.fdopen(fd, "wb") as out:
             out.write(b'{"generated_at":%s,"pid":%d,"count":%d,"sessions":[' % (encoder.encode(now), pid, len(sessions)))
             for start in range(0, len(sessions), _CHUNK):
-                rows: list[dict[str, Any]] = []
+                rows: list[PublicSession] = []
                 for session in sessions[start : start + _CHUNK]:
                     by_service[session.service] += 1
                     rows.append(session.public())

@@ -36,7 +36,6 @@ from .daemon import (
     read_replies,
     wait_for,
 )
-from .test_protocol import codec_defect
 
 SEED = int(os.environ.get("AUTHD_FUZZ_SEED", "20261126"))
 INPUTS = 3000
@@ -46,7 +45,6 @@ def fuzz_daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
     return make_daemon(POLICY_EXTRA, base=BASE_POLICY.replace("[clients]", LIMITS + "[clients]")).start()
 
 
-@codec_defect
 def test_mutated_requests_get_replies_and_the_daemon_stays_healthy(make_daemon: Callable[..., Daemon]) -> None:
     d = fuzz_daemon(make_daemon)
     fuzzer = Fuzzer(d.socket, Mutator(SEED, corpus(PASSWORD, CANARY)),
@@ -61,7 +59,6 @@ def test_mutated_requests_get_replies_and_the_daemon_stays_healthy(make_daemon: 
     assert CANARY not in d.output()
 
 
-@codec_defect
 def test_undecodable_lines_are_answered_and_the_connection_keeps_serving(daemon: Daemon) -> None:
     sock = raw_connect(daemon.socket)
     lines = [b'{"id":"\xff\xfe","op":"hello"}', b'{"id":1,"op":"auth","user":"\xc0\xaf","password":"p","service":"s"}',
