@@ -35,7 +35,7 @@ async def authenticate(rt: Runtime, peer: Peer, req: Auth) -> bytes:
     started = time.monotonic()
     who = {"user": req.user, "service": req.service, "rhost": req.rhost, "pid": peer.pid, "uid": peer.uid, "gid": peer.gid}
 
-    def failed(code: str, delay: float = 0.0, **extra: object) -> bytes:
+    def failed(code: str, **extra: object) -> bytes:
         latency = time.monotonic() - started
         rt.counters[f"auth:{code}"] += 1
         log.warning("auth failed", user=req.user, service=req.service, rhost=req.rhost or "-", error=code)

@@ -27,50 +27,33 @@ import asyncio
 import json
 import os
 import resource
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from authd.client import AsyncClient, Client, ClientError, ReplyError
+from authd.client import AsyncClient, Client, ReplyError
 
-from .bench_auth import NOISY, CpuMeter, cpu_note, ms, percentile
+from .harness import (
+    NOISY,
+    AuthdProcess,
+    CpuMeter,
+    cpu_note,
+    ms,
+    percentile,
+    policy,
+    scratch_dir,
+)
 from .pamstack import REPO, PamStack
 
 SERVICE = "bench"
 USER, PASSWORD = "bench1", "bench-pass-1"
 HELLO = b'{"id":1,"op":"hello"}\n'
 GRACE = 30.0
-
-POLICY = """\
-[daemon]
-socket = "{socket}"
-socket_mode = 0o600
-state_dir = "state"
-workers = {workers}
-log_level = "warning"
-
-[daemon.limits]
-max_connections = {max_connections}
-max_connections_per_uid = {max_connections}
-idle_timeout = 600.0
-
-[clients]
-users = ["*"]
-admin_users = ["root"]
-
-[[service]]
-name = "{service}"
-pam_service = "{pam_service}"
-failure_delay = 0.0
-"""
 
 
 @dataclass
@@ -84,56 +67,15 @@ class Phase:
     note: str = ""
 
 
-class Authd:
+class Authd(AuthdProcess):
     """The real daemon as a subprocess over the benchmark's PAM stack; a context manager."""
 
     def __init__(self, root: Path, stack: PamStack, workers: int, max_connections: int) -> None:
-        self.root = root
-        self.socket = root / "authd.sock"
-        self.log = root / "authd.log"
-        self.config = root / "authd.toml"
-        self.stack = stack
-        self.config.write_text(POLICY.format(socket=self.socket, workers=workers, max_connections=max_connections,
-                                             service=SERVICE, pam_service=stack.service))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Authd:
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "authd", "serve", "-c", str(self.config)],
-                                         env=self.stack.subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + GRACE
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"authd exited with {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
-            try:
-                with Client(self.socket, timeout=2) as client:
-                    client.hello()
-                return self
-            except (ClientError, OSError):
-                time.sleep(0.1)
-        self.__exit__()
-        raise RuntimeError(f"authd did not serve within {GRACE:.0f} s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def rss(self) -> int:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def fds(self) -> int:
-        assert self.proc is not None
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        super().__init__(root, stack.subprocess_env(), grace=GRACE)
+        limits = (f"\n[daemon.limits]\nmax_connections = {max_connections}\n"
+                  f"max_connections_per_uid = {max_connections}\nidle_timeout = 600.0\n")
+        self.config.write_text(policy(socket=self.socket, workers=workers, service=SERVICE,
+                                      pam_service=stack.service, log_level="warning", daemon=limits))
 
     def counters(self) -> dict[str, int]:
         with Client(self.socket, timeout=30) as client:
@@ -300,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lift_fd_limit(args.idle + 256)
 
-    root = Path(tempfile.mkdtemp(prefix="authd-bench-abuse-", dir="/tmp"))
-    try:
+    with scratch_dir("authd-bench-abuse-", keep=args.keep) as root:
         stack = PamStack.create(root / "pam", {USER: PASSWORD}, kind=args.stack)
         max_connections = args.idle + 100  # the flood goes past it
         print(f"authd abuse benchmark: {stack.description}; {args.workers} workers; {args.seconds:g} s per phase; "
@@ -316,11 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                 for sock in held:
                     sock.close()
         report(phases, args.idle)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -25,19 +25,25 @@ import argparse
 import asyncio
 import os
 import resource
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
-from authd.client import AsyncClient, Client, ClientError, ReplyError
+from authd.client import AsyncClient, ReplyError
 
+from .harness import (
+    NOISY,
+    AuthdProcess,
+    CpuMeter,
+    cpu_note,
+    ms,
+    percentile,
+    policy,
+    report_errors,
+    scratch_dir,
+)
 from .pamstack import PamStack, raw_loop
 
 INTRUDER = "intruder"
@@ -46,28 +52,6 @@ WRONG_CLIENTS = 10
 SERVICE = "bench"
 GRACE = 30.0  # how long past its window a phase may take to wind down before it is cut off
 STAGGER = 2.0  # wrong-password clients start spread over one failure delay
-NOISY = 0.15  # cores used by other processes during a phase above which figures are suspect
-
-POLICY = """\
-[daemon]
-socket = "{socket}"
-socket_mode = 0o600
-state_dir = "state"
-workers = {workers}
-log_level = "info"
-
-[clients]
-users = ["*"]
-admin_users = ["root"]
-
-[[service]]
-name = "{service}"
-pam_service = "{pam_service}"
-failure_delay = 0.0
-
-[lockout]
-exempt_users = ["{intruder}"]
-"""
 
 
 def good_users(count: int) -> dict[str, str]:
@@ -77,64 +61,6 @@ def good_users(count: int) -> dict[str, str]:
 def rhost(client: int) -> str:
     """A distinct remote host per client (TEST-NET-1: only ever a string handed to PAM)."""
     return f"192.0.2.{client % 254 + 1}"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
-class CpuMeter:
-    """Core-seconds the whole box was busy, and how many of them went to our process tree.
-
-    Ours is this process plus every live descendant (daemon, PAM workers, raw-loop children),
-    with reaped children counted through their parent's cutime/cstime.
-    """
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.started = self._snapshot()
-
-    def _snapshot(self) -> tuple[float, float, float]:
-        with open("/proc/stat") as f:
-            cpu = [int(x) for x in f.readline().split()[1:]]
-        busy = sum(cpu[:3]) + sum(cpu[5:8])  # user nice system, irq softirq steal
-        parents: dict[int, int] = {}
-        times: dict[int, int] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid = int(entry.name)
-            parents[pid] = int(fields[1])
-            times[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        me = os.getpid()
-        ours = 0
-        for pid, total in times.items():
-            ancestor = pid
-            while ancestor not in (me, 0, 1) and ancestor in parents:
-                ancestor = parents[ancestor]
-            if ancestor == me:
-                ours += total
-        return time.monotonic(), busy / self.tick, ours / self.tick
-
-    def restart(self) -> None:
-        self.started = self._snapshot()
-
-    def cores(self) -> tuple[float, float]:
-        """(our cores, other processes' cores) averaged since the start."""
-        now = self._snapshot()
-        wall = max(1e-9, now[0] - self.started[0])
-        ours = (now[2] - self.started[2]) / wall
-        busy = (now[1] - self.started[1]) / wall
-        return ours, max(0.0, busy - ours)
 
 
 @dataclass
@@ -157,56 +83,14 @@ class LoadResult:
         return cpu / max(1, len(self.latencies) + len(self.wrong_waits))
 
 
-class Authd:
-    """The real daemon as a subprocess with the stack's environment; a context manager."""
+class Authd(AuthdProcess):
+    """The real daemon with the stack's environment and W workers; a context manager."""
 
     def __init__(self, root: Path, stack: PamStack, workers: int) -> None:
-        self.socket = root / "authd.sock"
-        self.config = root / "authd.toml"
-        self.log = root / "authd.log"
-        self.stack = stack
-        self.config.write_text(POLICY.format(
-            socket=self.socket, workers=workers, service=SERVICE, pam_service=stack.service, intruder=INTRUDER,
+        super().__init__(root, stack.subprocess_env(), grace=GRACE)
+        self.config.write_text(policy(
+            socket=self.socket, workers=workers, service=SERVICE, pam_service=stack.service, exempt_users=[INTRUDER],
         ))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Self:
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "authd", "serve", "-c", str(self.config)], env=self.stack.subprocess_env(),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + GRACE
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"authd exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with Client(self.socket, timeout=2) as client:
-                    client.hello()
-                return self
-            except (ClientError, OSError):
-                time.sleep(0.1)
-        self.__exit__()
-        raise RuntimeError(f"authd did not serve within {GRACE:.0f} s:\n{self.tail()}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(GRACE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def cpu_seconds(self) -> float:
-        """User+system CPU of the daemon process itself (all threads, not its PAM workers)."""
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def _own_cpu() -> float:
@@ -286,17 +170,9 @@ async def load(
     return result
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
-
-
 def efficiency(rate: float, cores: tuple[float, float]) -> float:
     """Logins per core-second of our own processes: what neighbours on the box cannot skew."""
     return rate / max(cores[0], 1e-9)
-
-
-def cpu_note(cores: tuple[float, float]) -> str:
-    return f"cpu: ours {cores[0]:.2f} cores, others {cores[1]:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,9 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients and --workers must be >= 1, --users >= 0 and --seconds > 0")
     users = good_users(args.users or args.clients)
 
-    root = Path(tempfile.mkdtemp(prefix="authd-bench-", dir="/tmp"))  # AF_UNIX paths are short
     noisy = False
-    try:
+    with scratch_dir("authd-bench-", keep=args.keep) as root:
         stack = PamStack.create(root / "pam", {**users, INTRUDER: "intruder-pass"}, kind=args.stack)
         print(
             f"stack: {stack.description}, workers={args.workers}, clients={args.clients}"
@@ -351,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  (open_session={str(open_session).lower()}; per auth: daemon {ms(r.per_auth(r.daemon_cpu))},"
                     f" client {ms(r.per_auth(r.client_cpu))} CPU; {cpu_note(r.cores)})"
                 )
-                _report_errors(r)
+                report_errors(r.errors)
             alone = phases[False]
             hammered = asyncio.run(load(authd, users, args.clients, args.seconds, open_session=False, wrong_clients=WRONG_CLIENTS))
         noisy |= hammered.cores[1] > NOISY
@@ -366,20 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             f" {len(hammered.wrong_waits)} wrong-password replies, p50 wait {percentile(hammered.wrong_waits, 50):.2f} s;"
             f" {cpu_note(hammered.cores)})"
         )
-        _report_errors(hammered)
+        report_errors(hammered.errors)
         if noisy:
             print(f"note: other processes used more than {NOISY} cores during some phase; those figures are noisy")
-    finally:
-        if args.keep:
-            print(f"scratch directory kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
-
-
-def _report_errors(result: LoadResult) -> None:
-    for what, count in sorted(result.errors.items()):
-        print(f"  !! {count} x {what}")
 
 
 if __name__ == "__main__":

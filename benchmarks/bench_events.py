@@ -20,11 +20,9 @@ import argparse
 import asyncio
 import logging
 import statistics
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -39,6 +37,8 @@ from authd.events import (
     build_handlers,
 )
 from authd.events.config import WebhookConfig
+
+from .harness import slow_http_server
 
 
 def sample_event(i: int) -> Event:
@@ -92,21 +92,6 @@ def queued_bytes(n: int, handlers: int) -> tuple[float, float]:
     return one, measure(handlers) - one
 
 
-class SlowReceiver(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        time.sleep(1.0)
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.send_header("Connection", "close")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 async def emit_latency(n: int, url: str | None) -> tuple[float, float, dict[str, Any]]:
     """p50 and p99 of emit() in microseconds, while the loop also serves the handler."""
     bus = EventBus(queue_size=100)
@@ -150,20 +135,16 @@ async def main() -> None:
     print(f"  event + queue slot {first:>10,.0f} bytes")
     print(f"  each extra handler {extra:>10,.0f} bytes")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowReceiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
     m = min(n, 20_000)
     print(f"emit() latency, {m} events (the part of event handling on the reply path):")
-    p50, p99, _ = await emit_latency(m, None)
-    print(f"  no handler         p50 {p50:7.2f} us   p99 {p99:7.2f} us")
-    p50, p99, totals = await emit_latency(m, url)
-    print(
-        f"  1 s webhook        p50 {p50:7.2f} us   p99 {p99:7.2f} us"
-        f"   (queued {totals['queued']}, dropped {totals['dropped']})"
-    )
-    server.shutdown()
-    server.server_close()
+    with slow_http_server() as url:
+        p50, p99, _ = await emit_latency(m, None)
+        print(f"  no handler         p50 {p50:7.2f} us   p99 {p99:7.2f} us")
+        p50, p99, totals = await emit_latency(m, url)
+        print(
+            f"  1 s webhook        p50 {p50:7.2f} us   p99 {p99:7.2f} us"
+            f"   (queued {totals['queued']}, dropped {totals['dropped']})"
+        )
 
 
 if __name__ == "__main__":

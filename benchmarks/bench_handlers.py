@@ -21,48 +21,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from authd.client import AsyncClient, Client, ClientError, ReplyError
+from authd.client import AsyncClient, Client, ReplyError
 from tests.pamenv import PamEnv
 
-from .bench_auth import CpuMeter, cpu_note, ms, percentile
+from .harness import (
+    AuthdProcess,
+    CpuMeter,
+    SlowReceiver,
+    cpu_note,
+    ms,
+    percentile,
+    policy,
+    report_errors,
+    scratch_dir,
+    slow_http_server,
+)
+from .pamstack import REPO
 
 SERVICE = "bench"
 PAM_SERVICE = "authd-bench"
 GRACE = 30.0
-
-POLICY = """\
-[daemon]
-socket = "{socket}"
-socket_mode = 0o600
-state_dir = "state"
-workers = {workers}
-log_level = "info"
-drain_timeout = 5.0
-
-[clients]
-users = ["*"]
-admin_users = ["root"]
-
-[[service]]
-name = "{service}"
-pam_service = "{pam_service}"
-failure_delay = 0.0
-"""
 
 WEBHOOK = """
 [[handler]]
@@ -73,83 +58,18 @@ timeout = 5
 """
 
 
-class SlowReceiver(BaseHTTPRequestHandler):
-    """Takes a second per request, like an overloaded SIEM endpoint."""
-
-    protocol_version = "HTTP/1.1"
-    seen = 0
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        time.sleep(1.0)
-        type(self).seen += 1
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.send_header("Connection", "close")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@contextmanager
-def slow_http_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowReceiver)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class Authd:
+class Authd(AuthdProcess):
     """The real daemon over pam_wrapper; ``use(policy)`` rewrites authd.toml and reloads."""
 
     def __init__(self, root: Path, users: dict[str, str], workers: int) -> None:
-        self.root = root
-        self.socket = root / "authd.sock"
-        self.config = root / "authd.toml"
-        self.log = root / "authd.log"
-        self.pam = PamEnv.create(root / "pam")
-        self.pam.add_service(PAM_SERVICE)
+        pam = PamEnv.create(root / "pam")
+        pam.add_service(PAM_SERVICE)
         for user, password in users.items():
-            self.pam.add_user(user, password, PAM_SERVICE)
-        self.base = POLICY.format(socket=self.socket, workers=workers, service=SERVICE, pam_service=PAM_SERVICE)
+            pam.add_user(user, password, PAM_SERVICE)
+        super().__init__(root, {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **pam.env()}, grace=GRACE)
+        self.base = policy(socket=self.socket, workers=workers, service=SERVICE, pam_service=PAM_SERVICE,
+                           daemon="drain_timeout = 5.0\n")
         self.config.write_text(self.base)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Authd:
-        repo = Path(__file__).resolve().parents[1]
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo), **self.pam.env()}
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "authd", "serve", "-c", str(self.config)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + GRACE
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"authd exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with Client(self.socket, timeout=2) as client:
-                    client.hello()
-                return self
-            except (ClientError, OSError):
-                time.sleep(0.1)
-        self.__exit__()
-        raise RuntimeError(f"authd did not serve within {GRACE:.0f} s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(GRACE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
     def use(self, extra: str) -> None:
         self.config.write_text(self.base + extra)
@@ -205,53 +125,48 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients, --rounds and --workers must be >= 1, --seconds > 0 and --rate >= 0")
     users = {f"bench{i}": f"bench-pass-{i}" for i in range(1, args.clients + 1)}
 
-    root = Path(tempfile.mkdtemp(prefix="authd-bh-", dir="/tmp"))  # AF_UNIX paths are short
-    try:
-        with slow_http_server() as url, Authd(root, users, args.workers) as authd:
-            print(
-                f"pam_matrix via pam_wrapper, workers={args.workers}, clients={args.clients},"
-                f" rate={f'{args.rate:g}/s' if args.rate else 'max'}, {args.rounds} x {args.seconds:g} s per policy,"
-                " open_session=true",
-                flush=True,
-            )
-            policies = {"none": "", "webhook": WEBHOOK.format(url=url)}
-            pooled: dict[str, list[float]] = {name: [] for name in policies}
-            p99s: dict[str, list[float]] = {name: [] for name in policies}
-            errors: Counter[str] = Counter()
-            asyncio.run(load(authd.socket, users, 1.0, args.rate))  # warm-up: workers, SQLite, imports
-            for round_no in range(1, args.rounds + 1):
-                for name, extra in policies.items():
-                    authd.use(extra)
-                    meter = CpuMeter()
-                    latencies, errs = asyncio.run(load(authd.socket, users, args.seconds, args.rate))
-                    pooled[name] += latencies
-                    p99s[name].append(percentile(latencies, 99))
-                    errors.update(errs)
-                    print(
-                        f"  round {round_no} {name:<8} {len(latencies) / args.seconds:7.0f} auth/s"
-                        f"  p50 {ms(percentile(latencies, 50))}  p99 {ms(percentile(latencies, 99))}"
-                        f"   ({cpu_note(meter.cores())})",
-                        flush=True,
-                    )
-                    if name == "webhook":
-                        webhook = authd.events()["handlers"]["webhook"]
-                        print(f"    webhook handler: {webhook}")
-            print("pooled:")
-            for name, latencies in pooled.items():
+    with scratch_dir("authd-bh-") as root, slow_http_server() as url, Authd(root, users, args.workers) as authd:
+        print(
+            f"pam_matrix via pam_wrapper, workers={args.workers}, clients={args.clients},"
+            f" rate={f'{args.rate:g}/s' if args.rate else 'max'}, {args.rounds} x {args.seconds:g} s per policy,"
+            " open_session=true",
+            flush=True,
+        )
+        policies = {"none": "", "webhook": WEBHOOK.format(url=url)}
+        pooled: dict[str, list[float]] = {name: [] for name in policies}
+        p99s: dict[str, list[float]] = {name: [] for name in policies}
+        errors: Counter[str] = Counter()
+        asyncio.run(load(authd.socket, users, 1.0, args.rate))  # warm-up: workers, SQLite, imports
+        for round_no in range(1, args.rounds + 1):
+            for name, extra in policies.items():
+                authd.use(extra)
+                meter = CpuMeter()
+                latencies, errs = asyncio.run(load(authd.socket, users, args.seconds, args.rate))
+                pooled[name] += latencies
+                p99s[name].append(percentile(latencies, 99))
+                errors.update(errs)
                 print(
-                    f"  {name:<8} n={len(latencies):<7} p50 {ms(percentile(latencies, 50))}"
-                    f"  p99 {ms(percentile(latencies, 99))}  p99.9 {ms(percentile(latencies, 99.9))}"
+                    f"  round {round_no} {name:<8} {len(latencies) / args.seconds:7.0f} auth/s"
+                    f"  p50 {ms(percentile(latencies, 50))}  p99 {ms(percentile(latencies, 99))}"
+                    f"   ({cpu_note(meter.cores())})",
+                    flush=True,
                 )
-            added = percentile(pooled["webhook"], 99) - percentile(pooled["none"], 99)
-            paired = sorted(w - n for w, n in zip(p99s["webhook"], p99s["none"]))
-            print(f"p99 added by a 1 s webhook handler: {added * 1000:+.2f} ms pooled,"
-                  f" {statistics.median(paired) * 1000:+.2f} ms median of the rounds' differences"
-                  f" (range {paired[0] * 1000:+.1f} .. {paired[-1] * 1000:+.1f} ms); target <= 1 ms")
-            print(f"requests the slow receiver answered: {SlowReceiver.seen}")
-            for what, count in sorted(errors.items()):
-                print(f"  !! {count} x {what}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+                if name == "webhook":
+                    webhook = authd.events()["handlers"]["webhook"]
+                    print(f"    webhook handler: {webhook}")
+        print("pooled:")
+        for name, latencies in pooled.items():
+            print(
+                f"  {name:<8} n={len(latencies):<7} p50 {ms(percentile(latencies, 50))}"
+                f"  p99 {ms(percentile(latencies, 99))}  p99.9 {ms(percentile(latencies, 99.9))}"
+            )
+        added = percentile(pooled["webhook"], 99) - percentile(pooled["none"], 99)
+        paired = sorted(w - n for w, n in zip(p99s["webhook"], p99s["none"]))
+        print(f"p99 added by a 1 s webhook handler: {added * 1000:+.2f} ms pooled,"
+              f" {statistics.median(paired) * 1000:+.2f} ms median of the rounds' differences"
+              f" (range {paired[0] * 1000:+.1f} .. {paired[-1] * 1000:+.1f} ms); target <= 1 ms")
+        print(f"requests the slow receiver answered: {SlowReceiver.seen}")
+        report_errors(errors)
     return 0
 
 

@@ -36,11 +36,9 @@ import math
 import multiprocessing
 import os
 import secrets
-import shutil
 import signal
 import socket
 import sqlite3
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -59,6 +57,17 @@ from authd.sessions import SessionStore, hash_token
 from tests.daemon import Daemon
 from tests.pamenv import PamEnv
 
+from .harness import (
+    CpuMeter,
+    cpu_note,
+    memory_kib,
+    ms,
+    percentile,
+    policy,
+    report_errors,
+    scratch_dir,
+)
+
 PAM_SERVICE = "authd-bench"
 USER, PASSWORD = "alice", "bench-pass-alice"
 INTRUDER, WRONG_PASSWORD = "intruder", "not-the-password"
@@ -69,90 +78,27 @@ WRONG_SETTLE = 0.5  # drain phase: time for the wrong passwords to get through P
 GRACE = 60.0  # bound on any single wait
 BENCH_TOKEN = "bench-known-token"
 
-POLICY = """\
-[daemon]
-socket = "{socket}"
-socket_mode = 0o600
-state_dir = "{state}"
-workers = 2
-log_level = "info"
-drain_timeout = 20.0
-dump_keep = 2
-sweep_interval = %(sweep)s
 
-[clients]
-users = ["*"]
-admin_users = ["root"]
-
-[[service]]
-name = "login"
-pam_service = "%(pam_service)s"
-failure_delay = %(delay)s
-%(extra)s
-
-[lockout]
-exempt_users = ["%(intruder)s"]
-"""
-
-
-def policy(*, sweep: float = 30.0, extra: str = "") -> str:
-    return POLICY % {"sweep": sweep, "pam_service": PAM_SERVICE, "delay": FAILURE_DELAY, "extra": extra, "intruder": INTRUDER}
+def authd_policy(*, sweep: float = 30.0, extra: str = "") -> str:
+    """The phases' policy; `{socket}` and `{state}` are left for `Daemon` to fill in."""
+    return policy(
+        socket="{socket}", state_dir="{state}", workers=2, service="login", pam_service=PAM_SERVICE,
+        failure_delay=FAILURE_DELAY, daemon=f"drain_timeout = 20.0\ndump_keep = 2\nsweep_interval = {sweep}\n",
+        service_extra=extra, exempt_users=[INTRUDER],
+    )
 
 
 def request(request_id: int, op: str, **fields: Any) -> bytes:
     return json.dumps({"id": request_id, "op": op, **fields}).encode() + b"\n"
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
-
-
 def spread(values: list[float]) -> str:
-    return f"p50 {ms(percentile(values, 50))}  p99 {ms(percentile(values, 99))}  max {ms(max(values, default=math.nan))}"
+    p50, p99 = (percentile(values, q, rank=math.ceil) for q in (50, 99))
+    return f"p50 {ms(p50)}  p99 {ms(p99)}  max {ms(max(values, default=math.nan))}"
 
 
-class BoxMeter:
-    """Cores the box spent, and how many of them went to this process and its descendants."""
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.started = self._snapshot()
-
-    def _snapshot(self) -> tuple[float, float, float]:
-        with open("/proc/stat") as f:
-            cpu = [int(x) for x in f.readline().split()[1:]]
-        busy = sum(cpu[:3]) + sum(cpu[5:8])
-        parents: dict[int, int] = {}
-        used: dict[int, int] = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                parents[int(entry.name)] = int(fields[1])
-                used[int(entry.name)] = sum(int(x) for x in fields[11:15])
-        me, ours = os.getpid(), 0
-        for pid, ticks in used.items():
-            ancestor = pid
-            while ancestor not in (me, 0, 1) and ancestor in parents:
-                ancestor = parents[ancestor]
-            ours += ticks if ancestor == me else 0
-        return time.monotonic(), busy / self.tick, ours / self.tick
-
-    def note(self) -> str:
-        now = self._snapshot()
-        wall = max(1e-9, now[0] - self.started[0])
-        ours, busy = (now[2] - self.started[2]) / wall, (now[1] - self.started[1]) / wall
-        return f"cpu: ours {ours:.2f} cores, others {max(0.0, busy - ours):.2f} of {os.cpu_count()}"
+def box_note(meter: CpuMeter) -> str:
+    return f"{cpu_note(meter.cores())} of {os.cpu_count()}"
 
 
 # --- the authd under test ------------------------------------------------------------------
@@ -189,8 +135,8 @@ def stop(daemon: Daemon) -> None:
 
 
 def rss(pid: int) -> str:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return f"RSS {int(fields['VmRSS'].split()[0]) / 1024:.0f} MiB (peak {int(fields['VmHWM'].split()[0]) / 1024:.0f} MiB)"
+    kib = memory_kib(pid)
+    return f"RSS {kib['VmRSS'] / 1024:.0f} MiB (peak {kib['VmHWM'] / 1024:.0f} MiB)"
 
 
 def login(daemon: Daemon) -> str:
@@ -331,7 +277,7 @@ class Load:
 
 def reloads(daemon: Daemon, count: int) -> tuple[list[float], int]:
     """`count` SIGHUPs, each once the previous generation is visible; (latencies, failures)."""
-    variants = [policy(), policy(extra='deny_users = ["mallory"]')]
+    variants = [authd_policy(), authd_policy(extra='deny_users = ["mallory"]')]
     latencies: list[float] = []
     failures = 0
     with Client(daemon.socket, timeout=GRACE) as client:
@@ -354,12 +300,12 @@ def reloads(daemon: Daemon, count: int) -> tuple[list[float], int]:
 
 
 def reload_phase(bench: Bench, quick_count: int, loss_count: int) -> None:
-    daemon = bench.daemon("reload", policy())
+    daemon = bench.daemon("reload", authd_policy())
     try:
         start(daemon)
         token = login(daemon)
         for label, count in (("reload latency", quick_count), ("reloads under load", loss_count)):
-            meter = BoxMeter()
+            meter = CpuMeter()
             started = time.monotonic()
             with Load(daemon, token) as load:
                 latencies, failures = reloads(daemon, count)
@@ -369,9 +315,8 @@ def reload_phase(bench: Bench, quick_count: int, loss_count: int) -> None:
             lost = tally.sent - tally.answered
             errors = sum(tally.codes.values())
             print(f"  client loops: {tally.sent} requests in {wall:.1f} s, {tally.answered} answered, lost {lost},"
-                  f" error replies {errors - tally.lost}; {meter.note()}", flush=True)
-            for what, n in sorted(tally.codes.items()):
-                print(f"  !! {n} x {what}")
+                  f" error replies {errors - tally.lost}; {box_note(meter)}", flush=True)
+            report_errors(tally.codes)
             if failures:
                 print(f"  !! {failures} reloads not visible within {REPLY_TIMEOUT:g} s")
         status = daemon.call("status")
@@ -480,8 +425,8 @@ async def drain_once(daemon: Daemon, n: int, token: str) -> DrainResult:
 
 def drain_phase(bench: Bench, sizes: list[int]) -> None:
     for n in sizes:
-        daemon = bench.daemon(f"drain-{n}", policy())
-        meter = BoxMeter()
+        daemon = bench.daemon(f"drain-{n}", authd_policy())
+        meter = CpuMeter()
         try:
             start(daemon)
             r = asyncio.run(drain_once(daemon, n, login(daemon)))
@@ -491,7 +436,7 @@ def drain_phase(bench: Bench, sizes: list[int]) -> None:
         print(f"drain, {n:>4} pipelined: SIGTERM -> exit {r.exit_code} in {r.exit_after:.3f} s"
               f" (last reply +{r.last_reply_after:.3f} s, 'stopped' logged +{r.stopped_after:.3f} s); in flight at SIGTERM {r.in_flight}"
               f" ({r.wrong_waiting} wrong passwords in their {FAILURE_DELAY:g} s delay)", flush=True)
-        print(f"  replies {n - r.missing}/{n}: {codes}; {meter.note()}")
+        print(f"  replies {n - r.missing}/{n}: {codes}; {box_note(meter)}")
         if r.missing:
             print(f"  !! {r.missing} requests got no reply")
         if r.socket_left:
@@ -575,8 +520,8 @@ def measure_window(probe: Probe, seconds: float) -> list[float]:
 
 
 def dump_phase(bench: Bench, size: int, baseline: float, dumps: int) -> None:
-    daemon = bench.daemon(f"dump-{size}", policy(sweep=1.0))
-    meter = BoxMeter()
+    daemon = bench.daemon(f"dump-{size}", authd_policy(sweep=1.0))
+    meter = CpuMeter()
     started = time.monotonic()
     populate(daemon.state, size)
     print(f"dump, {size} sessions: sessions.db written in {time.monotonic() - started:.1f} s"
@@ -588,7 +533,7 @@ def dump_phase(bench: Bench, size: int, baseline: float, dumps: int) -> None:
         probe = Probe(daemon.socket)
         probe.start()
         swept = measure_window(probe, 3.0)
-        daemon.write_policy(policy(sweep=3600.0))
+        daemon.write_policy(authd_policy(sweep=3600.0))
         daemon.kill(signal.SIGHUP)
         time.sleep(1.5)  # the sweeper's current 1 s sleep ends; from now on it sleeps an hour
         quiet = measure_window(probe, baseline)
@@ -618,9 +563,8 @@ def dump_phase(bench: Bench, size: int, baseline: float, dumps: int) -> None:
         print(f"  `session` latency, no dump ({len(quiet):>6} requests):        {spread(quiet)}")
         print(f"  `session` latency, during the dumps ({len(during):>6}):      {spread(during)}")
         print(f"  `session` latency, expiry sweep each 1 s ({len(swept):>6}): {spread(swept)}")
-        print(f"  {meter.note()}", flush=True)
-        for what, n in sorted(probe.errors.items()):
-            print(f"  !! {n} x {what}")
+        print(f"  {box_note(meter)}", flush=True)
+        report_errors(probe.errors)
     finally:
         stop(daemon)
 
@@ -638,8 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [100_000] if args.quick else [100_000, 1_000_000]
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # SessionStore in populate()
 
-    root = Path(tempfile.mkdtemp(prefix="authd-lifecycle-", dir="/tmp"))  # AF_UNIX paths are short
-    try:
+    with scratch_dir("authd-lifecycle-", keep=args.keep) as root:
         bench = Bench(root)
         print(f"authd lifecycle, 2 PAM workers (pam_matrix), {os.cpu_count()} cores; scratch {root}", flush=True)
         if "reload" in phases:
@@ -648,11 +591,6 @@ def main(argv: list[str] | None = None) -> int:
             drain_phase(bench, [10, 100, 1000])
         for size in sizes if "dump" in phases else []:
             dump_phase(bench, size, baseline=2.0 if args.quick else 5.0, dumps=2 if args.quick else 3)
-    finally:
-        if args.keep:
-            print(f"scratch directory kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
