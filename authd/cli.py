@@ -47,7 +47,8 @@ def check_config(path: Path) -> int:
     except ConfigError as exc:
         print(f"authd: {exc}", file=sys.stderr)
         return 1
-    print(f"{policy.source}: ok ({len(policy.services)} services, {len(policy.config.handler)} handlers)")
+    services, handlers = len(policy.services), len(policy.config.handler)
+    print(f"{policy.source}: ok ({services} service{'s' * (services != 1)}, {handlers} handler{'s' * (handlers != 1)})")
     return 0
 
 

@@ -10,11 +10,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from authd.client import AsyncClient, Client, ClientError, ReplyError
 
@@ -24,6 +25,8 @@ CANARY = "canary-Pa55w0rd-7f3a9c"  # must never appear in any output, file or re
 PASSWORD = "correct horse"
 SERVICE = "login"  # the authd service in the default policy
 PAM_SERVICE = "authd-test"
+
+T = TypeVar("T")
 
 BASE_POLICY = """
 [daemon]
@@ -165,6 +168,70 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+class ClientLoop:
+    """A client on its own persistent connection, sending `op` over and over from a thread.
+
+    Run beside a reload, a shutdown or an attack, it shows whether authd kept serving everyone
+    else: it records every request sent, every reply, each reply's latency and any error.
+    `pause` spaces the requests out, for a normal client rather than a hammering one.
+    """
+
+    def __init__(self, daemon: Daemon, op: str = "auth", pause: float = 0.0) -> None:
+        self.daemon = daemon
+        self.op = op
+        self.pause = pause
+        self.sent = 0
+        self.replies: list[dict[str, Any]] = []
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ClientLoop:
+        self._thread.start()
+        wait_for(lambda: len(self.replies) >= 3 or self.errors, 20, what="the client loop to get going")
+        assert self.errors == [], self.errors
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        with Client(self.daemon.socket, timeout=30) as client:
+            while not self._stop.is_set():
+                self.sent += 1
+                started = time.monotonic()
+                try:
+                    if self.op == "auth":
+                        self.replies.append(client.auth("alice", PASSWORD, SERVICE, open_session=False))
+                    else:
+                        self.replies.append(client.call(self.op))
+                except ReplyError as exc:
+                    self.replies.append(exc.reply)
+                except (ClientError, OSError) as exc:
+                    self.errors.append(str(exc))
+                    return
+                self.latencies.append(time.monotonic() - started)
+                self._stop.wait(self.pause)
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [r for r in self.replies if not r.get("ok")]
+
+    def served_during(self, action: Callable[[], T]) -> T:
+        """Run `action()` and check that this client got fresh good answers meanwhile."""
+        before = len(self.replies)
+        result = action()
+        wait_for(lambda: len(self.replies) >= before + 3 or self.errors, 20, what="answers during the action")
+        self.check()
+        return result
+
+    def check(self) -> None:
+        """No error, and every reply so far was a success."""
+        assert self.errors == [], self.errors
+        assert self.replies and not self.failures(), self.failures()[:3]
 
 
 def raw_connect(path: Path) -> socket.socket:

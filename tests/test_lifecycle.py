@@ -14,50 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from authd.client import Client, ClientError, ReplyError
+from authd.client import Client
 
-from .daemon import BASE_POLICY, CANARY, PAM_SERVICE, PASSWORD, Daemon, raw_connect, read_replies, scan_for, wait_for
+from .daemon import BASE_POLICY, CANARY, PASSWORD, ClientLoop, Daemon, raw_connect, read_replies, scan_for, wait_for
 from .pamenv import PamEnv
-
-
-class ClientLoop:
-    """A client hammering authd from a thread; records every request and what came back."""
-
-    def __init__(self, daemon: Daemon, op: str = "auth") -> None:
-        self.daemon = daemon
-        self.op = op
-        self.sent = 0
-        self.replies: list[dict] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ClientLoop:
-        self._thread.start()
-        wait_for(lambda: len(self.replies) >= 3, 20, what="client loop to get going")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        with Client(self.daemon.socket, timeout=30) as client:
-            while not self._stop.is_set():
-                self.sent += 1
-                try:
-                    if self.op == "auth":
-                        self.replies.append(client.auth("alice", PASSWORD, "login", open_session=False))
-                    else:
-                        self.replies.append(client.call(self.op))
-                except ReplyError as exc:
-                    self.replies.append(exc.reply)
-                except (ClientError, OSError) as exc:
-                    self.errors.append(str(exc))
-                    return
-
-    def failures(self) -> list[dict]:
-        return [r for r in self.replies if not r.get("ok")]
 
 
 def generation(d: Daemon) -> int:

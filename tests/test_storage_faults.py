@@ -20,42 +20,10 @@ from pathlib import Path
 import pytest
 
 from .daemon import Daemon, wait_for
+from .filesystems import fill, remount, tmpfs
 
 LOST = "session store write failed; sessions are kept in memory only"
 BACK = "session store writable again; sessions persisted"
-
-
-@contextmanager
-def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
-    path.mkdir(mode=0o700, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        message = f"cannot mount a tmpfs: {done.stderr.strip()}"
-        if os.geteuid() == 0:
-            pytest.fail(message)  # root can here: a skip would silently drop the test
-        pytest.skip(message)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def remount(path: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
-
-
-def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, bytes(65536))
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def login(d: Daemon, user: str = "alice") -> str:

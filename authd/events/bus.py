@@ -16,6 +16,7 @@ handlers in config order.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import fnmatch
 import inspect
@@ -40,7 +41,7 @@ class HandlerError(Exception):
     """An expected failure that explains itself; logged without a traceback."""
 
 
-class Handler:
+class Handler(abc.ABC):
     """Something the bus delivers events to.
 
     Subclasses implement :meth:`handle` either as a plain method, which the bus runs in the
@@ -75,8 +76,10 @@ class Handler:
             self._matches[event.name] = hit
         return hit
 
+    @abc.abstractmethod
     def handle(self, event: Event) -> Any:
-        raise NotImplementedError
+        """Deliver one event; raise :class:`HandlerError` for a failure that explains itself."""
+        ...
 
     def reopen(self) -> None:
         """Reopen files after log rotation (SIGHUP)."""
@@ -94,7 +97,11 @@ class FunctionHandler(Handler):
     def __init__(self, fn: Receiver, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.fn = fn
-        self.handle = fn  # type: ignore[method-assign,assignment]
+
+    @property
+    def handle(self) -> Receiver:  # type: ignore[override]
+        """The function itself, so the bus sees whether it is async and calls it directly."""
+        return self.fn
 
     def reopen(self) -> Any:
         method = getattr(self.fn, "reopen", None)

@@ -1,4 +1,4 @@
-"""Shared pieces of the abuse tests: policies with tight limits, a well-behaved client, probes."""
+"""Shared pieces of the abuse tests: policies with tight limits, authctl, probes."""
 
 from __future__ import annotations
 
@@ -6,14 +6,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
-from authd.client import Client, ClientError, ReplyError
-
-from ..daemon import BASE_POLICY, PASSWORD, Daemon, wait_for
+from ..daemon import BASE_POLICY, Daemon
 
 
 def with_limits(**limits: object) -> str:
@@ -73,53 +68,3 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-class WellBehaved:
-    """A normal client on its own persistent connection, logging in over and over in a thread.
-
-    Used beside an attack to show that the daemon kept serving everyone else.
-    """
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.replies: list[dict[str, Any]] = []
-        self.latencies: list[float] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> WellBehaved:
-        self._thread.start()
-        wait_for(lambda: len(self.replies) >= 3 or self.errors, 20, what="the normal client to get going")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        with Client(self.daemon.socket, timeout=30) as client:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    self.replies.append(client.auth("alice", PASSWORD, "login", open_session=False))
-                except ReplyError as exc:
-                    self.replies.append(exc.reply)
-                except (ClientError, OSError) as exc:
-                    self.errors.append(str(exc))
-                    return
-                self.latencies.append(time.monotonic() - started)
-                time.sleep(0.01)
-
-    def served_during(self, action: Any) -> Any:
-        """Run `action()` and check that this client got fresh good answers meanwhile."""
-        before = len(self.replies)
-        result = action()
-        wait_for(lambda: len(self.replies) >= before + 3 or self.errors, 20, what="answers during the attack")
-        self.check()
-        return result
-
-    def check(self) -> None:
-        assert self.errors == [], self.errors
-        assert self.replies and all(r.get("ok") for r in self.replies), [r for r in self.replies if not r.get("ok")][:3]

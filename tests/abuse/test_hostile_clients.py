@@ -17,10 +17,11 @@ from itertools import cycle
 
 import pytest
 
-from ..daemon import Daemon, raw_connect, read_replies, wait_for
-from .helpers import WellBehaved, counters, open_fds, rss_bytes, with_limits
+from ..daemon import ClientLoop, Daemon, raw_connect, read_replies, wait_for
+from .helpers import counters, open_fds, rss_bytes, with_limits
 
 HELLO = b'{"id":1,"op":"hello"}\n'
+NORMAL = 0.01  # seconds between a normal client's logins
 
 
 def dribble(sock: socket.socket, data: bytes, interval: float, give_up: float) -> tuple[float, bytes]:
@@ -54,7 +55,7 @@ def replies_of(data: bytes) -> list[dict]:
                          ids=["dribble", "dribble-after-too-large"])
 def test_slowloris_dribbler_is_cut_off(make_daemon: Callable[..., Daemon], prefix: bytes) -> None:
     d = make_daemon(base=with_limits(max_line=1024, request_timeout=1.0, idle_timeout=60.0)).start()
-    with WellBehaved(d) as normal:
+    with ClientLoop(d, pause=NORMAL) as normal:
         sock = raw_connect(d.socket)
         sock.sendall(prefix)
         seconds, said = normal.served_during(lambda: dribble(sock, b'{"id":2,"op":"hello"', 0.05, give_up=20.0))
@@ -71,7 +72,7 @@ def test_slowloris_dribbler_is_cut_off(make_daemon: Callable[..., Daemon], prefi
 
 def test_partial_line_never_completed_is_answered_and_closed(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(base=with_limits(request_timeout=1.0, idle_timeout=60.0)).start()
-    with WellBehaved(d) as normal:
+    with ClientLoop(d, pause=NORMAL) as normal:
         sock = raw_connect(d.socket)
         sock.sendall(HELLO + b'{"id":2,"op":"hel')
         said = normal.served_during(lambda: _read_to_eof(sock))
@@ -83,7 +84,7 @@ def test_partial_line_never_completed_is_answered_and_closed(make_daemon: Callab
 
 def test_idle_connections_are_closed(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(base=with_limits(idle_timeout=1.0)).start()
-    with WellBehaved(d) as normal:
+    with ClientLoop(d, pause=NORMAL) as normal:
         silent = raw_connect(d.socket)
         once = raw_connect(d.socket)
         once.sendall(HELLO)
@@ -99,7 +100,7 @@ def test_client_that_never_reads_is_cut_off_with_bounded_memory(make_daemon: Cal
     d = make_daemon(base=with_limits(write_buffer=65536, request_timeout=2.0)).start()
     baseline_fds, baseline_rss = open_fds(d.pid), rss_bytes(d.pid)
     burst = HELLO * 20_000  # ~2 MB of replies, 30x the write buffer
-    with WellBehaved(d) as normal:
+    with ClientLoop(d, pause=NORMAL) as normal:
 
         def attack() -> list[int]:
             answered = []
@@ -130,7 +131,7 @@ def test_half_closed_client_that_never_reads_is_dropped(make_daemon: Callable[..
     """Replies below the write buffer, then EOF, then silence: the buffer must not be held forever."""
     d = make_daemon(base=with_limits(request_timeout=1.0, max_connections=12)).start()
     baseline_fds = open_fds(d.pid)
-    with WellBehaved(d) as normal:
+    with ClientLoop(d, pause=NORMAL) as normal:
         held = []
         for _ in range(8):
             sock = raw_connect(d.socket)
@@ -148,7 +149,7 @@ def test_half_closed_client_that_never_reads_is_dropped(make_daemon: Callable[..
 
 def test_connection_flood_gets_busy_while_others_are_served(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(base=with_limits(max_connections=20, idle_timeout=30.0)).start()
-    with WellBehaved(d) as normal:  # holds one of the 20
+    with ClientLoop(d, pause=NORMAL) as normal:  # holds one of the 20
 
         def flood() -> list[socket.socket]:
             return [raw_connect(d.socket) for _ in range(60)]
@@ -168,7 +169,7 @@ def test_connection_flood_gets_busy_while_others_are_served(make_daemon: Callabl
 
 def test_per_uid_cap_keeps_other_users_served(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(base=with_limits(max_connections=100, max_connections_per_uid=5, idle_timeout=30.0)).start()
-    with WellBehaved(d) as normal, _as_nobody(lambda: _hold_connections(d, 20)) as result:
+    with ClientLoop(d, pause=NORMAL) as normal, _as_nobody(lambda: _hold_connections(d, 20)) as result:
         assert result == {"accepted": 5, "busy": 15}
         assert d.call("hello")["ok"], "root can still connect"
     assert counters(d)["connections_refused_busy"] == 15

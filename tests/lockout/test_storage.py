@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from structlog.testing import capture_logs
 
 from authd.lockout import Attempt, Locked, Lockout
 
+from ..filesystems import fill, remount, tmpfs
 from .helpers import config, fail_distinct, login, run
 
 CANARY = "canary-Pw-7f3a9c1e-\u00e9t\u00e9"
@@ -111,31 +110,8 @@ async def test_unusable_location_keeps_authenticating_and_recovers(tmp_path: Pat
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs, so the disk can really fill up and be made read-only."""
-    mountpoint = tmp_path / "fs"
-    mountpoint.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mountpoint)],
-        capture_output=True,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "fs") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
-
-
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, bytes(65536))
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 @run
@@ -144,7 +120,7 @@ async def test_disk_full_keeps_authenticating_and_loses_nothing(small_fs: Path) 
     table = {"user": {"max_failures": 2}, "rhost": {"max_failures": 0}}
     lockout = Lockout(config(**table), db_path)
     await login(lockout, "before", "x")
-    filler = _fill(small_fs)
+    filler = fill(small_fs)
 
     for i in range(20):
         await fail_distinct(lockout, f"user{i}", 2, tag="x" * 500)
@@ -172,13 +148,13 @@ async def test_read_only_state_dir_still_enforces_locks_and_recovers(small_fs: P
     await login(first, "bob", "x")
     first.close()
 
-    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    remount(small_fs, "ro")
     lockout = Lockout(config(**table), db_path)
     assert lockout.storage_error
     assert isinstance(await lockout.begin("alice", None, "y"), Locked)
     await login(lockout, "carol", "x")
 
-    subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
+    remount(small_fs, "rw")
     await asyncio.sleep(RETRY)
     await login(lockout, "bob", "y")
     assert lockout.storage_error is None
