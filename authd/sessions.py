@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import sqlite3
-import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,12 +23,13 @@ from typing import Any
 import msgspec
 import structlog
 
+from . import sqlitefile
+from .sqlitefile import BUSY_TIMEOUT, Corrupt
+
 log = structlog.get_logger("authd.sessions")
 
 TOKEN_BYTES = 32  # 256 bits
 RETRY_INTERVAL = 1.0  # after a fault, the file is retried at most this often
-BUSY_TIMEOUT = 0.1  # SQLite runs on the event loop: never wait long for another process's lock
-_CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _SELECT = "SELECT id, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout FROM sessions"
 Row = tuple[Any, ...]
 
@@ -95,10 +94,6 @@ class Session(msgspec.Struct, gc=False):
     def public(self) -> PublicSession:
         return PublicSession(self.id, self.user, self.groups, self.service, self.rhost, self.created, self.last_seen,
                              self.expires_at)
-
-
-class _Corrupt(sqlite3.DatabaseError):
-    """The file is not a usable SQLite database; it gets moved aside."""
 
 
 class SessionStore:
@@ -255,18 +250,14 @@ class SessionStore:
         if self._db is None:
             try:
                 self._db = _connect(self.path)
-            except _Corrupt as exc:
+            except Corrupt as exc:
                 self._quarantine(exc)
                 self._db = _connect(self.path)
         return self._db
 
-    def _quarantine(self, exc: _Corrupt) -> None:
+    def _quarantine(self, exc: Corrupt) -> None:
         """Move the corrupt file (and its WAL) aside, keep what can still be read, start afresh."""
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-        for suffix in ("", "-wal", "-shm"):
-            source = self.path.with_name(self.path.name + suffix)
-            if source.exists():
-                source.rename(aside.with_name(aside.name + suffix))
+        aside = sqlitefile.move_aside(self.path)
         before = len(self._by_id)
         self._load(_salvage(aside))
         self._dirty = True
@@ -286,28 +277,7 @@ class SessionStore:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """Open (creating it 0600) and check the database; _Corrupt if it is not a usable one."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        (check,) = db.execute("PRAGMA quick_check").fetchone()
-        if check != "ok":
-            raise _Corrupt(f"integrity check failed: {check}")
-        db.executescript(_SCHEMA)
-    except sqlite3.DatabaseError as exc:
-        db.close()
-        if isinstance(exc, _Corrupt) or exc.sqlite_errorcode not in _CORRUPT:
-            raise
-        raise _Corrupt(str(exc)) from exc
-    return db
+    return sqlitefile.connect(path, _SCHEMA, isolation_level=None, check_same_thread=False)
 
 
 def _read(db: sqlite3.Connection) -> list[Row]:

@@ -9,14 +9,15 @@ file catches up once the fault clears. A corrupt file is moved aside, never sile
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+
+from .. import sqlitefile
+from ..sqlitefile import Corrupt
 
 FailureRow = tuple[str, str, float]
 """(scope, key, time of the failure)."""
@@ -34,14 +35,9 @@ CREATE TABLE IF NOT EXISTS locks (
 );
 PRAGMA user_version = 1;
 """
-_CORRUPT = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _RETRY_INTERVAL = 1.0
 
 log = structlog.get_logger("authd.lockout")
-
-
-class _Corrupt(sqlite3.DatabaseError):
-    """The file is not a usable SQLite database; it gets moved aside."""
 
 
 class LockoutStore:
@@ -163,40 +159,17 @@ class LockoutStore:
         if self._conn is None:
             try:
                 self._conn = self._connect()
-            except _Corrupt as exc:
+            except Corrupt as exc:
                 self._quarantine(exc)
                 self._conn = self._connect()
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-        conn = sqlite3.connect(self._path, timeout=0.1)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            (check,) = conn.execute("PRAGMA quick_check").fetchone()
-            if check != "ok":
-                raise _Corrupt(f"integrity check failed: {check}")
-            conn.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            if isinstance(exc, _Corrupt) or getattr(exc, "sqlite_errorcode", None) not in _CORRUPT:
-                raise
-            raise _Corrupt(str(exc)) from exc
-        return conn
+        return sqlitefile.connect(self._path, _SCHEMA)
 
-    def _quarantine(self, exc: _Corrupt) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for suffix in ("", "-wal", "-shm"):
-            src = self._path.with_name(self._path.name + suffix)
-            if src.exists():
-                src.rename(src.with_name(f"{self._path.name}.corrupt-{stamp}{suffix}"))
-        log.error("lockout database corrupt, moved aside", db=str(self._path), error=str(exc))
+    def _quarantine(self, exc: Corrupt) -> None:
+        aside = sqlitefile.move_aside(self._path)
+        log.error("lockout database corrupt, moved aside", db=str(self._path), moved_to=str(aside), error=str(exc))
 
     def _failed(self, exc: BaseException) -> None:
         if self._conn is not None:
