@@ -18,6 +18,7 @@ import msgspec
 from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
+from .roles import RoleConfig
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -91,6 +92,7 @@ class Config(_Section):
     service: list[Service] = []
     lockout: LockoutConfig = LockoutConfig()
     handler: list[HandlerConfig] = []
+    roles: dict[str, RoleConfig] = {}
 
 
 def parse(text: str, source: str = "authd.toml") -> Config:
@@ -104,6 +106,7 @@ def parse(text: str, source: str = "authd.toml") -> Config:
     except RecursionError:
         raise ConfigError(f"{source}: arrays or tables nested too deeply") from None
     try:
+        _convert_roles(raw, text, source)
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_located(str(exc), text, source)) from None
@@ -156,6 +159,21 @@ def _check_services(config: Config, text: str, source: str) -> None:
         seen.add(service.name)
         if "\0" in service.name or not service.name:
             raise ConfigError(_located(f"invalid service name - at `$.service[{i}].name`", text, source))
+
+
+def _convert_roles(raw: dict[str, object], text: str, source: str) -> None:
+    """Convert each `[roles.NAME]` on its own first: msgspec reports an error inside a table of
+    tables at `$.roles[...]`, which would not say which role is wrong."""
+    roles = raw.get("roles")
+    if not isinstance(roles, dict):
+        return
+    for name, body in roles.items():
+        try:
+            msgspec.convert(body, RoleConfig)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            message = message.replace(" - at `$", f" - at `$.roles.{name}", 1) if " - at `$" in message else f"{message} - at `$.roles.{name}`"
+            raise ConfigError(_located(message, text, source)) from None
 
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import config as cfg
+from . import config as cfg, roles as roles_mod
 from .errors import ConfigError
 from .events import Handler, HandlerContext, build_handlers
 from .peer import Peer
@@ -30,6 +30,7 @@ class Policy:
     client_gids: frozenset[int]
     admin_uids: frozenset[int]
     admin_gids: frozenset[int]
+    roles: roles_mod.Roles = roles_mod.Roles()
     handlers: tuple[Handler, ...] = field(default=())
 
     @property
@@ -86,6 +87,7 @@ def load(source: Path, generation: int, *, build: bool = True) -> Policy:
             client_gids=_gids(config.clients.groups, "clients.groups"),
             admin_uids=_uids(config.clients.admin_users, "clients.admin_users"),
             admin_gids=_gids(config.clients.admin_groups, "clients.admin_groups"),
+            roles=roles_mod.build(config.roles, services={s.name for s in config.service}),
         )
         _check_system(policy)
         handlers = build_handlers(config.handler, HandlerContext(state_dir=policy.state_dir, base_dir=policy.base_dir))

@@ -121,7 +121,7 @@ _values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["daemon", "clients", "service", "lockout", "handler", "zzz"]), _values, max_size=3))
+@given(st.dictionaries(st.sampled_from(["daemon", "clients", "service", "lockout", "handler", "roles", "zzz"]), _values, max_size=3))
 def test_any_toml_document_gives_config_or_config_error(doc: dict[str, object]) -> None:
     text = _to_toml(doc)
     try:
