@@ -74,6 +74,13 @@ class _Ops(abc.ABC):
     def logout(self, token: str) -> Any:
         return self.call("logout", token=token)
 
+    def check(self, token: str, permission: str) -> Any:
+        """May the session do `permission`? A refusal is a reply (`allowed: false`), not an error."""
+        return self.call("check", token=token, permission=permission)
+
+    def permissions(self, token: str) -> Any:
+        return self.call("permissions", token=token)
+
     def sessions(self, user: str | None = None) -> Any:
         return self.call("sessions", user=user)
 
@@ -160,10 +167,15 @@ class Client(_Ops):
 
 
 class AsyncClient(_Ops):
-    """asyncio client: concurrent calls are pipelined on one connection, matched by id."""
+    """asyncio client: concurrent calls are pipelined on one connection, matched by id.
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    At most `max_inflight` requests are on the wire at once (authd answers more than its
+    `daemon.limits.max_inflight` per connection with `busy`); further calls wait their turn.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, max_inflight: int = 32) -> None:
         self.path = os.fspath(path or default_socket())
+        self._slots = asyncio.Semaphore(max_inflight)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -193,17 +205,18 @@ class AsyncClient(_Ops):
         await self.close()
 
     async def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        await self.connect()
-        assert self._writer is not None
-        request_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
-        try:
-            self._writer.write(_request(request_id, op, fields))
-            await self._writer.drain()
-            return _result(await future)
-        finally:
-            self._waiting.pop(request_id, None)
+        async with self._slots:
+            await self.connect()
+            assert self._writer is not None
+            request_id = next(self._ids)
+            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self._waiting[request_id] = future
+            try:
+                self._writer.write(_request(request_id, op, fields))
+                await self._writer.drain()
+                return _result(await future)
+            finally:
+                self._waiting.pop(request_id, None)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         error: ClientError = ClientError("authd closed the connection")

@@ -7,19 +7,35 @@ import getpass
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .client import Client, ClientError, ReplyError, default_socket
 
 Command = Callable[[Client, argparse.Namespace], dict[str, Any]]
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
+Status = Callable[[dict[str, Any]], int]
 
 
-def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None) -> Callable[[Command], Command]:
-    """Register a subcommand; other modules (lastlog, lockouts) add theirs the same way."""
+class Registered(NamedTuple):
+    help: str
+    args: Callable[[argparse.ArgumentParser], None]
+    run: Command
+    status: Status  # exit status of a successful reply
+    refused: int  # exit status when authd answers with an error
+
+
+COMMANDS: dict[str, Registered] = {}
+
+
+def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None] = lambda p: None, *,
+            status: Status = lambda result: 0, refused: int = 1) -> Callable[[Command], Command]:
+    """Register a subcommand; other modules (lastlog, lockouts) add theirs the same way.
+
+    Exit statuses: 0 done, 1 authd refused, 2 authd could not be reached, 130 interrupted;
+    a command whose answer is itself yes/no (`check`) maps it with `status` and moves `refused`.
+    """
 
     def register(fn: Command) -> Command:
-        COMMANDS[name] = (help, args, fn)
+        COMMANDS[name] = Registered(help, args, fn, status, refused)
         return fn
 
     return register
@@ -57,6 +73,22 @@ def _session(c: Client, a: argparse.Namespace) -> dict[str, Any]:
 @command("logout", "end the session of TOKEN", lambda p: p.add_argument("token"))
 def _logout(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.logout(a.token)
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("token")
+    p.add_argument("permission")
+
+
+@command("check", "may the session of TOKEN do PERMISSION? exit 0 yes, 1 no, 3 invalid session or permission",
+         _check_args, status=lambda result: 0 if result["allowed"] else 1, refused=3)
+def _check(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.check(a.token, a.permission)
+
+
+@command("permissions", "the roles and permission patterns of the session of TOKEN", lambda p: p.add_argument("token"))
+def _permissions(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.permissions(a.token)
 
 
 @command("sessions", "list sessions (admin)", lambda p: p.add_argument("--user"))
@@ -109,16 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.")
     parser.add_argument("-s", "--socket", default=None, help=f"authd socket (default: {default_socket()})")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text))
+    for name, registered in COMMANDS.items():
+        registered.args(sub.add_parser(name, help=registered.help))
     args = parser.parse_args(argv)
+    chosen = COMMANDS[args.command]
     try:
         with Client(args.socket) as client:
-            result = COMMANDS[args.command][2](client, args)
+            result = chosen.run(client, args)
     except ReplyError as exc:
         exc.reply.pop("id", None)
         print(json.dumps(exc.reply, indent=2), file=sys.stderr)
-        return 1
+        return chosen.refused
     except ClientError as exc:
         print(f"authctl: {exc}", file=sys.stderr)
         return 2
@@ -129,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     except BrokenPipeError:  # `authctl status | head`
         sys.stderr.close()
-    return 0
+    return chosen.status(result)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,6 @@ def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = No
     who = {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid} if peer else {}
     for s in gone:
         rt.emit(events.SESSION_CLOSED, user=s.user, service=s.service, rhost=s.rhost, session_id=s.id, reason=reason, **who)
+
+
+from . import authz as _authz  # noqa: E402,F401  (registers `check` and `permissions`; it imports `op` from here)

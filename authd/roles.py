@@ -16,8 +16,8 @@ from __future__ import annotations
 import grp
 import pwd
 import re
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -28,6 +28,7 @@ _PERMISSION = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 PERMISSION_GRAMMAR = "dot-separated segments of a-z, 0-9, '_' and '-', at most 256 characters"
 DEFAULT = "default"
+MAX_GRANTS = 10_000  # cached (user, groups, service) grants per policy generation
 
 
 class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -81,12 +82,6 @@ class Role:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
-    allowed: bool
-    rule: str  # `roles.X.permissions[i]`, `roles.X.deny[i]` or `default`
-
-
-@dataclass(frozen=True, slots=True)
 class Effective:
     roles: tuple[str, ...]
     permissions: tuple[str, ...]
@@ -94,33 +89,70 @@ class Effective:
 
 
 @dataclass(frozen=True, slots=True)
-class Roles:
-    roles: tuple[Role, ...] = ()
+class Decision:
+    allowed: bool
+    rule: str  # `roles.X.permissions[i]`, `roles.X.deny[i]` or `default`
 
-    def applicable(self, user: str, groups: Collection[str], service: str) -> list[Role]:
-        return [role for role in self.roles if role.applies(user, groups, service)]
 
-    def decide(self, user: str, groups: Collection[str], service: str, permission: str) -> Decision:
-        """Deny wins, then allow, else `default`; the rule named is the first match in file order."""
-        roles = self.applicable(user, groups, service)
-        if not roles:
-            return Decision(False, DEFAULT)
+DENIED_BY_DEFAULT = Decision(False, DEFAULT)
+Rule = tuple[int, int, Decision]  # (role's place in the file, pattern's index, the decision)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the roles that apply to one (user, groups, service) add up to, merged for lookup."""
+
+    roles: tuple[str, ...]
+    allow: Mapping[str, Rule]
+    deny: Mapping[str, Rule]
+
+    def decide(self, permission: str) -> Decision:
+        """Deny wins, then allow, else `default`; of several matches the first in file order."""
         candidates = patterns_matching(permission)
-        for kind, allowed in (("deny", False), ("permissions", True)):
-            for role in roles:
-                table = role.deny if not allowed else role.allow
-                hits = [table[c] for c in candidates if c in table]
-                if hits:
-                    return Decision(allowed, f"roles.{role.name}.{kind}[{min(hits)}]")
-        return Decision(False, DEFAULT)
+        for table in (self.deny, self.allow):
+            hits = [table[c] for c in candidates if c in table]
+            if hits:
+                return min(hits)[2]
+        return DENIED_BY_DEFAULT
 
-    def effective(self, user: str, groups: Collection[str], service: str) -> Effective:
-        roles = self.applicable(user, groups, service)
-        return Effective(
-            roles=tuple(r.name for r in roles),
-            permissions=_union(r.allow for r in roles),
-            deny=_union(r.deny for r in roles),
-        )
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """The compiled roles of one policy generation.
+
+    Grants are cached per (user, groups, service): a web app asks about the same few sessions
+    over and over. The cache lives and dies with this generation and is emptied whole when it
+    reaches MAX_GRANTS entries, so it stays bounded however many users log in.
+    """
+
+    roles: tuple[Role, ...] = ()
+    _grants: dict[tuple[str, tuple[str, ...], str], Grant] = field(default_factory=dict, compare=False, repr=False)
+
+    def grant(self, user: str, groups: tuple[str, ...], service: str) -> Grant:
+        key = (user, groups, service)
+        if (found := self._grants.get(key)) is not None:
+            return found
+        if len(self._grants) >= MAX_GRANTS:
+            self._grants.clear()
+        grant = self._grants[key] = _merge([(i, r) for i, r in enumerate(self.roles) if r.applies(user, groups, service)])
+        return grant
+
+    def decide(self, user: str, groups: tuple[str, ...], service: str, permission: str) -> Decision:
+        return self.grant(user, groups, service).decide(permission)
+
+    def effective(self, user: str, groups: tuple[str, ...], service: str) -> Effective:
+        grant = self.grant(user, groups, service)
+        return Effective(roles=grant.roles, permissions=tuple(sorted(grant.allow)), deny=tuple(sorted(grant.deny)))
+
+
+def _merge(roles: list[tuple[int, Role]]) -> Grant:
+    allow: dict[str, Rule] = {}
+    deny: dict[str, Rule] = {}
+    for place, role in roles:
+        for kind, patterns, table, allowed in (("permissions", role.allow, allow, True), ("deny", role.deny, deny, False)):
+            for pattern, index in patterns.items():
+                table.setdefault(pattern, (place, index, Decision(allowed, f"roles.{role.name}.{kind}[{index}]")))
+    return Grant(roles=tuple(role.name for _, role in roles), allow=allow, deny=deny)
 
 
 def build(table: Mapping[str, RoleConfig], services: Collection[str]) -> Roles:
@@ -187,7 +219,3 @@ def _group_name(group: str | int, where: str) -> str:
         return grp.getgrnam(group).gr_name if isinstance(group, str) else grp.getgrgid(group).gr_name
     except (KeyError, OverflowError, ValueError):
         raise ConfigError(f"{where}: no such group") from None
-
-
-def _union(tables: Iterable[Mapping[str, int]]) -> tuple[str, ...]:
-    return tuple(sorted({pattern for table in tables for pattern in table}))

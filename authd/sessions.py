@@ -30,6 +30,7 @@ log = structlog.get_logger("authd.sessions")
 
 TOKEN_BYTES = 32  # 256 bits
 RETRY_INTERVAL = 1.0  # after a fault, the file is retried at most this often
+TOUCH_INTERVAL = 1.0  # a session's last_seen reaches the file at most this often
 _SELECT = "SELECT id, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout FROM sessions"
 Row = tuple[Any, ...]
 
@@ -82,6 +83,7 @@ class Session(msgspec.Struct, gc=False):
     last_seen: float
     ttl: float
     idle_timeout: float
+    saved_seen: float = 0.0  # the last_seen the file holds (not a column: see `SessionStore.lookup`)
 
     @property
     def expires_at(self) -> float:
@@ -145,23 +147,31 @@ class SessionStore:
         now = time.time()
         session = Session(
             id=secrets.token_urlsafe(12), token_hash=hash_token(token), user=user, groups=tuple(groups),
-            service=service, rhost=rhost, created=now, last_seen=now, ttl=ttl, idle_timeout=idle_timeout,
+            service=service, rhost=rhost, created=now, last_seen=now, ttl=ttl, idle_timeout=idle_timeout, saved_seen=now,
         )
         self._add(session)
         self._write("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(session))
         return session, token
 
-    def lookup(self, token: str, *, touch: bool = True) -> Session | None:
-        """The live session for a token; touching it pushes its idle expiry out."""
+    def lookup(self, token: str, *, touch: bool = True, now: float | None = None) -> Session | None:
+        """The live session for a token; touching it pushes its idle expiry out.
+
+        Memory always holds the newest last_seen; the file gets it at most every TOUCH_INTERVAL
+        per session, so an app that asks about a session on every request (`session`, `check`)
+        costs no disk write per request. After a restart a session may idle out up to that much
+        early.
+        """
         session = self._by_hash.get(hash_token(token))
         if session is None:
             return None
-        now = time.time()
+        now = time.time() if now is None else now
         if session.expired(now):
             return None
         if touch:
             session.last_seen = now
-            self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session.id))
+            if now - session.saved_seen >= TOUCH_INTERVAL:
+                session.saved_seen = now
+                self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session.id))
         return session
 
     def remove_token(self, token: str) -> Session | None:
@@ -334,7 +344,7 @@ def _session(row: Row) -> Session | None:
                 and isinstance(service, str) and isinstance(rhost, str | None)):
             return None
         return Session(sid, token_hash, user, tuple(filter(None, groups.split("\n"))), service, rhost,
-                       float(created), float(last_seen), float(ttl), float(idle_timeout))
+                       float(created), float(last_seen), float(ttl), float(idle_timeout), float(last_seen))
     except (TypeError, ValueError):
         return None
 

@@ -135,6 +135,15 @@ def test_effective_patterns() -> None:
     assert t.effective("nobody", (), "web") == roles.Effective((), (), ())
 
 
+def test_grant_cache_is_bounded_and_per_generation() -> None:
+    t = table(a=role(users=["*"], permissions=["x"]))
+    for i in range(roles.MAX_GRANTS + 5):
+        assert t.decide(f"user{i}", (), "web", "x").allowed
+    assert 0 < len(t._grants) <= roles.MAX_GRANTS
+    assert t.grant("user1", (), "web") is t.grant("user1", (), "web")
+    assert table(a=role(users=["*"], permissions=["x"]))._grants == {}, "a new generation starts empty"
+
+
 @pytest.mark.parametrize(
     ("name", "ok"),
     [("mail", True), ("mail.send", True), ("a-b_c.0", True), ("", False), ("Mail", False), ("mail.", False),
@@ -162,7 +171,7 @@ role_spec = st.builds(
     permissions=st.lists(pattern, max_size=4, unique=True), deny=st.lists(pattern, max_size=3, unique=True),
 ).filter(lambda r: (r.users or r.groups) and (r.permissions or r.deny))
 policies = st.dictionaries(st.sampled_from(["r1", "r2", "r3", "r4"]), role_spec, max_size=4)
-sessions = st.tuples(st.sampled_from(["alice", "bob", "carol"]), groups, st.sampled_from(["web", "mail"]))
+sessions = st.tuples(st.sampled_from(["alice", "bob", "carol"]), groups.map(tuple), st.sampled_from(["web", "mail"]))
 
 
 def matches(pattern: str, permission: str) -> bool:
@@ -174,13 +183,13 @@ def matches(pattern: str, permission: str) -> bool:
     return pattern == permission
 
 
-def applies(spec: roles.RoleConfig, user: str, groups: list[str], service: str) -> bool:
+def applies(spec: roles.RoleConfig, user: str, groups: tuple[str, ...], service: str) -> bool:
     return (spec.services is None or service in spec.services) and ("*" in spec.users or user in spec.users or bool(set(spec.groups) & set(groups)))
 
 
 @settings(max_examples=400, deadline=None)
 @given(policies, sessions, permission)
-def test_decision_agrees_with_the_definition(spec: dict[str, roles.RoleConfig], session: tuple[str, list[str], str], perm: str) -> None:
+def test_decision_agrees_with_the_definition(spec: dict[str, roles.RoleConfig], session: tuple[str, tuple[str, ...], str], perm: str) -> None:
     user, grps, service = session
     decision = table(**spec).decide(user, grps, service, perm)
     live = [s for s in spec.values() if applies(s, user, grps, service)]
@@ -198,7 +207,7 @@ def test_decision_agrees_with_the_definition(spec: dict[str, roles.RoleConfig], 
 
 @settings(max_examples=200, deadline=None)
 @given(policies, sessions, permission)
-def test_a_deny_added_anywhere_applicable_refuses(spec: dict[str, roles.RoleConfig], session: tuple[str, list[str], str], perm: str) -> None:
+def test_a_deny_added_anywhere_applicable_refuses(spec: dict[str, roles.RoleConfig], session: tuple[str, tuple[str, ...], str], perm: str) -> None:
     user, grps, service = session
     spec = dict(spec, zz=roles.RoleConfig(users=[user], deny=[perm]))
     decision = table(**spec).decide(user, grps, service, perm)

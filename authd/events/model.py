@@ -18,6 +18,7 @@ AUTH_FAILED = "auth.failed"
 AUTH_LOCKED_OUT = "auth.locked_out"
 SESSION_OPENED = "session.opened"
 SESSION_CLOSED = "session.closed"
+AUTHZ_DENIED = "authz.denied"
 POLICY_RELOADED = "policy.reloaded"
 POLICY_RELOAD_FAILED = "policy.reload_failed"
 DAEMON_STARTED = "daemon.started"
@@ -30,6 +31,7 @@ EVENT_NAMES: tuple[str, ...] = (
     AUTH_LOCKED_OUT,
     SESSION_OPENED,
     SESSION_CLOSED,
+    AUTHZ_DENIED,
     POLICY_RELOADED,
     POLICY_RELOAD_FAILED,
     DAEMON_STARTED,
@@ -51,7 +53,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     uid: int | None = None
     gid: int | None = None
     session_id: str | None = None
-    reason: str | None = None
+    reason: str | None = None  # why it failed; for authz.denied, the rule that refused
+    permission: str | None = None  # authz.denied: the permission asked for
     latency: float | None = None
     generation: int | None = None
 

@@ -78,9 +78,12 @@ def assert_no_canary(d: Daemon, *texts: str | bytes) -> None:
 
 
 def test_audit_records_the_whole_story(make_daemon: MakeDaemon) -> None:
-    d = make_daemon(SHORT_SERVICE + LOCK_AFTER_2 + '\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\n').start()
+    roles = '\n[roles.reader]\nusers = ["alice"]\npermissions = ["doc.read"]\n'
+    d = make_daemon(SHORT_SERVICE + LOCK_AFTER_2 + roles + '\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\n').start()
     audit = d.root / "audit.jsonl"
     ok = d.auth("alice", rhost="192.0.2.7")
+    assert d.call("check", token=ok["session"]["token"], permission="doc.read")["allowed"]
+    assert not d.call("check", token=ok["session"]["token"], permission="doc.write")["allowed"]
     assert d.auth("alice", CANARY, rhost="192.0.2.7")["error"] == "auth_failed"
     assert d.call("logout", token=ok["session"]["token"])["ok"]
     revoked = d.auth("bob")["session"]
@@ -108,6 +111,9 @@ def test_audit_records_the_whole_story(make_daemon: MakeDaemon) -> None:
     assert succeeded["latency"] >= 0 and len(succeeded["id"]) == 32
     assert by_name["auth.failed"].items() >= {"user": "alice", "reason": "auth_failed", "rhost": "192.0.2.7", **me}.items()
     assert by_name["session.opened"]["session_id"] == ok["session"]["id"]
+    assert [e for e in lines if e["name"] == "authz.denied"] == [by_name["authz.denied"]], "only refusals are events"
+    assert by_name["authz.denied"].items() >= {"user": "alice", "service": "login", "rhost": "192.0.2.7", "permission": "doc.write",
+                                               "reason": "default", "session_id": ok["session"]["id"], "generation": 1, **me}.items()
     closed = [e for e in lines if e["name"] == "session.closed"]
     assert {(e["session_id"], e["reason"]) for e in closed} == {
         (ok["session"]["id"], "logout"), (revoked["id"], "revoked"), (short["id"], "expired")}

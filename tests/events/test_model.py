@@ -41,7 +41,7 @@ def test_to_dict_and_json_omit_unset_fields() -> None:
 def test_every_name_has_a_constant() -> None:
     constants = {v for k, v in vars(events).items() if k.isupper() and isinstance(v, str)}
     assert constants == set(EVENT_NAMES)
-    assert len(EVENT_NAMES) == 10
+    assert len(EVENT_NAMES) == 11
 
 
 def test_no_field_can_hold_a_secret() -> None:
