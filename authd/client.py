@@ -176,6 +176,7 @@ class AsyncClient(_Ops):
     def __init__(self, path: str | os.PathLike[str] | None = None, max_inflight: int = 32) -> None:
         self.path = os.fspath(path or default_socket())
         self._slots = asyncio.Semaphore(max_inflight)
+        self._connecting = asyncio.Lock()
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -183,11 +184,13 @@ class AsyncClient(_Ops):
 
     async def connect(self) -> AsyncClient:
         if self._writer is None:
-            try:
-                reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_REPLY)
-            except OSError as exc:
-                raise ClientError(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
-            self._reader_task = asyncio.create_task(self._read(reader))
+            async with self._connecting:  # concurrent first calls share one connection, not open one each
+                if self._writer is None:
+                    try:
+                        reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_REPLY)
+                    except OSError as exc:
+                        raise ClientError(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
+                    self._reader_task = asyncio.create_task(self._read(reader))
         return self
 
     async def close(self) -> None:
