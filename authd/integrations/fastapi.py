@@ -15,6 +15,9 @@ The token comes from `Authorization: Bearer <token>`, else from the `authd_sessi
 (`authd.set_cookie` writes it after `authd.login`). Anonymous or expired: 401 with
 `WWW-Authenticate: Bearer` (RFC 6750's `error="invalid_token"` when a token was sent);
 refused by authd's roles: 403 (`error="insufficient_scope"`); authd unreachable: 503.
+
+`login` and `logout` send the blinker signals of `authd.integrations.signals` (re-exported
+here) with the `Authd` object as sender; receivers are plain functions run in the request.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from fastapi import HTTPException, Request, Response
 from ..client import ClientError, ReplyError
 from ..roles import is_permission
 from . import COOKIE, DEFAULT_SERVICE, LoginError, LoopClient, User, bearer_token
+from .signals import logged_in, logged_out, login_failed
+
+__all__ = ["Authd", "logged_in", "logged_out", "login_failed"]
 
 REALM = 'Bearer realm="authd"'
 
@@ -90,21 +96,27 @@ class Authd:
         try:
             reply = await self.clients.run(lambda c: c.auth(username, password, self.service, rhost=rhost))
         except ClientError as exc:
-            raise LoginError.from_reply(exc) from None
+            error = LoginError.from_reply(exc)
+            login_failed.send(self, username=username, reason=error.code)
+            raise error from None
         session = reply["session"]
         user = User(name=reply["user"], groups=tuple(reply["groups"]), service=self.service, session_id=session["id"],
                     expires_at=session["expires_at"])
+        logged_in.send(self, user=user)
         return user, session["token"]
 
     async def logout(self, request: Request, response: Response) -> None:
-        """End the request's authd session (if any) and delete the cookie."""
+        """End the request's authd session (if any), delete the cookie, send `logged_out`."""
         token = self.token(request)
+        user = None
         if token is not None:
             try:
+                user = User.from_session((await self.clients.run(lambda c: c.session(token)))["session"])
                 await self.clients.run(lambda c: c.logout(token))
-            except ReplyError:
-                pass  # already gone
+            except ClientError:
+                pass  # already gone, or authd unreachable (then the session idles out)
         response.delete_cookie(self.cookie_name, secure=self.cookie_secure, httponly=True, samesite="lax")
+        logged_out.send(self, user=user)
 
     def set_cookie(self, response: Response, token: str) -> None:
         response.set_cookie(self.cookie_name, token, secure=self.cookie_secure, httponly=True, samesite="lax")

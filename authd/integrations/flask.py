@@ -20,8 +20,9 @@ AUTHD_SERVICE (the authd `[[service]]`, default "web"), AUTHD_COOKIE_NAME ("auth
 AUTHD_COOKIE_SECURE (True: the cookie only travels over HTTPS), AUTHD_COOKIE_SAMESITE ("Lax"),
 AUTHD_LOGIN_VIEW (an endpoint to redirect anonymous users to; without it they get a 401).
 
-Signals, blinker, sent with the app as sender like Flask's own: `logged_in` (user=User),
-`logged_out` (user=User or None), `login_failed` (username=str, reason=the authd error code).
+Signals (`authd.integrations.signals`, re-exported here) are sent with the app as sender, like
+Flask's own: `logged_in` (user=User), `logged_out` (user=User or None), `login_failed`
+(username=str, reason=the authd error code).
 """
 
 from __future__ import annotations
@@ -30,21 +31,18 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from blinker import Namespace
 from flask import Flask, Response, abort, current_app, g, redirect, request, url_for
 
 from ..client import ClientError, ReplyError
 from ..roles import is_permission
 from . import COOKIE, DEFAULT_SERVICE, LoginError, ThreadClients, User, bearer_token
+from .signals import logged_in, logged_out, login_failed
+
+__all__ = ["Authd", "current_user", "has_permission", "logged_in", "logged_out", "login", "login_failed", "login_required",
+           "logout", "permission_required"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 CHALLENGE = 'Bearer realm="authd"'
-
-_signals = Namespace()
-logged_in = _signals.signal("authd-logged-in")
-logged_out = _signals.signal("authd-logged-out")
-login_failed = _signals.signal("authd-login-failed")
-
 
 class Authd:
     """The extension: settings, one authd connection per thread, and the cookie hook."""
@@ -98,12 +96,13 @@ def login(username: str, password: str) -> User:
 
 def logout() -> None:
     """End the authd session of this request (if any), drop the cookie, send `logged_out`."""
-    user, token = current_user(), _request_token()
+    token = _request_token()
+    user = current_user() if token is not None else None
     if token is not None:
         try:
             _clients().run(lambda c: c.logout(token))
-        except ReplyError:
-            pass  # already gone
+        except ClientError:
+            pass  # already gone, or authd unreachable (then the session idles out)
     g.authd_user, g.authd_cookie = None, ""
     logged_out.send(current_app._get_current_object(), user=user)  # type: ignore[attr-defined]
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from authd.integrations import LoginError, User
-from authd.integrations.fastapi import Authd
+from authd.integrations.fastapi import Authd, logged_in, logged_out, login_failed
 
 from ..daemon import CANARY, PASSWORD, Daemon
 
@@ -82,6 +82,19 @@ def test_login_sets_a_secure_cookie(client: TestClient) -> None:
     cookie = response.headers["set-cookie"]
     assert cookie.startswith("authd_session=") and "Secure" in cookie and "HttpOnly" in cookie and "SameSite=lax" in cookie
     assert client.get("/me").json()["user"] == "alice"
+
+
+def test_login_and_logout_send_signals(app: tuple[FastAPI, Authd], client: TestClient) -> None:
+    heard: list[tuple[str, Any]] = []
+    authd = app[1]
+    with logged_in.connected_to(lambda sender, user: heard.append(("in", user.name)), authd), \
+            logged_out.connected_to(lambda sender, user: heard.append(("out", user and user.name)), authd), \
+            login_failed.connected_to(lambda sender, username, reason: heard.append(("failed", (username, reason))), authd):
+        log_in(client, password="wrong")
+        log_in(client)
+        client.post("/logout")
+        client.post("/logout")
+    assert heard == [("failed", ("alice", "auth_failed")), ("in", "alice"), ("out", "alice"), ("out", None)]
 
 
 def test_failed_login(client: TestClient) -> None:
