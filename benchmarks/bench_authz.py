@@ -25,16 +25,15 @@ import asyncio
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
 from authd.client import AsyncClient, Client
 
-from .harness import NOISY, AuthdProcess, CpuMeter, cpu_note, ms, percentile, policy, report_errors, scratch_dir
+from .harness import NOISY, AuthdProcess, CpuMeter, Window, cpu_note, ms, percentile, policy, report_errors, scratch_dir
 from .pamstack import PamStack
 
 USER, PASSWORD, SERVICE = "bench", "bench-pass", "bench"
@@ -42,20 +41,9 @@ _reply = msgspec.json.Decoder(dict[str, object])
 
 
 @dataclass
-class Phase:
-    seconds: float
-    latencies: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
+class Phase(Window):
     daemon_cpu: float = 0.0
-    cores: tuple[float, float] = (0.0, 0.0)
     client_cpu: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies) / self.seconds
-
-    def per_request(self, cpu: float) -> str:
-        return f"{cpu / max(1, len(self.latencies)) * 1e6:.0f} us"
 
 
 def roles_toml(count: int) -> str:

@@ -23,20 +23,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from authd.client import Client
 
-from .harness import NOISY, AuthdProcess, CpuMeter, cpu_note, ms, percentile, policy, report_errors, scratch_dir
+from .harness import (
+    NOISY, AuthdProcess, CpuMeter, Window, cpu_note, ms, percentile, policy, process_cpu, report_errors, scratch_dir,
+)
 from .pamstack import REPO, PamStack
 
 SERVICE = "bench"
@@ -44,26 +43,10 @@ ROLES = '\n[roles.staff]\nusers = ["*"]\npermissions = ["reports.read"]\n'
 
 
 @dataclass
-class Run:
-    seconds: float
-    latencies: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
+class Run(Window):
     app_cpu: float = 0.0
     authd_cpu: float = 0.0
-    cores: tuple[float, float] = (0.0, 0.0)
     stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies) / self.seconds
-
-    def per_request(self, cpu: float) -> str:
-        return f"{cpu / max(1, len(self.latencies)) * 1e6:.0f} us"
-
-
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -158,10 +141,10 @@ def run_app(mode: str, authd: AuthdProcess, env: dict[str, str], tokens: dict[st
                 time.sleep(0.1)
         result = Run(args.seconds)
         meter = CpuMeter()
-        app_before, authd_before = cpu_of(proc.pid), authd.cpu_seconds()
+        app_before, authd_before = process_cpu(proc.pid), authd.cpu_seconds()
         stats_before = fetch_stats(port)
         asyncio.run(load(port, list(tokens), args.concurrency, args.seconds, result))
-        result.app_cpu, result.authd_cpu = cpu_of(proc.pid) - app_before, authd.cpu_seconds() - authd_before
+        result.app_cpu, result.authd_cpu = process_cpu(proc.pid) - app_before, authd.cpu_seconds() - authd_before
         result.cores = meter.cores()
         after = fetch_stats(port)
         result.stats = {k: after[k] - stats_before[k] for k in after}

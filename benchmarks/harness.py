@@ -15,8 +15,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
@@ -113,8 +115,7 @@ class AuthdProcess:
 
     def cpu_seconds(self) -> float:
         """User+system CPU of the daemon process itself (all threads, not its PAM workers)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.pid)
 
     def rss(self) -> int:
         """Resident bytes of the daemon process (0 once it is gone)."""
@@ -125,6 +126,30 @@ class AuthdProcess:
 
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def process_cpu(pid: int) -> float:
+    """User+system CPU seconds of one process (all its threads, none of its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Window:
+    """Requests completed inside one timed window: their latencies, and the errors beside them."""
+
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    cores: tuple[float, float] = (0.0, 0.0)  # CpuMeter.cores() over the window
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def per_request(self, cpu: float) -> str:
+        """CPU seconds spent over the window, per completed request, in microseconds."""
+        return f"{cpu / max(1, len(self.latencies)) * 1e6:.0f} us"
 
 
 def memory_kib(pid: int) -> dict[str, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from authd import config, policy as policy_mod, roles
+from authd import policy as policy_mod, roles
 from authd.errors import ConfigError
 
 SERVICES = '[[service]]\nname = "web"\npam_service = "login"\n\n[[service]]\nname = "mail"\npam_service = "login"\n'
