@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from authd import policy
+
 from ..daemon import CANARY, PASSWORD, Daemon, wait_for
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -86,6 +88,12 @@ def example(name: str, d: Daemon) -> Iterator[tuple[Browser, subprocess.Popen[st
 def output(proc: subprocess.Popen[str]) -> str:
     assert proc.stdout is not None and proc.poll() is not None
     return proc.stdout.read()
+
+
+def test_example_policy_is_valid() -> None:
+    loaded = policy.load(EXAMPLES / "authd-web.toml", 1, build=False)
+    assert [r.name for r in loaded.roles.roles] == ["staff", "editors", "admin"]
+    assert loaded.roles.decide("alice", ("adm",), "web", "blog.delete_post").rule == "roles.editors.deny[0]"
 
 
 def test_flask_example(web_daemon: Daemon) -> None:
