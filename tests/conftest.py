@@ -11,14 +11,19 @@ from .daemon import BASE_POLICY, PAM_SERVICE, PASSWORD, Daemon
 from .pamenv import PamEnv, compile_pam_module
 
 
+def pam_env(root: Path, users: tuple[str, ...] = ("alice", "bob")) -> PamEnv:
+    """`users` (password PASSWORD) in PAM service `authd-test`, under `root`."""
+    env = PamEnv.create(root)
+    env.add_service(PAM_SERVICE)
+    for user in users:
+        env.add_user(user, PASSWORD, PAM_SERVICE)
+    return env
+
+
 @pytest.fixture
 def pam(tmp_path: Path) -> PamEnv:
     """Users alice and bob (password PASSWORD) in PAM service `authd-test`."""
-    env = PamEnv.create(tmp_path / "pam")
-    env.add_service(PAM_SERVICE)
-    for user in ("alice", "bob"):
-        env.add_user(user, PASSWORD, PAM_SERVICE)
-    return env
+    return pam_env(tmp_path / "pam")
 
 
 @pytest.fixture

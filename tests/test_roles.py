@@ -187,7 +187,7 @@ def applies(spec: roles.RoleConfig, user: str, groups: tuple[str, ...], service:
     return (spec.services is None or service in spec.services) and ("*" in spec.users or user in spec.users or bool(set(spec.groups) & set(groups)))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(policies, sessions, permission)
 def test_decision_agrees_with_the_definition(spec: dict[str, roles.RoleConfig], session: tuple[str, tuple[str, ...], str], perm: str) -> None:
     user, grps, service = session
@@ -205,7 +205,7 @@ def test_decision_agrees_with_the_definition(spec: dict[str, roles.RoleConfig], 
         assert matches(getattr(spec[name], kind)[int(index)], perm)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(policies, sessions, permission)
 def test_a_deny_added_anywhere_applicable_refuses(spec: dict[str, roles.RoleConfig], session: tuple[str, tuple[str, ...], str], perm: str) -> None:
     user, grps, service = session

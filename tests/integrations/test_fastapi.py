@@ -62,8 +62,8 @@ def make_app(d: Daemon) -> tuple[FastAPI, Authd]:
 
 
 @pytest.fixture
-def app(web_daemon: Daemon) -> tuple[FastAPI, Authd]:
-    return make_app(web_daemon)
+def app(shared_daemon: Daemon) -> tuple[FastAPI, Authd]:
+    return make_app(shared_daemon)
 
 
 @pytest.fixture
@@ -112,35 +112,35 @@ def test_anonymous_and_invalid_tokens_get_401_with_a_challenge(client: TestClien
     assert invalid.headers["www-authenticate"] == 'Bearer realm="authd", error="invalid_token"'
 
 
-def test_require_answers_from_authd_roles(client: TestClient, web_daemon: Daemon) -> None:
+def test_require_answers_from_authd_roles(client: TestClient, shared_daemon: Daemon) -> None:
     log_in(client)
     assert client.get("/posts/new").json() == {"user": "alice"}
     denied = client.get("/posts/delete")
     assert denied.status_code == 403
     assert denied.headers["www-authenticate"] == 'Bearer realm="authd", error="insufficient_scope", scope="blog.delete_post"'
     assert client.get("/both").json() == {"user": "alice"}
-    root = web_daemon.auth("root")["session"]["token"]
+    root = shared_daemon.auth("root")["session"]["token"]
     assert client.get("/posts/delete", headers={"Authorization": f"Bearer {root}"}).status_code == 200, "by group"
-    bob = web_daemon.auth("bob")["session"]["token"]
+    bob = shared_daemon.auth("bob")["session"]["token"]
     assert client.get("/posts/new", headers={"Authorization": f"Bearer {bob}"}).status_code == 403, "default deny"
 
 
-def test_logout_and_revoke(client: TestClient, web_daemon: Daemon) -> None:
+def test_logout_and_revoke(client: TestClient, shared_daemon: Daemon) -> None:
     log_in(client)
     response = client.post("/logout")
     assert 'authd_session=""' in response.headers["set-cookie"] and "Max-Age=0" in response.headers["set-cookie"]
     assert client.get("/me").status_code == 401
     log_in(client)
-    assert web_daemon.call("revoke", user="alice")["ok"]
+    assert shared_daemon.call("revoke", user="alice")["ok"]
     assert client.get("/me").status_code == 401
 
 
-def test_concurrent_requests_share_one_connection(app: tuple[FastAPI, Authd], web_daemon: Daemon) -> None:
+def test_concurrent_requests_share_one_connection(web_daemon: Daemon) -> None:
     """A hundred requests at once through the ASGI app: all answered over one authd connection."""
     import httpx
 
     token = web_daemon.auth("alice")["session"]["token"]
-    fastapi_app, authd = app
+    fastapi_app, authd = make_app(web_daemon)
     before = web_daemon.call("status")["connections"]
 
     async def run() -> list[int]:
@@ -157,11 +157,12 @@ def test_concurrent_requests_share_one_connection(app: tuple[FastAPI, Authd], we
     assert asyncio.run(run()) == [403 if i % 2 == 0 else 200 for i in range(100)]
 
 
-def test_authd_down(client: TestClient, web_daemon: Daemon) -> None:
-    log_in(client)
-    web_daemon.stop()
-    assert client.get("/me").status_code == 503
-    assert log_in(client).headers["x-authd-error"] == "unavailable"
+def test_authd_down(web_daemon: Daemon) -> None:
+    with TestClient(make_app(web_daemon)[0], base_url=HTTPS) as client:
+        log_in(client)
+        web_daemon.stop()
+        assert client.get("/me").status_code == 503
+        assert log_in(client).headers["x-authd-error"] == "unavailable"
 
 
 def test_permission_name_is_checked_up_front(app: tuple[FastAPI, Authd]) -> None:

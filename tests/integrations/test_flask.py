@@ -63,8 +63,8 @@ def make_app(d: Daemon, **config: Any) -> Flask:
 
 
 @pytest.fixture
-def app(web_daemon: Daemon) -> Flask:
-    return make_app(web_daemon)
+def app(shared_daemon: Daemon) -> Flask:
+    return make_app(shared_daemon)
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_login_sets_a_secure_cookie_and_sends_logged_in(client: FlaskClient, sig
     assert client.get("/me", base_url=HTTPS).json == {"user": "alice", "can_delete": False}
 
 
-def test_failed_login_sends_login_failed_and_sets_no_cookie(client: FlaskClient, signals: list[Any], web_daemon: Daemon) -> None:
+def test_failed_login_sends_login_failed_and_sets_no_cookie(client: FlaskClient, signals: list[Any], shared_daemon: Daemon) -> None:
     response = log_in(client, password=CANARY)
     assert response.status_code == 401 and response.json["error"] == "auth_failed"
     assert "Set-Cookie" not in response.headers and CANARY not in response.get_data(as_text=True)
@@ -123,7 +123,7 @@ def test_permissions_come_from_authd_roles(client: FlaskClient) -> None:
     assert admin.get("/posts/delete", base_url=HTTPS).status_code == 200, "granted by group"
 
 
-def test_logout_ends_the_authd_session(client: FlaskClient, signals: list[Any], web_daemon: Daemon) -> None:
+def test_logout_ends_the_authd_session(client: FlaskClient, signals: list[Any], shared_daemon: Daemon) -> None:
     log_in(client)
     cookie = client.get_cookie("authd_session", domain="app.example")
     assert cookie is not None and cookie.secure and cookie.http_only
@@ -131,37 +131,40 @@ def test_logout_ends_the_authd_session(client: FlaskClient, signals: list[Any], 
     response = client.post("/logout", base_url=HTTPS)
     assert "authd_session=;" in response.headers["Set-Cookie"]
     assert [name for name, _ in signals] == ["in", "out"] and signals[1][1]["user"].name == "alice"
-    assert web_daemon.call("session", token=token)["error"] == "invalid_session"
+    assert shared_daemon.call("session", token=token)["error"] == "invalid_session"
     assert client.get("/me", base_url=HTTPS).status_code == 401
 
 
-def test_revoked_session_is_logged_out_on_the_next_request(client: FlaskClient, web_daemon: Daemon) -> None:
+def test_revoked_session_is_logged_out_on_the_next_request(client: FlaskClient, shared_daemon: Daemon) -> None:
     log_in(client)
     assert client.get("/me", base_url=HTTPS).status_code == 200
-    assert web_daemon.call("revoke", user="alice")["ok"]
+    assert shared_daemon.call("revoke", user="alice")["ok"]
     response = client.get("/me", base_url=HTTPS)
     assert response.status_code == 401 and "authd_session=;" in response.headers["Set-Cookie"]
 
 
-def test_bearer_token_for_api_clients(client: FlaskClient, web_daemon: Daemon) -> None:
-    token = web_daemon.auth("alice")["session"]["token"]
+def test_bearer_token_for_api_clients(client: FlaskClient, shared_daemon: Daemon) -> None:
+    token = shared_daemon.auth("alice")["session"]["token"]
     fresh = client.application.test_client(use_cookies=False)
     assert fresh.get("/posts/new", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert fresh.get("/posts/new", headers={"Authorization": "Bearer nope"}).status_code == 401
 
 
-def test_login_view_redirects_browsers(web_daemon: Daemon) -> None:
-    client = make_app(web_daemon, AUTHD_LOGIN_VIEW="form").test_client()
+def test_login_view_redirects_browsers(shared_daemon: Daemon) -> None:
+    client = make_app(shared_daemon, AUTHD_LOGIN_VIEW="form").test_client()
     response = client.get("/posts/new?x=1", base_url=HTTPS)
     assert response.status_code == 302 and response.headers["Location"] == "/form?next=/posts/new?x%3D1"
 
 
-def test_authd_down(client: FlaskClient, web_daemon: Daemon, signals: list[Any]) -> None:
+def test_authd_down(web_daemon: Daemon) -> None:
+    app = make_app(web_daemon)
+    client = app.test_client()
+    reasons: list[str] = []
     log_in(client)
     web_daemon.stop()
-    response = log_in(client)
-    assert response.status_code == 401 and response.json["error"] == "unavailable"
-    assert signals[-1] == ("failed", {"username": "alice", "reason": "unavailable"})
+    with login_failed.connected_to(lambda sender, username, reason: reasons.append(reason), app):
+        response = log_in(client)
+    assert response.status_code == 401 and response.json["error"] == "unavailable" and reasons == ["unavailable"]
     assert client.get("/me", base_url=HTTPS).status_code == 503
 
 
