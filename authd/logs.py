@@ -2,6 +2,12 @@
 
 Tracebacks are rendered without local variables (`show_locals=False`): a frame's locals may
 hold a password. Request-scoped fields (request id, peer pid/uid) come from contextvars.
+
+Log lines carry what clients chose (user names, request ids) and are read by fail2ban and by
+people at terminals: the console rendering is coloured only on a tty (fail2ban's filter must
+see the plain text), and any value with a control character (CR, LF, ESC, other C0/C1 codes,
+U+2028/2029, bidi overrides) is shown as an escaped, quoted repr. The log file is opened like
+every file authd writes (`securefs`), on SIGHUP too.
 """
 
 from __future__ import annotations
@@ -9,10 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import msgspec
 import structlog
+
+from . import securefs
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -38,14 +47,22 @@ class _Stream:
             redirect_std(path)
             self.file = sys.stderr.buffer
         else:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self.file = os.fdopen(fd, "ab")
+            self.file = os.fdopen(securefs.open_append(Path(path), 0o600, "daemon.log_file"), "ab")
         if old not in (sys.stderr.buffer, self.file):
             old.close()
 
     def reopen(self) -> None:
-        if self.path is not None:
+        """SIGHUP: a new file where the old one was; if that cannot be opened, keep writing the old."""
+        if self.path is None:
+            return
+        try:
             self.open(self.path, std=self.std)
+        except (OSError, securefs.UnsafePath) as exc:
+            structlog.get_logger("authd.logs").error("cannot reopen the log file; still writing to the old one",
+                                                     path=self.path, error=getattr(exc, "strerror", None) or str(exc))
+
+    def isatty(self) -> bool:
+        return self.file.isatty()
 
     def write(self, data: str | bytes) -> int:
         """Bytes from the JSON renderer, text from the console one; one flush per line."""
@@ -57,7 +74,7 @@ class _Stream:
 
 def redirect_std(path: str | os.PathLike[str]) -> None:
     """Point fds 1 and 2 at a freshly opened `path` (append, 0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = securefs.open_append(Path(path), 0o600, "daemon.log_file")
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -85,7 +102,7 @@ def configure(*, level: str = "info", fmt: str = "auto", path: str | None = None
         ]
         factory: Any = structlog.BytesLoggerFactory(stream)
     else:
-        processors.append(structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback))
+        processors += console_rendering(colors=stream.isatty())
         factory = structlog.PrintLoggerFactory(stream)
     structlog.configure(
         processors=processors,
@@ -93,6 +110,34 @@ def configure(*, level: str = "info", fmt: str = "auto", path: str | None = None
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+
+
+def console_rendering(*, colors: bool) -> list[Any]:
+    """The console format's last processors: control characters escaped, then structlog's renderer."""
+    return [_escape_controls, structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)]
+
+
+class _Escaped:
+    """A string the console renderer shows as its repr: quoted, every control character escaped."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+    __str__ = __repr__
+
+
+def _escape_controls(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog's console renderer writes a string without quotes unless it has a space, `=`,
+    a quote, CR or LF: an ESC or U+2028 in a user name would reach the terminal or the reader as is."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and key not in ("exception", "stack") and not value.isprintable():
+            event_dict[key] = _Escaped(value)
+    return event_dict
 
 
 _json = msgspec.json.Encoder(enc_hook=str)

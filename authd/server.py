@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from . import protocol as p
+from . import protocol as p, securefs
 from .config import Limits
 from .errors import AuthdError
 from .ops import dispatch
@@ -59,7 +59,10 @@ class Server:
 
     def _bind(self, path: Path) -> socket.socket:
         daemon = self.rt.policy.daemon
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # whoever may write the directory could swap the socket for their own
+            securefs.make_dir(path.parent, "daemon.socket", 0o755)
+        except OSError as exc:
+            raise AuthdError(f"daemon.socket: cannot use {path.parent}: {exc.strerror}") from None
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o777 & ~daemon.socket_mode)

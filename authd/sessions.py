@@ -24,6 +24,7 @@ import msgspec
 import structlog
 
 from . import sqlitefile
+from .securefs import UnsafePath
 from .sqlitefile import BUSY_TIMEOUT, Corrupt
 
 log = structlog.get_logger("authd.sessions")
@@ -226,7 +227,7 @@ class SessionStore:
                 self._resync(db)
             elif sql is not None:
                 db.execute(sql, params)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, UnsafePath) as exc:  # unsafe at start-up refuses the start (open)
             self._failed(exc)
             return
         if self._dirty:
@@ -292,6 +293,7 @@ def _read_only(path: Path) -> tuple[list[Row], bool]:
     """
     if not path.exists():
         return [], True
+    sqlitefile.check(path)
     for options, complete in (("mode=ro", True), ("immutable=1", False)):
         try:
             db = sqlite3.connect(f"{path.as_uri()}?{options}", uri=True, timeout=BUSY_TIMEOUT)
