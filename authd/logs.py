@@ -6,14 +6,16 @@ hold a password. Request-scoped fields (request id, peer pid/uid) come from cont
 Log lines carry what clients chose (user names, request ids) and are read by fail2ban and by
 people at terminals: the console rendering is coloured only on a tty (fail2ban's filter must
 see the plain text), and any value with a control character (CR, LF, ESC, other C0/C1 codes,
-U+2028/2029, bidi overrides) is shown as an escaped, quoted repr. The log file is opened like
-every file authd writes (`securefs`), on SIGHUP too.
+U+2028/2029, bidi overrides) is shown as an escaped, quoted repr. JSON escapes C0 itself;
+the rest of those, which JSON may carry raw, are \\u-escaped too. The log file is opened
+like every file authd writes (`securefs`), on SIGHUP too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -141,9 +143,15 @@ def _escape_controls(logger: Any, name: str, event_dict: dict[str, Any]) -> dict
 
 
 _json = msgspec.json.Encoder(enc_hook=str)
+# What JSON may carry raw but a terminal or a line splitter may act on: DEL, C1 controls,
+# U+2028/2029 and the bidi controls (C0 controls JSON escapes itself).
+_UNSAFE_IN_JSON = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8-\xae]|\xe2\x81[\xa6-\xa9]")
 
 
 def _render_json(logger: Any, name: str, event_dict: dict[str, Any]) -> bytes:
     """structlog's JSONRenderer, with msgspec: a log line is on every request's path."""
-    return _json.encode(event_dict)
+    line = _json.encode(event_dict)
+    if _UNSAFE_IN_JSON.search(line):  # only ever inside a string, where \uXXXX means the same
+        line = _UNSAFE_IN_JSON.sub(lambda m: b"\\u%04x" % ord(m[0].decode()), line)
+    return line
 
