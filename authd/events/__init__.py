@@ -1,10 +1,11 @@
-"""Auth events and the handlers that act on them, off the reply path (SPEC §7).
+"""Auth events and the handlers that act on them, off the reply path (docs/handlers.md).
 
 The daemon creates one :class:`EventBus`, ``emit()``s an :class:`Event` for every outcome,
 and on start and every SIGHUP hands it ``build_handlers(policy.handler, ctx)``.
 """
 
-from authd.events.bus import EventBus, FunctionHandler, Handler, HandlerError, Signal
+from authd.events.bus import EventBus
+from authd.events.handler import FunctionHandler, Handler, HandlerError
 from authd.events.config import HandlerConfig, HandlerContext
 from authd.events.handlers import build_handlers
 from authd.events.handlers.lastlog import lastlog_lookup
@@ -42,7 +43,6 @@ __all__ = [
     "HandlerConfig",
     "HandlerContext",
     "HandlerError",
-    "Signal",
     "build_handlers",
     "lastlog_lookup",
 ]

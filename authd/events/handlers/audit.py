@@ -8,7 +8,7 @@ from typing import Any
 
 from authd import securefs
 from authd.errors import ConfigError
-from authd.events.bus import Handler, HandlerError
+from authd.events.handler import Handler, HandlerError
 from authd.events.config import AuditConfig, HandlerContext, resolve_path
 from authd.events.model import Event
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from authd import sqlitefile
 from authd.errors import ConfigError
-from authd.events.bus import Handler
+from authd.events.handler import Handler
 from authd.events.config import HandlerContext, LastlogConfig
 from authd.events.model import AUTH_FAILED, AUTH_SUCCEEDED, Event
 
