@@ -74,7 +74,7 @@ class SaslauthdConnection(Connection):
                 self.rt.counters["connections_closed_slow_request"] += 1
                 return None
             if not data:
-                return None
+                return self.decoder.finish()  # a client that half-closed after 4 fields still gets its answer
             if (item := self.decoder.feed(data)) is not None:
                 return item
         return None
