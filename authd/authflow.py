@@ -16,6 +16,7 @@ from typing import Protocol
 
 import structlog
 
+from .cache import CredentialCache
 from .events import model as events
 from .events.model import Event
 from .lockout import Locked, Lockout
@@ -35,6 +36,8 @@ class Pam(Protocol):
     async def authenticate(self, service: str, user: str, password: str, rhost: str | None = None,
                            ruser: str | None = None) -> PamResult: ...
 
+    async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None) -> PamResult: ...
+
 
 class AuthCore:
     def __init__(
@@ -47,6 +50,7 @@ class AuthCore:
         emit: Callable[[Event], None],
         counters: Counter[str],
         delay: Callable[[float], Awaitable[None]],
+        cache: CredentialCache,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policy = policy
@@ -56,6 +60,7 @@ class AuthCore:
         self._emit = emit
         self._counters = counters
         self._delay = delay
+        self._cache = cache
         self._clock = clock
 
     async def decide(self, peer: Peer, req: AuthRequest) -> Outcome:
@@ -84,7 +89,7 @@ class AuthCore:
             await self._delay(service.failure_delay)
             return denied
         try:
-            result = await self._pam.authenticate(service.pam_name, req.user, req.password, req.rhost, req.ruser)
+            result, cached = await self._verify(service.name, service.pam_name, req)
         except BaseException:
             self._lockout.cancel(attempt)
             raise
@@ -93,6 +98,8 @@ class AuthCore:
             log.error("pam unavailable", service=service.pam_name, stage=result.stage, detail=result.detail)
             return failed(UNAVAILABLE)
         for locked in self._lockout.finish(attempt, success=result.outcome != AUTH_FAILED):
+            if locked.scope == "user":
+                self._cache.flush(req.user)
             log.warning("lockout", scope=locked.scope, user=req.user, rhost=req.rhost or "-", retry_after=locked.retry_after)
             emit(events.AUTH_LOCKED_OUT, reason=f"{locked.scope} locked")
         if result.outcome == AUTH_FAILED:
@@ -103,19 +110,35 @@ class AuthCore:
             return failed(result.outcome)
 
         groups = result.groups
+        if not cached and self._cache.enabled:
+            self._cache.store(service.name, req.user, req.rhost, req.password, groups)
         if not policy.permits(service, req.user, groups):
             return failed(NOT_AUTHORIZED)
 
         self._counters["auth:ok"] += 1
         latency = self._clock() - started
-        log.info("auth succeeded", user=req.user, service=req.service, rhost=req.rhost or "-", protocol=req.protocol)
+        log.info("auth succeeded", user=req.user, service=req.service, rhost=req.rhost or "-", protocol=req.protocol,
+                 cached=cached or None)
         if not req.open_session:
-            emit(events.AUTH_SUCCEEDED, latency=latency, generation=policy.generation)
-            return Granted(user=req.user, groups=groups)
+            emit(events.AUTH_SUCCEEDED, latency=latency, generation=policy.generation, cached=cached or None)
+            return Granted(user=req.user, groups=groups, cached=cached)
         session, token = self._sessions.create(
             user=req.user, groups=groups, service=service.name, rhost=req.rhost,
             ttl=service.session_ttl, idle_timeout=service.idle_timeout,
         )
-        emit(events.AUTH_SUCCEEDED, latency=latency, session_id=session.id, generation=policy.generation)
+        emit(events.AUTH_SUCCEEDED, latency=latency, session_id=session.id, generation=policy.generation,
+             cached=cached or None)
         emit(events.SESSION_OPENED, session_id=session.id)
-        return Granted(user=req.user, groups=groups, session=SessionGrant(id=session.id, token=token, expires_at=session.expires_at))
+        grant = SessionGrant(id=session.id, token=token, expires_at=session.expires_at)
+        return Granted(user=req.user, groups=groups, session=grant, cached=cached)
+
+    async def _verify(self, service: str, pam_service: str, req: AuthRequest) -> tuple[PamResult, bool]:
+        """PAM's verdict, and whether the cache vouched for the password instead of pam_authenticate."""
+        if self._cache.enabled:
+            found, groups = self._cache.lookup(service, req.user, req.rhost, req.password)
+            self._counters[f"cache:{found}"] += 1
+            if found == "hit":
+                if self._cache.config.account_check == "cached":
+                    return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=groups), True
+                return await self._pam.account(pam_service, req.user, req.rhost, req.ruser), True
+        return await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser), False

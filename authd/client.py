@@ -104,6 +104,9 @@ class _Ops(abc.ABC):
     def lastlog(self, user: str) -> Any:
         return self.call("lastlog", user=user)
 
+    def cache_flush(self, user: str | None = None) -> Any:
+        return self.call("cache_flush", user=user)
+
 
 class Client(_Ops):
     """Blocking client: one request at a time over one persistent connection."""

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .cache import CacheConfig
 from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
@@ -114,6 +115,7 @@ class Config(_Section):
     handler: list[HandlerConfig] = []
     saslauthd: Saslauthd = Saslauthd()
     dovecot: Dovecot = Dovecot()
+    cache: CacheConfig = CacheConfig()
 
 
 def parse(text: str, source: str = "authd.toml") -> Config:

@@ -132,6 +132,7 @@ class Lifecycle:
         ignored = policy_mod.restart_only_changes(rt.boot_policy, new)
         rt.policy = new
         rt.lockout.configure(new.config.lockout)
+        rt.cache.configure(new.config.cache)
         rt.bus.handler_timeout = new.daemon.handler_timeout  # read by the new handlers' workers
         rt.bus.queue_size = new.daemon.event_queue
         rt.bus.set_handlers(list(new.handlers), retire_within=new.daemon.drain_timeout)

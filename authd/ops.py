@@ -113,6 +113,8 @@ async def revoke(ctx: Context, peer: Peer, req: p.Revoke) -> p.Reply:
     if req.session_id is None and req.user is None:
         return failure(p.BAD_REQUEST, "revoke needs `session_id` or `user`")
     gone = ctx.rt.sessions.revoke(session_id=req.session_id, user=req.user)
+    for user in {s.user for s in gone} | ({req.user} if req.user else set()):
+        ctx.rt.cache.flush(user)
     closed(ctx.rt, gone, "revoked", peer)
     return p.RevokeReply(revoked=[s.id for s in gone])
 
@@ -139,6 +141,8 @@ async def lockouts(ctx: Context, peer: Peer, req: p.Lockouts) -> p.Reply:
 
 @op(p.Unlock)
 async def unlock(ctx: Context, peer: Peer, req: p.Unlock) -> p.Reply:
+    if req.scope != "rhost":
+        ctx.rt.cache.flush(req.key)
     if not ctx.rt.lockout.unlock(req.key, req.scope):
         return failure(p.NOT_FOUND, "nothing recorded for that user or rhost")
     return p.UnlockReply(unlocked=req.key)
@@ -150,6 +154,11 @@ async def lastlog(ctx: Context, peer: Peer, req: p.Lastlog) -> p.Reply:
     if row is None:
         return failure(p.NOT_FOUND, "no login recorded for that user (is a lastlog handler configured?)")
     return p.LastlogReply(lastlog=row)
+
+
+@op(p.CacheFlush)
+async def cache_flush(ctx: Context, peer: Peer, req: p.CacheFlush) -> p.Reply:
+    return p.CacheFlushReply(flushed=ctx.rt.cache.flush(req.user))
 
 
 def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = None) -> None:

@@ -107,7 +107,13 @@ class Lastlog(Request, tag="lastlog"):
     user: Name
 
 
-REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Lockouts, Unlock, Lastlog]
+class CacheFlush(Request, tag="cache_flush"):
+    admin = True
+    user: Name | None = None
+
+
+REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Lockouts, Unlock, Lastlog,
+                                      CacheFlush]
 
 
 def register(request_type: type[Request]) -> None:
@@ -307,10 +313,14 @@ class LastlogReply(Reply):
     lastlog: dict[str, Any]
 
 
+class CacheFlushReply(Reply):
+    flushed: int
+
+
 REPLY_TYPES: dict[str, type[Reply]] = {
     "hello": HelloReply, "auth": AuthReply, "session": SessionReply, "logout": LogoutReply,
     "sessions": SessionsReply, "revoke": RevokeReply, "status": StatusReply, "reload": ReloadReply,
-    "lockouts": LockoutsReply, "unlock": UnlockReply, "lastlog": LastlogReply,
+    "lockouts": LockoutsReply, "unlock": UnlockReply, "lastlog": LastlogReply, "cache_flush": CacheFlushReply,
 }  # fmt: skip
 
 

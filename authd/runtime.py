@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 from .authflow import AuthCore
+from .cache import CredentialCache
 from .errors import ConfigError
 from .events import Event, EventBus
 from .lockout import Lockout
@@ -32,10 +33,11 @@ class Runtime:
         self.sessions = SessionStore(policy.state_dir / "sessions.db")
         self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
         self.bus = EventBus(queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
+        self.cache = CredentialCache(policy.config.cache)
         self.draining = asyncio.Event()
         self.core = AuthCore(
             policy=lambda: self.policy, pam=self.pam, lockout=self.lockout, sessions=self.sessions,
-            emit=self.bus.emit, counters=self.counters, delay=self.delay,
+            emit=self.bus.emit, counters=self.counters, delay=self.delay, cache=self.cache,
         )
 
     async def start(self) -> None:

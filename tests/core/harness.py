@@ -13,6 +13,7 @@ from typing import Any
 
 from authd import config as cfg
 from authd.authflow import AuthCore
+from authd.cache import CredentialCache
 from authd.events.model import Event
 from authd.lockout import Lockout
 from authd.outcome import AuthRequest, Outcome
@@ -110,7 +111,8 @@ class Harness:
         self.events: list[Event] = []
         self.delays: list[float] = []
         self.counters: Counter[str] = Counter()
-        self.core = AuthCore(policy=lambda: self.policy, pam=self.pam, lockout=self.lockout, sessions=self.sessions,
+        self.cache = CredentialCache(self.policy.config.cache, clock=self.clock)
+        self.core = AuthCore(policy=lambda: self.policy, pam=self.pam, lockout=self.lockout, sessions=self.sessions, cache=self.cache,
                              emit=self.events.append, counters=self.counters, delay=self._delay, clock=self.clock, **core)
 
     async def _delay(self, seconds: float) -> None:
