@@ -23,9 +23,11 @@ from typing import Any, Protocol
 import structlog
 
 from . import protocol as p
+from .authflow import AuthCore
 from .config import Limits
 from .errors import AuthdError
 from .ops import Context, dispatch
+from .outcome import AuthRequest, Denied, Outcome
 from .peer import Peer
 from .runtime import Runtime
 
@@ -284,6 +286,15 @@ class Connection(abc.ABC):
             return False
         self.rt.counters["client_forbidden"] += 1
         return True
+
+    async def decide(self, core: AuthCore, request: AuthRequest) -> Outcome:
+        """The auth decision for a front end's request; a bug in it costs this request only."""
+        try:
+            return await core.decide(self.peer, request)
+        except Exception:
+            self.rt.counters["internal_errors"] += 1
+            log.exception("request failed", protocol=request.protocol, **self.peer.log_fields())
+            return Denied(code=p.UNAVAILABLE)
 
     def spawn(self, work: Any) -> None:
         """Serve one request as its own task; replies leave in completion order."""

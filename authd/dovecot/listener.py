@@ -81,13 +81,7 @@ class DovecotConnection(Connection):
         services = self.rt.policy.config.dovecot.services
         request = AuthRequest(user=req.user, password=req.password, service=services.get(req.service, req.service),
                               rhost=req.rip, protocol="dovecot")
-        try:
-            out = await self.core.decide(self.peer, request)
-        except Exception:
-            self.rt.counters["internal_errors"] += 1
-            log.exception("dovecot request failed", **self.peer.log_fields())
-            self._answer(req, codec.fail(req.id, "authentication is unavailable", code="temp_fail"))
-            return
+        out = await self.decide(self.core, request)
         if isinstance(out, Denied):
             reason = MESSAGES.get(out.code, out.code).split(";")[0]  # fail2ban's postfix-sasl filter wants plain words
             reply = codec.fail(req.id, reason, code=_CODES.get(out.code), user=req.user)

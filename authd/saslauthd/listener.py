@@ -99,11 +99,5 @@ class SaslauthdConnection(Connection):
         user = f"{req.login}@{req.realm}" if config.append_realm and req.realm else req.login
         request = AuthRequest(user=user, password=req.password, service=config.services.get(req.service, req.service),
                               rhost=req.rhost, protocol="saslauthd")
-        try:
-            out = await self.core.decide(self.peer, request)
-        except Exception:
-            self.rt.counters["internal_errors"] += 1
-            log.exception("saslauthd request failed", **self.peer.log_fields())
-            self.send(codec.no(MESSAGES["unavailable"]))
-            return
+        out = await self.decide(self.core, request)
         self.send(codec.no(MESSAGES.get(out.code, out.code)) if isinstance(out, Denied) else codec.ok())

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from ..daemon import PASSWORD, Daemon, raw_connect, wait_for
+from ..daemon import PASSWORD, Daemon, as_nobody, raw_connect, wait_for
 from ..pamenv import PamEnv
 from authd.saslauthd.codec import encode_request
 
@@ -156,44 +154,12 @@ def test_forbidden_peer_is_refused_on_every_socket(make_daemon: Callable[..., Da
     d.write_policy(d.policy.replace('users = ["*"]', 'users = ["root"]'))
     d.start()
     request = encode_request("alice", PASSWORD, "smtp", "")
-    assert _as_nobody(mux(d), request) in (b"", b"\x00\x21NO this uid/gid may not use authd")
+    assert as_nobody(mux(d), request) in (b"", b"\x00\x21NO this uid/gid may not use authd")
     dovecot = b"VERSION\t1\t0\nAUTH\t1\tPLAIN\tservice=smtp\tresp=" + plain("alice", PASSWORD).encode() + b"\n"
-    reply = _as_nobody(auth_client(d), dovecot)
+    reply = as_nobody(auth_client(d), dovecot)
     assert b"\nOK\t" not in reply and (reply == b"" or b"FAIL\t1\treason=this uid/gid may not use authd\n" in reply)
     assert saslauthd(d, "alice", PASSWORD) == b"OK", "root may"
     assert d.call("status")["counters"]["client_forbidden"] in (0, 2), "refused at accept, or per request"
-
-
-def _as_nobody(path: Path, request: bytes) -> bytes:
-    """Send `request` as uid 65534 and return everything the daemon wrote before closing."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            sock = raw_connect(path)
-            sock.settimeout(5)
-            sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            try:
-                while chunk := sock.recv(65536):
-                    data += chunk
-            except OSError:
-                pass
-            os.write(write_fd, data)
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    data = b""
-    while chunk := os.read(read_fd, 65536):
-        data += chunk
-    os.close(read_fd)
-    os.waitpid(pid, 0)
-    return data
 
 
 def test_drain_answers_an_inflight_dovecot_request(make_daemon: Callable[..., Daemon]) -> None:
