@@ -200,19 +200,23 @@ def with_log_file(path: Path) -> str:
     return BASE_POLICY.replace("[daemon]\n", f'[daemon]\nlog_file = "{path}"\n')
 
 
+@pytest.mark.parametrize("log", ["log_file", "audit"])
 @pytest.mark.parametrize("how", ["symlink", "owned by nobody", "hard link", "in a dir of nobody"])
-def test_log_file_is_never_written_through_a_planted_file(make_daemon: Callable[..., Daemon], victim: Path,
-                                                          how: str) -> None:
+def test_log_is_never_written_through_a_planted_file(make_daemon: Callable[..., Daemon], victim: Path, log: str,
+                                                     how: str) -> None:
     logs = victim.parent / "logs"
     logs.mkdir()
-    path = logs / "authd-file.log"
-    d = make_daemon(base=with_log_file(path))
+    path = logs / "authd.log"
+    if log == "log_file":
+        d, key = make_daemon(base=with_log_file(path)), "daemon.log_file"
+    else:
+        d, key = make_daemon(AUDIT.format(path=path)), "handler[0].path"
     if how == "in a dir of nobody":
         nobodys(logs)
         expected = f"{logs} is owned by nobody (uid 65534)"
     else:
         expected = plant(how, path, victim)
-    assert f"daemon.log_file: {expected}" in refused_start(d)
+    assert f"{key}: {expected}" in refused_start(d)
     assert victim.read_text() == "precious\n"
 
 
@@ -230,22 +234,6 @@ def test_log_file_reopen_after_rotation_never_follows_a_planted_symlink(make_dae
     wait_for(lambda: "mallory-was-here" in rotated.read_text(), 20, what="the next lines in the old file")
     assert victim.read_text() == "precious\n"
     assert d.stop() == 0
-
-
-@pytest.mark.parametrize("how", ["symlink", "owned by nobody", "in a dir of nobody"])
-def test_audit_log_is_never_written_through_a_planted_file(make_daemon: Callable[..., Daemon], victim: Path,
-                                                           how: str) -> None:
-    audit_dir = victim.parent / "audit"
-    audit_dir.mkdir()
-    path = audit_dir / "audit.jsonl"
-    d = make_daemon(AUDIT.format(path=path))
-    if how == "in a dir of nobody":
-        nobodys(audit_dir)
-        expected = f"{audit_dir} is owned by nobody (uid 65534)"
-    else:
-        expected = plant(how, path, victim)
-    assert f"handler[0].path: {expected}" in refused_start(d)
-    assert victim.read_text() == "precious\n"
 
 
 def test_audit_log_reopen_after_rotation_never_follows_a_planted_symlink(make_daemon: Callable[..., Daemon],
