@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from . import protocol as p, roles
 from .events import model as events
-from .ops import op
+from .ops import Context, failure, op
 from .peer import Peer
-from .runtime import Runtime
 
 BAD_PERMISSION = f"invalid permission name ({roles.PERMISSION_GRAMMAR}; no wildcards)"
 NO_SESSION = "no such session, or it expired"
@@ -31,14 +30,34 @@ class Permissions(p.Request, tag="permissions"):
     token: p.Text
 
 
+class CheckReply(p.Reply):
+    allowed: bool
+    user: str
+    permission: str
+    rule: str
+    generation: int
+
+
+class PermissionsReply(p.Reply):
+    user: str
+    roles: tuple[str, ...]
+    permissions: tuple[str, ...]
+    deny: tuple[str, ...]
+    generation: int
+
+
+p.REPLY_TYPES.update(check=CheckReply, permissions=PermissionsReply)
+
+
 @op(Check)
-async def check(rt: Runtime, peer: Peer, req: Check) -> bytes:
+async def check(ctx: Context, peer: Peer, req: Check) -> p.Reply:
+    rt = ctx.rt
     policy = rt.policy
     if not roles.is_permission(req.permission):
-        return p.error(req.id, p.BAD_REQUEST, BAD_PERMISSION)
+        return failure(p.BAD_REQUEST, BAD_PERMISSION)
     session = rt.sessions.lookup(req.token)
     if session is None:
-        return p.error(req.id, p.INVALID_SESSION, NO_SESSION)
+        return failure(p.INVALID_SESSION, NO_SESSION)
     decision = policy.roles.decide(session.user, session.groups, session.service, req.permission)
     if decision.allowed:
         rt.counters["authz:allowed"] += 1
@@ -47,16 +66,16 @@ async def check(rt: Runtime, peer: Peer, req: Check) -> bytes:
         rt.emit(events.AUTHZ_DENIED, user=session.user, service=session.service, rhost=session.rhost,
                 session_id=session.id, permission=req.permission, reason=decision.rule, generation=policy.generation,
                 pid=peer.pid, uid=peer.uid, gid=peer.gid)
-    return p.reply(req.id, allowed=decision.allowed, user=session.user, permission=req.permission, rule=decision.rule,
-                   generation=policy.generation)
+    return CheckReply(allowed=decision.allowed, user=session.user, permission=req.permission, rule=decision.rule,
+                      generation=policy.generation)
 
 
 @op(Permissions)
-async def permissions(rt: Runtime, peer: Peer, req: Permissions) -> bytes:
-    policy = rt.policy
-    session = rt.sessions.lookup(req.token)
+async def permissions(ctx: Context, peer: Peer, req: Permissions) -> p.Reply:
+    policy = ctx.rt.policy
+    session = ctx.rt.sessions.lookup(req.token)
     if session is None:
-        return p.error(req.id, p.INVALID_SESSION, NO_SESSION)
+        return failure(p.INVALID_SESSION, NO_SESSION)
     effective = policy.roles.effective(session.user, session.groups, session.service)
-    return p.reply(req.id, user=session.user, roles=effective.roles, permissions=effective.permissions,
-                   deny=effective.deny, generation=policy.generation)
+    return PermissionsReply(user=session.user, roles=effective.roles, permissions=effective.permissions,
+                            deny=effective.deny, generation=policy.generation)

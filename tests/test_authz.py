@@ -151,3 +151,15 @@ def test_authctl_check_exit_codes(d: Daemon) -> None:
     assert ctl(d, "permissions", "nope").returncode == 1
     d.stop()
     assert ctl(d, "check", alice, "mail.send").returncode == 2
+
+
+def test_typed_client_gets_reply_structs(d: Daemon) -> None:
+    from authd.authz import CheckReply, PermissionsReply
+    from authd.client import Client
+
+    with Client(d.socket, typed=True) as client:
+        alice = client.auth("alice", PASSWORD, "login").session.token
+        reply = client.check(alice, "mail.send")
+        assert isinstance(reply, CheckReply) and reply.allowed and reply.rule == "roles.mail-admin.permissions[0]"
+        listed = client.permissions(alice)
+        assert isinstance(listed, PermissionsReply) and listed.deny == ("mail.purge",)
