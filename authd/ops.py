@@ -43,7 +43,9 @@ async def dispatch(rt: Runtime, peer: Peer, req: p.Request) -> bytes:
     if req.admin and not policy.is_admin(peer):
         rt.counters["admin_forbidden"] += 1
         return p.error(req.id, p.FORBIDDEN, f"`{type(req).__name__.lower()}` is an admin op")
-    return await OPS[type(req)](rt, peer, req)
+    reply = await OPS[type(req)](rt, peer, req)
+    await rt.bus.durable()  # the events this request caused are in the log before it is answered
+    return reply
 
 
 @op(p.Hello)

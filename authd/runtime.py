@@ -17,7 +17,9 @@ import structlog
 
 from . import PROTOCOL_VERSION, __version__, policy as policy_mod
 from .errors import ConfigError
+from .config import Daemon
 from .events import Event, EventBus, model as events
+from .events.outbox import FILENAME as OUTBOX_FILE, Outbox, Retention
 from .lockout import Lockout
 from .pam.pool import PamPool
 from .policy import Policy
@@ -46,7 +48,9 @@ class Runtime:
         self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout)
         self.sessions = SessionStore(policy.state_dir / "sessions.db")
         self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
-        self.bus = EventBus(queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
+        outbox = Outbox(policy.state_dir / OUTBOX_FILE, _retention(daemon))
+        outbox.open()
+        self.bus = EventBus(outbox, queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
         self.draining = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.lifecycle: Lifecycle | None = None  # set by Lifecycle; ops use it for `reload`
@@ -96,6 +100,7 @@ class Runtime:
             self.lockout.configure(new.config.lockout)
             self.bus.handler_timeout = new.daemon.handler_timeout  # read by the new handlers' workers
             self.bus.queue_size = new.daemon.event_queue
+            self.bus.outbox.retention = _retention(new.daemon)
             self.bus.set_handlers(list(new.handlers), retire_within=new.daemon.drain_timeout)
             self.reload_error = None
             self.restart_required = ignored
@@ -139,6 +144,10 @@ def prepare_state_dir(policy: Policy) -> None:
     mode = path.stat().st_mode
     if mode & 0o022:
         raise ConfigError(f"daemon.state_dir: {path} is writable by group or others (mode {mode & 0o777:o}); chmod 700 it")
+
+
+def _retention(daemon: Daemon) -> Retention:
+    return Retention(max_age=daemon.event_log_max_age, max_events=daemon.event_log_max_events)
 
 
 def _restart_note(ignored: list[str]) -> str | None:
