@@ -35,7 +35,6 @@ class Runtime:
         self.sessions = SessionStore(policy.state_dir / "sessions.db")
         self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
         outbox = Outbox(policy.state_dir / OUTBOX_FILE, event_retention(daemon))
-        outbox.open()
         self.bus = EventBus(outbox, queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
         self.cache = CredentialCache(policy.config.cache)
         self.draining = asyncio.Event()

@@ -39,8 +39,7 @@ class EventBus:
     ) -> None:
         """`outbox` None keeps the log in memory: what a test or a daemon without a state dir gets."""
         self.outbox = outbox or Outbox(None)
-        if self.outbox.path is None:
-            self.outbox.open()
+        self.outbox.open()
         self.queue_size = queue_size
         self.handler_timeout = handler_timeout
         self.block_threshold = block_threshold

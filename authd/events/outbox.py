@@ -102,6 +102,8 @@ class Outbox:
         A log that cannot be opened (permissions, a broken disk) must not stop the daemon:
         events then live in memory only, and `status` says so.
         """
+        if self._db is not None:
+            return
         try:
             self._db = self._connect()
         except (OSError, sqlite3.Error) as exc:
@@ -115,8 +117,7 @@ class Outbox:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the writer: what was appended before is written first."""
-        if self._db is None:
-            self.open()
+        self.open()
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="authd-outbox", daemon=True)
         self._thread.start()
@@ -339,7 +340,7 @@ class Outbox:
         return now - self._last_prune >= PRUNE_EVERY
 
     def _healthy(self) -> None:
-        if self.storage_error is not None:
+        if self.storage_error is not None and self.path is not None:  # not the in-memory fallback
             log.info("event log writable again", path=str(self.path))
             self.storage_error = None
 

@@ -71,6 +71,7 @@ class Worker:
         self.task: asyncio.Task[None] | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
+        self._advance(after)
 
     # -- fed by the bus, on the loop --------------------------------------------------------
 
@@ -96,8 +97,10 @@ class Worker:
         self._wake.set()
 
     def lag(self) -> int:
-        """Events in the log this handler has not finished with (not all of them may be its)."""
-        return self.outbox.appended - self.outbox.cursors.get(self.name, self.position)
+        """Events waiting for this handler: queued, in hand, and (while it reads back from the
+        log) everything logged beyond its position, of which not all may be its own."""
+        waiting = len(self.queue) + (self.current is not None)
+        return waiting + (self.outbox.appended - self.position if self.spilled else 0)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -151,10 +154,9 @@ class Worker:
             while True:
                 if self.queue:
                     self.current = self.queue.popleft()
-                    finished = await self._deliver(*self.current)
+                    if not await self._deliver(*self.current):
+                        break  # stopped while retrying: the log keeps it (and `current` says so)
                     self.current = None
-                    if not finished:
-                        break  # stopped while retrying: the log keeps it for the next start
                     continue
                 if self.spilled:
                     await self._refill()
