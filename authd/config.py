@@ -70,6 +70,8 @@ class Clients(_Section):
     groups: list[Principal] = []
     admin_users: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
     admin_groups: list[Principal] = []
+    subscribe_users: list[Principal] = []  # may stream events (`subscribe`); admins always may
+    subscribe_groups: list[Principal] = []
 
 
 class Service(_Section):
