@@ -34,7 +34,7 @@ class Runtime:
         self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout)
         self.sessions = SessionStore(policy.state_dir / "sessions.db")
         self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
-        outbox = Outbox(policy.state_dir / OUTBOX_FILE, event_retention(daemon))
+        outbox = Outbox(policy.state_dir / OUTBOX_FILE if daemon.event_log else None, event_retention(daemon))
         self.bus = EventBus(outbox, queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
         self.cache = CredentialCache(policy.config.cache)
         self.draining = asyncio.Event()
