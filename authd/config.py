@@ -55,6 +55,9 @@ class Daemon(_Section):
     dump_keep: Positive = 5
     event_queue: Positive = 1000
     handler_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    event_log: bool = True  # false: events live in memory only, as before the outbox (a crash loses them)
+    event_log_max_age: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86400.0
+    event_log_max_events: Annotated[int, msgspec.Meta(ge=1000)] = 1_000_000
     sweep_interval: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     limits: Limits = Limits()
 
@@ -69,6 +72,8 @@ class Clients(_Section):
     groups: list[Principal] = []
     admin_users: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
     admin_groups: list[Principal] = []
+    subscribe_users: list[Principal] = []  # may stream events (`subscribe`); admins always may
+    subscribe_groups: list[Principal] = []
 
 
 class Service(_Section):

@@ -26,6 +26,7 @@ from . import protocol as p, securefs
 from .authflow import AuthCore
 from .config import Limits
 from .errors import AuthdError
+from .eventops import Subscribe, serve_subscription
 from .ops import Context, dispatch
 from .outcome import AuthRequest, Denied, Outcome
 from .peer import Peer
@@ -210,6 +211,7 @@ class Connection(abc.ABC):
         self.decoder = self.make_decoder(self.rt.policy.daemon.limits)
         self._partial_since: float | None = None
         self._closing = False
+        self.read_closed = asyncio.Event()  # the client sent EOF or the read loop ended
 
     @abc.abstractmethod
     def make_decoder(self, limits: Limits) -> Any:
@@ -229,7 +231,10 @@ class Connection(abc.ABC):
 
     async def run(self) -> None:
         try:
-            await self._read_loop()
+            try:
+                await self._read_loop()
+            finally:
+                self.read_closed.set()
             if self.inflight:
                 await asyncio.wait(self.inflight)
         except (ConnectionError, OSError):
@@ -294,11 +299,13 @@ class Connection(abc.ABC):
     async def decide(self, core: AuthCore, request: AuthRequest) -> Outcome:
         """The auth decision for a front end's request; a bug in it costs this request only."""
         try:
-            return await core.decide(self.peer, request)
+            out = await core.decide(self.peer, request)
         except Exception:
             self.rt.counters["internal_errors"] += 1
             log.exception("request failed", protocol=request.protocol, **self.peer.log_fields())
             return Denied(code=p.UNAVAILABLE)
+        await self.rt.bus.durable()  # its events are in the log before the front end answers
+        return out
 
     def spawn(self, work: Any) -> None:
         """Serve one request as its own task; replies leave in completion order."""
@@ -391,7 +398,7 @@ class NativeConnection(Connection):
             self.send(p.error(item.id, p.BUSY, "too many requests in flight on this connection"))
         else:
             self.rt.counters[f"op:{item.__struct_config__.tag}"] += 1
-            self.spawn(self._serve(item))
+            self.spawn(self._subscribe(item) if isinstance(item, Subscribe) else self._serve(item))
 
     async def _serve(self, req: p.Request) -> None:
         structlog.contextvars.bind_contextvars(request_id=req.id, **self.peer.log_fields())
@@ -402,6 +409,16 @@ class NativeConnection(Connection):
             log.exception("request failed", op=req.__struct_config__.tag)
             out = p.error(req.id, p.UNAVAILABLE, "internal error")
         self.send(out)
+
+    async def _subscribe(self, req: Subscribe) -> None:
+        """A stream of events on this connection, beside its other requests (`authd.eventops`)."""
+        structlog.contextvars.bind_contextvars(request_id=req.id, **self.peer.log_fields())
+        if self.forbidden():
+            self.send(p.error(req.id, p.CLIENT_FORBIDDEN, "this uid/gid may not use authd"))
+            return
+        last = await serve_subscription(self.ctx, self.peer, req, self.writer, self.read_closed)
+        if last is not None:
+            self.writer.write(last)  # past the write_buffer check: the last word of a slow stream
 
 
 def _raise_fd_limit(limits: Limits) -> None:
