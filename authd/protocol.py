@@ -12,6 +12,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
+from . import rhost as rhosts
+
 RequestId = int | str | None
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -58,6 +60,11 @@ class Auth(Request, tag="auth"):
     rhost: Name | None = None
     ruser: Name | None = None
     open_session: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rhost is not None:
+            rhosts.parse(self.rhost)  # one spelling per host, or bad_request (authd.rhost says why)
 
     def __repr__(self) -> str:  # the password must not reach a log or traceback via repr
         return f"Auth(id={self.id!r}, user={self.user!r}, service={self.service!r}, rhost={self.rhost!r})"
