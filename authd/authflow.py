@@ -14,9 +14,11 @@ from .events import model as events
 from .lockout import Locked
 from .peer import Peer
 from .protocol import (
-    ACCOUNT_EXPIRED, AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, PASSWORD_EXPIRED, UNAVAILABLE, Auth, error, reply,
+    ACCOUNT_EXPIRED, AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, PASSWORD_EXPIRED, SESSION_LIMIT, UNAVAILABLE, Auth, error,
+    reply,
 )
 from .runtime import Runtime
+from .sessions import SessionLimitReached
 
 log = structlog.get_logger("authd.auth")
 
@@ -27,6 +29,7 @@ _MESSAGES = {
     NOT_AUTHORIZED: "not authorized for this service",
     LOCKED_OUT: "too many failed logins; try again later",
     UNAVAILABLE: "authentication is unavailable; try again later",
+    SESSION_LIMIT: "too many sessions for this user and service; log out of one first",
 }
 
 
@@ -73,6 +76,14 @@ async def authenticate(rt: Runtime, peer: Peer, req: Auth) -> bytes:
     groups = result.groups
     if not policy.permits(service, req.user, groups):
         return failed(NOT_AUTHORIZED)
+    if req.open_session:  # max_sessions_per_user: after the password, like any authorization
+        try:
+            evicted = rt.sessions.make_room(user=req.user, service=service.name, limit=service.max_sessions_per_user,
+                                            evict_oldest=service.session_limit == "evict_oldest")
+        except SessionLimitReached:
+            return failed(SESSION_LIMIT)
+        for old in evicted:
+            rt.emit(events.SESSION_CLOSED, **{**who, "rhost": old.rhost}, session_id=old.id, reason="evicted")
 
     rt.counters["auth:ok"] += 1
     latency = time.monotonic() - started

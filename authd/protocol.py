@@ -34,6 +34,7 @@ NOT_FOUND = "not_found"
 FORBIDDEN = "forbidden"
 SHUTTING_DOWN = "shutting_down"
 RELOAD_FAILED = "reload_failed"
+SESSION_LIMIT = "session_limit"
 
 
 class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="op"):

@@ -129,7 +129,8 @@ class Runtime:
 
     def _lockout_summary(self) -> dict[str, Any]:
         rows = self.lockout.lockouts()
-        return {"locked": sum(r.locked for r in rows), "tracked": len(rows), "storage_error": self.lockout.storage_error}
+        return {"locked": sum(r.locked for r in rows), "tracked": len(rows), **self.lockout.stats(),
+                "storage_error": self.lockout.storage_error}
 
 
 def prepare_state_dir(policy: Policy) -> None:
