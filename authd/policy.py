@@ -71,9 +71,13 @@ class Policy:
         return user in service.allow_users or "*" in service.allow_users or bool(groups & set(service.allow_groups))
 
 
-def load(source: Path, generation: int, *, build: bool = True) -> Policy:
+def load(source: Path, generation: int, *, build: bool = True, state_dir: Path | None = None) -> Policy:
     """Parse, validate and (with `build`) construct handlers: the one routine behind start,
-    SIGHUP, `authctl reload` and `authd check-config`."""
+    SIGHUP, `authctl reload` and `authd check-config`.
+
+    A reload passes the running daemon's `state_dir`: that setting needs a restart, and the new
+    handlers must keep their state where the stores and `authctl lastlog` keep looking.
+    """
     source = source.resolve()
     config = cfg.load(source)
     try:
@@ -88,7 +92,7 @@ def load(source: Path, generation: int, *, build: bool = True) -> Policy:
             admin_gids=_gids(config.clients.admin_groups, "clients.admin_groups"),
         )
         _check_system(policy)
-        handlers = build_handlers(config.handler, HandlerContext(state_dir=policy.state_dir, base_dir=policy.base_dir))
+        handlers = build_handlers(config.handler, HandlerContext(state_dir=state_dir or policy.state_dir, base_dir=policy.base_dir))
     except ConfigError as exc:
         raise cfg.located(exc, source) from None
     if not build:

@@ -80,7 +80,7 @@ class Runtime:
         async with self._reload_lock:
             old = self.policy
             try:
-                new = await asyncio.to_thread(policy_mod.load, old.source, old.generation + 1)
+                new = await asyncio.to_thread(policy_mod.load, old.source, old.generation + 1, state_dir=self.boot_policy.state_dir)
             except Exception as exc:
                 if not isinstance(exc, ConfigError):  # a bug must cost the reload, never the daemon
                     log.exception("reload crashed; previous policy kept")
