@@ -47,6 +47,11 @@ class Policy:
     def socket_path(self) -> Path:
         return self.path(self.daemon.socket)
 
+    def front_socket(self, section: str) -> Path | None:
+        """Where the `saslauthd` or `dovecot` front end binds, or None if it is off."""
+        value = getattr(self.config, section).socket
+        return self.path(value) if value else None
+
     @property
     def state_dir(self) -> Path:
         return self.path(self.daemon.state_dir)
@@ -105,7 +110,8 @@ def load(source: Path, generation: int, *, build: bool = True, state_dir: Path |
 def restart_only_changes(old: Policy, new: Policy) -> list[str]:
     """Settings a reload cannot apply to a running daemon; reported, never half-applied."""
     keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file")
-    return [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
+    changed = [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
+    return changed + [f"{s}.socket" for s in ("saslauthd", "dovecot") if old.front_socket(s) != new.front_socket(s)]
 
 
 def _same_path(old: Policy, new: Policy, key: str) -> bool:
