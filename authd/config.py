@@ -86,6 +86,8 @@ class Service(_Section):
     session_ttl: Annotated[float, msgspec.Meta(gt=0)] = 8 * 3600.0
     idle_timeout: Seconds = 3600.0
     failure_delay: Seconds = 2.0
+    max_sessions_per_user: Positive = 100
+    session_limit: Literal["refuse", "evict_oldest"] = "evict_oldest"
 
     @property
     def pam_name(self) -> str:

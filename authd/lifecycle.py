@@ -156,7 +156,8 @@ class Lifecycle:
             restart_required=self.restart_required, counters=dict(sorted(rt.counters.items())),
             connections=self.server.stats(), sessions=len(rt.sessions), session_store_error=rt.sessions.persist_error,
             pam=rt.pam.stats(),
-            lockout={"locked": sum(r.locked for r in rows), "tracked": len(rows), "storage_error": rt.lockout.storage_error},
+            lockout={"locked": sum(r.locked for r in rows), "tracked": len(rows), **rt.lockout.stats(),
+                     "storage_error": rt.lockout.storage_error},
             events=rt.bus.stats(),
         )
 

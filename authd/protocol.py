@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
+from . import rhost as rhosts
 from .outcome import SessionGrant
 
 RequestId = int | str | None
@@ -34,6 +35,7 @@ NOT_FOUND = "not_found"
 FORBIDDEN = "forbidden"
 SHUTTING_DOWN = "shutting_down"
 RELOAD_FAILED = "reload_failed"
+SESSION_LIMIT = "session_limit"
 
 
 class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="op"):
@@ -60,6 +62,11 @@ class Auth(Request, tag="auth"):
     rhost: Name | None = None
     ruser: Name | None = None
     open_session: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rhost is not None:
+            rhosts.parse(self.rhost)  # one spelling per host, or bad_request (authd.rhost says why)
 
     def __repr__(self) -> str:  # the password must not reach a log or traceback via repr
         return f"Auth(id={self.id!r}, user={self.user!r}, service={self.service!r}, rhost={self.rhost!r})"

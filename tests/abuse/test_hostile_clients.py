@@ -234,9 +234,9 @@ def _read_to_eof(sock: socket.socket, timeout: float = 20.0) -> bytes:
 
 def test_a_big_reply_reaches_a_client_that_reads(make_daemon: Callable[..., Daemon]) -> None:
     """`write_buffer` bounds replies left unread, not the size of one reply (an admin's `sessions`)."""
-    d = make_daemon(base=with_limits(write_buffer=4096)).start()
+    d = make_daemon("max_sessions_per_user = 1000\n", base=with_limits(write_buffer=4096)).start()
     sock = raw_connect(d.socket)
-    rhost = "h" * 250
+    rhost = ".".join(["h" * 49] * 5)  # a 249-character host name: big session rows
     for start in range(0, 1000, 25):  # within max_inflight
         sock.sendall(b"".join(b'{"id":%d,"op":"auth","user":"alice","password":"correct horse","service":"login",'
                               b'"rhost":"%s"}\n' % (i, rhost.encode()) for i in range(start, start + 25)))
