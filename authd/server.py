@@ -2,6 +2,8 @@
 
 Each request runs as its own task, so replies leave in completion order: a failed login
 waiting out its delay never holds up the requests behind it on the same connection.
+Who may hold a connection is decided at accept, from the peer's credentials, before it
+takes a slot; a drain answers every line a client managed to write (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DRAIN_GRACE = 0.2  # requests already in the kernel's buffer when draining start
 FD_HEADROOM = 256  # descriptors beyond the connections: listeners, PAM workers, SQLite, logs
 REFUSE_LINGER = 0.5  # a refused client gets this long to send its request and read `busy`
 LOG_INTERVAL = 10.0  # what a client can repeat at will (a flood) is logged once per interval, counted always
+REFUSALS = {p.CLIENT_FORBIDDEN: "this uid/gid may not use authd", p.BUSY: "too many connections"}
 
 
 class Server:
@@ -47,6 +50,8 @@ class Server:
         self._servers: list[asyncio.AbstractServer] = []
         self._owned_paths: list[Path] = []
         self.drain_started: float | None = None
+        self.finishing = False  # past the drain's grace: every connection stops taking input once idle
+        self._released = asyncio.Event()  # set whenever a connection gives its slot back
 
     async def listen(self, inherited: socket.socket | None = None) -> None:
         """Serve on a socket systemd passed in, or bind our own at the policy's path."""
@@ -87,14 +92,17 @@ class Server:
         self._owned_paths.clear()
 
     async def drain(self) -> None:
-        """Answer what was received, then close every connection. The caller bounds the wait."""
+        """Serve what arrives within the grace, then drain every connection (`Connection.drain`)
+        and wait until each has written its last reply and closed. The caller bounds the wait."""
         self.drain_started = time.monotonic()
         self.stop_accepting()
         await asyncio.sleep(DRAIN_GRACE)
+        self.finishing = True
         for conn in list(self.connections):
-            conn.close_when_idle()
-        while self.connections:
-            await asyncio.sleep(0.01)
+            conn.drain()
+        while self.open:
+            self._released.clear()
+            await self._released.wait()
 
     def abort(self) -> None:
         for conn in list(self.connections):
@@ -104,26 +112,50 @@ class Server:
         return self.drain_started is None or time.monotonic() - self.drain_started < DRAIN_GRACE
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        limits = self.rt.policy.daemon.limits
         try:
             peer = Peer.of(writer.get_extra_info("socket"))
         except OSError:
             writer.transport.abort()
             return
+        self.rt.counters["connections_total"] += 1
+        if (refused := self.refusal(peer)) is not None:
+            await self.refuse(reader, writer, p.error(None, refused, REFUSALS[refused]))
+            return
+        await self.serve(Connection(self, reader, writer, peer))
+
+    def refusal(self, peer: Peer) -> str | None:
+        """The error code that turns `peer` away at accept, before it takes a slot, or None.
+
+        A peer `[clients]` forbids never holds a connection, so forbidden uids cannot use up
+        `max_connections`. Non-admins leave `admin_reserve` slots free: during a flood of
+        allowed connections an admin can still connect to `status` and `revoke`.
+        """
+        policy = self.rt.policy
+        limits = policy.daemon.limits
         counters = self.rt.counters
-        counters["connections_total"] += 1
-        if self.open >= limits.max_connections or self.per_uid[peer.uid] >= limits.max_connections_per_uid:
+        if not policy.is_client(peer):
+            counters["connections_refused_forbidden"] += 1
+            if self.sometimes("forbidden"):
+                log.warning("peer not allowed by [clients]; refusing", **peer.log_fields())
+            return p.CLIENT_FORBIDDEN
+        cap = limits.max_connections - (0 if policy.is_admin(peer) else limits.admin_reserve)
+        if self.open >= cap or self.per_uid[peer.uid] >= limits.max_connections_per_uid:
             counters["connections_refused_busy"] += 1
             if self.sometimes("busy"):
                 log.warning("connection limit reached; refusing", open=self.open, max_connections=limits.max_connections,
-                            uid_open=self.per_uid[peer.uid], max_connections_per_uid=limits.max_connections_per_uid,
-                            **peer.log_fields())
-            await self._refuse(reader, writer, limits)
-            return
-        conn = Connection(self, reader, writer, peer)
+                            admin_reserve=limits.admin_reserve, uid_open=self.per_uid[peer.uid],
+                            max_connections_per_uid=limits.max_connections_per_uid, **peer.log_fields())
+            return p.BUSY
+        return None
+
+    async def serve(self, conn: Connection) -> None:
+        """Run an admitted connection in its slot until it is closed and its replies are read."""
+        uid = conn.peer.uid
         self.connections.add(conn)
         self.open += 1
-        self.per_uid[peer.uid] += 1
+        self.per_uid[uid] += 1
+        if self.finishing:  # accepted just before the listener closed
+            conn.drain()
         try:
             await conn.run()
         finally:
@@ -132,18 +164,20 @@ class Server:
                 await conn.linger()
             finally:
                 self.open -= 1
-                self.per_uid[peer.uid] -= 1
-                if not self.per_uid[peer.uid]:
-                    del self.per_uid[peer.uid]
+                self.per_uid[uid] -= 1
+                if not self.per_uid[uid]:
+                    del self.per_uid[uid]
+                self._released.set()
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits) -> None:
-        """Answer `busy`, then let the client finish writing its first request before closing.
+    async def refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        """Send the refusal, then let the client finish writing its first request before closing.
 
         Closing at once fails a client's write (EPIPE) that races the close, and many clients
-        then never read the reply. At most `max_connections` refusals wait like this at a time.
+        then never read the reply. At most `max_connections` refusals (busy and forbidden
+        alike) wait like this at a time; the rest are closed right after the reply.
         """
-        writer.write(p.error(None, p.BUSY, "too many connections"))
-        if self.refusing >= limits.max_connections:
+        writer.write(reply)
+        if self.refusing >= self.rt.policy.daemon.limits.max_connections:
             writer.close()
             return
         self.refusing += 1
@@ -181,7 +215,7 @@ class Connection:
         self.inflight: set[asyncio.Task[None]] = set()
         self.decoder = p.Decoder(self.rt.policy.daemon.limits.max_line)
         self._partial_since: float | None = None
-        self._closing = False
+        self._draining = False
 
     async def run(self) -> None:
         try:
@@ -194,8 +228,9 @@ class Connection:
             self.writer.close()
 
     async def _read_loop(self) -> None:
+        """Until EOF: the client's, or the one `drain` arranges after the last line it accepted."""
         counters = self.rt.counters
-        while not self._closing:
+        while True:
             limits = self.rt.policy.daemon.limits
             try:
                 async with asyncio.timeout(self._read_timeout(limits)):
@@ -261,8 +296,8 @@ class Connection:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
-        if not self.inflight and self._closing:
-            self.writer.close()
+        if not self.inflight and self._draining:
+            self._stop_input()
 
     def _send(self, data: bytes) -> None:
         """Queue a reply; a client that left more than `write_buffer` unread is cut off instead.
@@ -297,10 +332,28 @@ class Connection:
         except (ConnectionError, OSError):
             pass
 
-    def close_when_idle(self) -> None:
-        self._closing = True
+    def drain(self) -> None:
+        """Close without losing a request: once nothing is in flight, take no more input,
+        answer every line already received (`shutting_down`), then close.
+
+        Lines that arrive meanwhile are read and answered, however many. `_stop_input` is
+        what makes the end race-free: see there.
+        """
+        self._draining = True
         if not self.inflight:
-            self.writer.close()
+            self._stop_input()
+
+    def _stop_input(self) -> None:
+        """shutdown(SHUT_RD): from this instant the client's writes fail (EPIPE), never vanish.
+
+        On a Linux Unix stream socket the kernel queues a write into our receive queue or
+        refuses it, atomically with this call, so there is no window in which a line is taken
+        and then dropped. What was queued before is still read: the read loop answers it and
+        then sees EOF, and the connection closes with nothing unread (a close with unread
+        input would reset the client's connection instead of giving it EOF).
+        """
+        with contextlib.suppress(OSError):
+            self.writer.get_extra_info("socket").shutdown(socket.SHUT_RD)
 
 
 def _raise_fd_limit(limits: Limits) -> None:
