@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ..daemon import BASE_POLICY, Daemon
 
@@ -71,47 +68,3 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-class as_uid:
-    """Run `fn` in a forked child that dropped to `uid` (and gid `uid`); `with` gives its JSON
-    result, and the child keeps its sockets open until the block exits. An exception in the
-    child comes back as {"error": "..."}."""
-
-    def __init__(self, uid: int, fn: Callable[[], Any]) -> None:
-        self.uid = uid
-        self.fn = fn
-
-    def __enter__(self) -> Any:
-        out_r, out_w = os.pipe()
-        self.hold_r, self.hold_w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 1
-            try:
-                os.close(out_r)
-                os.close(self.hold_w)
-                os.setgroups([])
-                os.setgid(self.uid)
-                os.setuid(self.uid)
-                try:
-                    result = self.fn()
-                except Exception as exc:
-                    result = {"error": repr(exc)}
-                os.write(out_w, json.dumps(result).encode())
-                os.close(out_w)
-                os.read(self.hold_r, 1)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(out_w)
-        os.close(self.hold_r)
-        data = b""
-        while chunk := os.read(out_r, 65536):
-            data += chunk
-        os.close(out_r)
-        return json.loads(data)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.hold_w)
-        os.waitpid(self.pid, 0)

@@ -17,8 +17,8 @@ from itertools import cycle
 
 import pytest
 
-from ..daemon import ClientLoop, Daemon, raw_connect, read_replies, wait_for
-from .helpers import as_uid, counters, open_fds, rss_bytes, with_limits
+from ..daemon import ClientLoop, Daemon, as_uid, raw_connect, read_replies, wait_for
+from .helpers import counters, open_fds, rss_bytes, with_limits
 
 HELLO = b'{"id":1,"op":"hello"}\n'
 NORMAL = 0.01  # seconds between a normal client's logins

@@ -11,8 +11,8 @@ import socket
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from ..daemon import BASE_POLICY, Daemon, raw_connect, read_replies
-from .helpers import as_uid, counters, with_limits
+from ..daemon import BASE_POLICY, Daemon, as_uid, raw_connect, read_replies
+from .helpers import counters, with_limits
 
 FORBIDDEN_UIDS = (65534, 40001, 40002, 40003)
 ALLOWED_UID = 1  # `daemon`: a client, not an admin
@@ -78,6 +78,7 @@ def test_admin_reserve_keeps_status_and_revoke_working_through_a_flood(make_daem
     with as_uid(65534, lambda: _flood_and_hold(d, 10)) as flood:
         assert flood == {"accepted": 4, "busy": 6}, "non-admins stop at max_connections - admin_reserve"
         with d.client() as first, d.client() as second:
+            assert second.hello()["ok"]
             assert first.status()["connections"]["open"] == 6
             assert second.revoke(session_id=session_id)["revoked"] == [session_id]
             third = raw_connect(d.socket)
