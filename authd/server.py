@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import protocol as p
+from . import protocol as p, securefs
 from .authflow import AuthCore
 from .config import Limits
 from .errors import AuthdError
@@ -73,7 +73,8 @@ class Server:
         """Serve `front` on a socket systemd passed in, or else bind our own at `path`."""
         if inherited is None and path is None:
             raise AuthdError(f"no socket for the {front.name} front end")
-        sock = inherited if inherited is not None else self._bind(path)  # type: ignore[arg-type]
+        key = "daemon.socket" if front.name == Native.name else f"{front.name}.socket"
+        sock = inherited if inherited is not None else self._bind(path, key)  # type: ignore[arg-type]
         _raise_fd_limit(self.rt.policy.daemon.limits)
         accept = functools.partial(self._accept, front)
         server = await asyncio.start_unix_server(accept, sock=sock, limit=64 * 1024, backlog=ACCEPT_BATCH)
@@ -81,9 +82,12 @@ class Server:
         self._servers.append(server)
         log.info("listening", socket=sock.getsockname(), protocol=front.name, inherited=inherited is not None)
 
-    def _bind(self, path: Path) -> socket.socket:
+    def _bind(self, path: Path, key: str) -> socket.socket:
         daemon = self.rt.policy.daemon
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # whoever may write the directory could swap the socket for their own
+            securefs.make_dir(path.parent, key, 0o755)
+        except OSError as exc:
+            raise AuthdError(f"{key}: cannot use {path.parent}: {exc.strerror}") from None
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o777 & ~daemon.socket_mode)
