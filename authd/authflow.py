@@ -35,9 +35,16 @@ async def authenticate(rt: Runtime, peer: Peer, req: Auth) -> bytes:
     started = time.monotonic()
     who = {"user": req.user, "service": req.service, "rhost": req.rhost, "pid": peer.pid, "uid": peer.uid, "gid": peer.gid}
 
-    def failed(code: str, **extra: object) -> bytes:
+    def decided(result: str) -> float:
+        """The one place an outcome is counted and timed (for metrics), before any failure delay.
+        Labelled by the policy's service name, never the client's string for an unknown one."""
         latency = time.monotonic() - started
-        rt.counters[f"auth:{code}"] += 1
+        rt.counters[f"auth:{result}"] += 1
+        rt.decisions.observe(req.service if req.service in policy.services else "", result, latency)
+        return latency
+
+    def failed(code: str, **extra: object) -> bytes:
+        latency = decided(code)
         log.warning("auth failed", user=req.user, service=req.service, rhost=req.rhost or "-", error=code)
         rt.emit(events.AUTH_FAILED, reason=code, latency=latency, generation=policy.generation, **who)
         return error(req.id, code, _MESSAGES.get(code, code), **extra)
@@ -74,8 +81,7 @@ async def authenticate(rt: Runtime, peer: Peer, req: Auth) -> bytes:
     if not policy.permits(service, req.user, groups):
         return failed(NOT_AUTHORIZED)
 
-    rt.counters["auth:ok"] += 1
-    latency = time.monotonic() - started
+    latency = decided("ok")
     log.info("auth succeeded", user=req.user, service=req.service, rhost=req.rhost or "-")
     if not req.open_session:
         rt.emit(events.AUTH_SUCCEEDED, latency=latency, generation=policy.generation, **who)

@@ -16,6 +16,7 @@ from .errors import AuthdError, ConfigError
 from .events import model as events
 from .hardening import no_core_dumps
 from .lifecycle import Lifecycle
+from .metrics.server import MetricsServer
 from .runtime import Runtime, prepare_state_dir
 from .server import Server
 
@@ -88,19 +89,25 @@ async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
     rt = Runtime(policy)
     server = Server(rt)
     lifecycle = Lifecycle(rt, server)
+    metrics = MetricsServer(rt)
     lifecycle.install_signal_handlers()
     await rt.start()
     try:
         inherited = systemd.listen_fds()
         native = inherited.get("authd") or inherited.get("unknown") or [None]
         await server.listen(native[0])
+        await metrics.listen()
     except BaseException:
+        server.stop_accepting()
         await rt.pam.close(0)
         raise
     rt.emit(events.DAEMON_STARTED, generation=policy.generation)
     structlog.get_logger("authd").info("ready", pid=os.getpid(), generation=policy.generation, socket=str(policy.socket_path))
     ready(None)
-    return await lifecycle.run()
+    try:
+        return await lifecycle.run()
+    finally:
+        metrics.close()  # after the drain: a scrape can watch it
 
 
 def serve_daemonized(path: Path, pidfile: Path | None) -> int:

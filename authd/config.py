@@ -18,6 +18,7 @@ import msgspec
 from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
+from .metrics import MetricsConfig
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -91,6 +92,7 @@ class Config(_Section):
     service: list[Service] = []
     lockout: LockoutConfig = LockoutConfig()
     handler: list[HandlerConfig] = []
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def parse(text: str, source: str = "authd.toml") -> Config:

@@ -16,6 +16,7 @@ from . import PROTOCOL_VERSION, __version__, protocol as p
 from .authflow import authenticate
 from .errors import ConfigError
 from .events import lastlog_lookup, model as events
+from .metrics.collector import render
 from .peer import Peer
 from .runtime import Runtime
 from .sessions import Session
@@ -96,6 +97,11 @@ async def reload(rt: Runtime, peer: Peer, req: p.Reload) -> bytes:
     return p.reply(req.id, generation=new.generation, restart_required=rt.restart_required)
 
 
+@op(p.Metrics)
+async def metrics(rt: Runtime, peer: Peer, req: p.Metrics) -> bytes:
+    return p.reply(req.id, text=render(rt)[0].decode())
+
+
 @op(p.Lockouts)
 async def lockouts(rt: Runtime, peer: Peer, req: p.Lockouts) -> bytes:
     rows = msgspec.to_builtins(rt.lockout.lockouts())
@@ -120,5 +126,7 @@ async def lastlog(rt: Runtime, peer: Peer, req: p.Lastlog) -> bytes:
 def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = None) -> None:
     """Emit `session.closed` for sessions that ended (logout, revoke, the expiry sweeper)."""
     who = {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid} if peer else {}
+    if gone:
+        rt.counters[f"sessions_closed:{reason}"] += len(gone)
     for s in gone:
         rt.emit(events.SESSION_CLOSED, user=s.user, service=s.service, rhost=s.rhost, session_id=s.id, reason=reason, **who)

@@ -90,6 +90,10 @@ class Reload(Request, tag="reload"):
     admin = True
 
 
+class Metrics(Request, tag="metrics"):
+    admin = True
+
+
 class Lockouts(Request, tag="lockouts"):
     admin = True
 
@@ -105,7 +109,7 @@ class Lastlog(Request, tag="lastlog"):
     user: Name
 
 
-REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Lockouts, Unlock, Lastlog]
+REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Metrics, Lockouts, Unlock, Lastlog]
 
 
 def register(request_type: type[Request]) -> None:

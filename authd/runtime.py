@@ -19,6 +19,7 @@ from . import PROTOCOL_VERSION, __version__, policy as policy_mod
 from .errors import ConfigError
 from .events import Event, EventBus, model as events
 from .lockout import Lockout
+from .metrics import Decisions
 from .pam.pool import PamPool
 from .policy import Policy
 from .sessions import SessionStore
@@ -47,6 +48,7 @@ class Runtime:
         self.sessions = SessionStore(policy.state_dir / "sessions.db")
         self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
         self.bus = EventBus(queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
+        self.decisions = Decisions()  # auth latency by service and result, for metrics
         self.draining = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.lifecycle: Lifecycle | None = None  # set by Lifecycle; ops use it for `reload`

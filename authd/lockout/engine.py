@@ -19,7 +19,7 @@ import hmac
 import math
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
@@ -152,6 +152,7 @@ class Lockout:
         self._secret = os.urandom(32)
         self._keys: dict[tuple[Scope, str], _Key] = {}
         self._next_sweep = 0.0
+        self.locks_imposed: Counter[Scope] = Counter()  # for metrics
         self.configure(config)
         self._store = LockoutStore(db_path, snapshot=self._rows, merge=self._merge)
         self._store.open()
@@ -315,6 +316,7 @@ class Lockout:
             key.strikes = 0
         key.strikes += 1
         key.since = now
+        self.locks_imposed[key.scope] += 1
         if limit.permanent:
             key.until = None
         else:
