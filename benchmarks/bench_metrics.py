@@ -18,7 +18,6 @@ Prints figures and asserts nothing. CPU shares as in the other benchmarks (harne
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -32,7 +31,9 @@ from pathlib import Path
 
 from authd.client import AsyncClient, ReplyError
 
-from .harness import NOISY, AuthdProcess, CpuMeter, cpu_note, ms, percentile, policy, report_errors, scratch_dir
+from .harness import (
+    NOISY, AuthdProcess, CpuMeter, cpu_note, ms, overhead_parser, percentile, policy, report_errors, scratch_dir,
+)
 from .pamstack import REPO, PamStack
 
 SERVICE = "bench"
@@ -137,15 +138,10 @@ def line(name: str, latencies: list[float], cores: tuple[float, float], extra: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_metrics", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="per phase (default 10)")
+    parser = overhead_parser("bench_metrics", __doc__, seconds=10.0)
     parser.add_argument("--sessions", type=int, default=20000, help="sessions open while scraping (default 20000)")
     parser.add_argument("--rhosts", type=int, default=2000, help="rhosts with a failure each (default 2000)")
     parser.add_argument("--rate", type=float, default=10.0, help="scrapes per second beside the logins of phase 3 (default 10)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--stack", choices=["matrix", "unix"], default="matrix",
-                        help="matrix: pam_matrix, daemon overhead only (default); unix: pam_unix + yescrypt")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
 
     with scratch_dir("authd-bench-metrics-", keep=args.keep) as root:
