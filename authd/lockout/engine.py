@@ -271,6 +271,17 @@ class Lockout:
             ))
         return rows
 
+    def census(self) -> dict[Scope, tuple[int, int]]:
+        """Keys held in memory and keys locked now, per scope: one pass without sorting or
+        pruning, cheap enough for every metrics scrape (`lockouts()` is for people)."""
+        now = self._clock()
+        held = {scope: 0 for scope in SCOPES}
+        locked = dict(held)
+        for key in self._keys.values():
+            held[key.scope] += 1
+            locked[key.scope] += key.locked(now)
+        return {scope: (held[scope], locked[scope]) for scope in SCOPES}
+
     def unlock(self, name: str, scope: Scope | None = None) -> bool:
         """Clear failures, lock and lock count of a user or rhost. False if there was nothing."""
         cleared = False

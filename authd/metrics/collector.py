@@ -129,21 +129,16 @@ class AuthdCollector:
         yield persisting
 
     def _lockout(self) -> Iterator[Metric]:
-        locked = {"user": 0, "rhost": 0}
-        tracked = dict(locked)
-        for row in self.rt.lockout.lockouts():
-            tracked[row.scope] += 1
-            locked[row.scope] += row.locked
-        gauges = (
-            GaugeMetricFamily("authd_lockout_locked_keys", "Users and rhosts locked out now, by scope.", labels=["scope"]),
-            GaugeMetricFamily("authd_lockout_tracked_keys", "Users and rhosts with recent failures or a lock, by scope.", labels=["scope"]),
-        )
+        lockout = self.rt.lockout
+        held = GaugeMetricFamily("authd_lockout_keys", "Users and rhosts whose failures or lock are held in memory, by scope.", labels=["scope"])
+        locked = GaugeMetricFamily("authd_lockout_locked_keys", "Users and rhosts locked out now, by scope.", labels=["scope"])
         locks = CounterMetricFamily("authd_lockout_locks", "Locks imposed, by scope.", labels=["scope"])
-        for scope in locked:
-            gauges[0].add_metric([scope], locked[scope])
-            gauges[1].add_metric([scope], tracked[scope])
-            locks.add_metric([scope], self.rt.lockout.locks_imposed[scope])
-        yield from gauges
+        for scope, (keys, locked_now) in lockout.census().items():
+            held.add_metric([scope], keys)
+            locked.add_metric([scope], locked_now)
+            locks.add_metric([scope], lockout.locks_imposed[scope])
+        yield held
+        yield locked
         yield locks
 
     def _events(self) -> Iterator[Metric]:
