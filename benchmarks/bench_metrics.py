@@ -1,9 +1,10 @@
 """What a Prometheus scrape costs, and what scraping costs a login, against the real daemon.
 
-    python -m benchmarks.bench_metrics [--seconds S] [--sessions N] [--rhosts R] [--rate HZ] [--stack matrix|unix]
+    python -m benchmarks.bench_metrics [--seconds S] [--sessions N] [--failures F] [--rate HZ] [--stack matrix|unix]
 
-First the daemon is given state for a scrape to read: N sessions (default 20000) and R rhosts
-(default 2000) with a failure each, so the lockout table has R + 1 tracked keys. Then:
+First the daemon is given state for a scrape to read: N sessions (default 10000), and F failed
+logins (default 20000), each from its own made-up user and rhost, so that the lockout table
+holds 2F keys (a scrape counts them in one pass). Then:
 
 1. scrape: one scraper fetches `GET /metrics` over loopback TCP back to back for S seconds
    (default 10); its p50 and p99, the body size, and the daemon's CPU per scrape;
@@ -29,7 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from authd.client import AsyncClient, ReplyError
+from authd.client import AsyncClient, Client, ReplyError
 
 from .harness import (
     NOISY, AuthdProcess, CpuMeter, cpu_note, ms, overhead_parser, percentile, policy, report_errors, scratch_dir,
@@ -49,6 +50,10 @@ class Authd(AuthdProcess):
         self.config.write_text(policy(socket=self.socket, workers=workers, service=SERVICE, pam_service=stack.service,
                                       log_level="info", service_extra=f"\n{metrics}"))
 
+    def lockout_keys(self) -> int:
+        with Client(self.socket, timeout=GRACE) as client:
+            return int(client.status()["lockout"]["tracked"])
+
     def metrics_port(self) -> int:
         for text in self.log.read_text().splitlines():
             if "metrics listening" in text:
@@ -56,19 +61,30 @@ class Authd(AuthdProcess):
         raise RuntimeError(f"no `metrics listening` line:\n{self.tail()}")
 
 
-async def populate(authd: Authd, sessions: int, rhosts: int) -> None:
-    """`sessions` open sessions, and one failure from each of `rhosts` addresses, 8 clients at a time."""
+async def populate(authd: Authd, sessions: int, failures: int) -> None:
+    """`sessions` open sessions, and one failed login from each of `failures` made-up users, each
+    from its own rhost (a user key and an rhost key each). A failure waits out pam_faildelay's
+    2 s, so they go 32 at a time on each of 64 connections."""
 
-    async def client(jobs: list[tuple[str, str | None]]) -> None:
+    async def opener(count: int) -> None:
         async with AsyncClient(authd.socket) as c:
-            for password, rhost in jobs:
-                try:
-                    await c.auth(USER, password, SERVICE, rhost=rhost, open_session=rhost is None)
-                except ReplyError:
-                    pass
+            for _ in range(count):
+                await c.auth(USER, PASSWORD, SERVICE)
 
-    jobs = [(PASSWORD, None)] * sessions + [("wrong", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(rhosts)]
-    await asyncio.gather(*(client(jobs[i::8]) for i in range(8)))
+    async def failer(names: range) -> None:
+        async with AsyncClient(authd.socket) as c:
+            for start in range(0, len(names), 32):
+                await asyncio.gather(*(fail(c, i) for i in names[start:start + 32]))
+
+    async def fail(c: AsyncClient, i: int) -> None:
+        rhost = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        try:
+            await c.auth(f"ghost{i}", "wrong", SERVICE, rhost=rhost, open_session=False)
+        except ReplyError:
+            pass
+
+    await asyncio.gather(*(opener(sessions // 8 + (i < sessions % 8)) for i in range(8)),
+                         *(failer(range(failures)[i::64]) for i in range(64)))
 
 
 def scrape_once(port: int) -> int:
@@ -139,18 +155,20 @@ def line(name: str, latencies: list[float], cores: tuple[float, float], extra: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = overhead_parser("bench_metrics", __doc__, seconds=10.0)
-    parser.add_argument("--sessions", type=int, default=20000, help="sessions open while scraping (default 20000)")
-    parser.add_argument("--rhosts", type=int, default=2000, help="rhosts with a failure each (default 2000)")
+    parser.add_argument("--sessions", type=int, default=10000, help="sessions open while scraping (default 10000)")
+    parser.add_argument("--failures", type=int, default=20000, help="users (and rhosts) with a failure each (default 20000)")
     parser.add_argument("--rate", type=float, default=10.0, help="scrapes per second beside the logins of phase 3 (default 10)")
     args = parser.parse_args(argv)
 
     with scratch_dir("authd-bench-metrics-", keep=args.keep) as root:
         stack = PamStack.create(root / "pam", {USER: PASSWORD}, kind=args.stack)
         print(f"authd metrics benchmark: {stack.description}; {args.workers} workers; {args.seconds:g} s per phase; "
-              f"{args.sessions} sessions, {args.rhosts} rhosts tracked; {os.cpu_count()} CPUs")
+              f"{os.cpu_count()} CPUs")
         with Authd(root, stack, args.workers) as authd:
-            asyncio.run(populate(authd, args.sessions, args.rhosts))
+            asyncio.run(populate(authd, args.sessions, args.failures))
+            keys = authd.lockout_keys()
             port = authd.metrics_port()
+            print(f"state: {args.sessions} sessions, {keys} lockout keys")
 
             meter, cpu = CpuMeter(), authd.cpu_seconds()
             with Scraper(port, rate=0) as scraper:
