@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,8 @@ import pytest
 from ..abuse.helpers import ctl, ctl_as_nobody, lockout_table
 from ..daemon import CANARY, Daemon, wait_for
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+DOC_ROW = re.compile(r"^\| `(authd_\w+)` \| (\w+) \|", re.M)
 METRICS = """
 [metrics]
 listen = "{listen}"
@@ -109,6 +112,13 @@ def test_tcp_scrape_passes_promtool_and_counts_logins(make_daemon: Callable[...,
     assert values['authd_pam_calls_total'] >= 2
     for secret in ("alice", "bob", "198.51.100.7", CANARY, "client-chosen-service"):
         assert secret not in after
+
+
+def test_docs_table_lists_every_family_with_its_type(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon(metrics_table()).start()
+    exported = {tuple(line.split()[2:4]) for line in scrape(d)[2].splitlines() if line.startswith("# TYPE authd_")}
+    documented = {(match[1], match[2]) for match in DOC_ROW.finditer(DOC.read_text())}
+    assert documented == exported
 
 
 def test_lockouts_sessions_and_handlers_move(make_daemon: Callable[..., Daemon]) -> None:
