@@ -15,10 +15,13 @@ from . import __version__, logs, policy as policy_mod, systemd
 from .errors import AuthdError, ConfigError
 from .events import model as events
 from .hardening import no_core_dumps
+from .dovecot.listener import Dovecot
 from .lifecycle import Lifecycle
 from .metrics.server import MetricsServer
+from .ops import Context
 from .runtime import Runtime, prepare_state_dir
-from .server import Server
+from .saslauthd.listener import Saslauthd
+from .server import Native, Server
 
 DEFAULT_CONFIG = os.environ.get("AUTHD_CONFIG", "authd.toml")
 Ready = Callable[[str | None], None]
@@ -89,13 +92,18 @@ async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
     rt = Runtime(policy)
     server = Server(rt)
     lifecycle = Lifecycle(rt, server)
-    metrics = MetricsServer(rt)
+    metrics = MetricsServer(rt, lifecycle)
     lifecycle.install_signal_handlers()
     await rt.start()
     try:
         inherited = systemd.listen_fds()
         native = inherited.get("authd") or inherited.get("unknown") or [None]
-        await server.listen(native[0])
+        await server.listen(Native(Context(rt, lifecycle)), policy.socket_path, native[0])
+        for front in (Saslauthd(rt.core), Dovecot(rt.core)):
+            sock = (inherited.get(front.name) or [None])[0]
+            path = policy.front_socket(front.name)
+            if sock is not None or path is not None:
+                await server.listen(front, path, sock)
         await metrics.listen()
     except BaseException:
         server.stop_accepting()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import msgspec
 
-from .sessions import PublicSession, Session
+from .protocol import PublicSession
+from .sessions import Session
 
 PREFIX = "sessions-"
 _CHUNK = 2000

@@ -24,6 +24,7 @@ import msgspec
 import structlog
 
 from . import sqlitefile
+from .protocol import PublicSession
 from .sqlitefile import BUSY_TIMEOUT, Corrupt
 
 log = structlog.get_logger("authd.sessions")
@@ -52,19 +53,6 @@ CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
 
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
-class PublicSession(msgspec.Struct, frozen=True, gc=False):
-    """What clients, dumps and logs may see: never the token or its hash."""
-
-    id: str
-    user: str
-    groups: tuple[str, ...]
-    service: str
-    rhost: str | None
-    created: float
-    last_seen: float
-    expires_at: float
 
 
 class Session(msgspec.Struct, gc=False):

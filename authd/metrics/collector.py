@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric
@@ -27,10 +27,13 @@ if TYPE_CHECKING:
 
 # `Runtime.counters` keys by prefix: the rest of the key is the label value.
 _LABELLED = {
-    "op:": ("authd_requests", "op", "Requests received on the native socket, by op."),
+    "op:": ("authd_requests", "op", "Requests received, by op (`saslauthd`, `dovecot`: those front ends' auth requests)."),
     "protocol:": ("authd_requests_rejected", "reason", "Requests refused before their op ran, by reason."),
+    "saslauthd:": ("authd_saslauthd_rejected", "reason", "saslauthd requests refused before a decision, by reason."),
+    "dovecot:": ("authd_dovecot_rejected", "reason", "Dovecot auth requests answered FAIL or closed by the codec, by reason."),
     "connections_closed_": ("authd_connections_closed", "reason", "Connections closed by authd, by reason."),
     "sessions_closed:": ("authd_sessions_closed", "reason", "Sessions ended, by reason."),
+    "cache:": ("authd_cache_lookups", "result", "Credential-cache lookups, by result."),
 }
 # Whole keys that join one of those families under another label value.
 _JOINED = {
@@ -42,7 +45,7 @@ _JOINED = {
 }
 # Whole keys that are a family of their own.
 _SINGLE = {
-    "connections_total": ("authd_connections", "Connections accepted on the native socket."),
+    "connections_total": ("authd_connections", "Connections accepted, on every socket."),
     "connections_refused_busy": ("authd_connections_refused", "Connections refused at accept: a connection limit was reached."),
     "internal_errors": ("authd_internal_errors", "Requests that failed on a bug (logged with a traceback)."),
 }
@@ -50,11 +53,26 @@ _WORKER_RESTARTS = ("crashed", "timed_out", "recycled")
 _EVENT_OUTCOMES = ("delivered", "failed", "dropped", "timed_out")
 
 
-class AuthdCollector:
-    """A prometheus_client custom collector over one Runtime."""
+class _Stats(Protocol):
+    def stats(self) -> dict[str, int]: ...
 
-    def __init__(self, rt: Runtime) -> None:
+
+class Observed(Protocol):
+    """What a scrape reads of the lifecycle (`authd.lifecycle.Lifecycle`), besides the runtime."""
+
+    reload_error: str | None
+    restart_required: list[str]
+
+    @property
+    def server(self) -> _Stats: ...
+
+
+class AuthdCollector:
+    """A prometheus_client custom collector over one Runtime and its lifecycle."""
+
+    def __init__(self, rt: Runtime, lifecycle: Observed) -> None:
         self.rt = rt
+        self.lifecycle = lifecycle
         self.process = ProcessCollector(registry=None)
 
     def collect(self) -> Iterator[Metric]:
@@ -74,16 +92,16 @@ class AuthdCollector:
         yield info
 
     def _auth(self) -> Iterator[Metric]:
-        labels = ["service", "result"]
-        requests = CounterMetricFamily("authd_auth_requests", "Auth decisions, by service (\"\" when the client named none configured) and result.", labels=labels)
+        labels = ["service", "protocol", "result"]
+        requests = CounterMetricFamily("authd_auth_requests", "Auth decisions, by service (\"\" when the client named none configured), front end and result.", labels=labels)
         seconds = HistogramMetricFamily("authd_auth_duration_seconds", "Time to decide an auth request, without the failure delay.", labels=labels)
-        for (service, result), series in sorted(self.rt.decisions.series.items()):
-            requests.add_metric([service, result], series.count)
+        for key, series in sorted(self.rt.decisions.series.items()):
+            requests.add_metric(list(key), series.count)
             cumulative, buckets = 0, []
             for bound, count in zip((*map(str, BUCKETS), "+Inf"), series.buckets):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            seconds.add_metric([service, result], buckets, series.total)
+            seconds.add_metric(list(key), buckets, series.total)
         yield requests
         yield seconds
 
@@ -101,9 +119,9 @@ class AuthdCollector:
             yield family
         for key, (name, help_text) in _SINGLE.items():
             yield CounterMetricFamily(name, help_text, counters[key])
-        connections = self.rt.connection_stats()
-        yield GaugeMetricFamily("authd_connections_open", "Native-socket connections open now.", connections.get("open", 0))
-        yield GaugeMetricFamily("authd_requests_inflight", "Requests being answered now.", connections.get("inflight", 0))
+        connections = self.lifecycle.server.stats()
+        yield GaugeMetricFamily("authd_connections_open", "Connections open now, on every socket.", connections["open"])
+        yield GaugeMetricFamily("authd_requests_inflight", "Requests being answered now.", connections["inflight"])
 
     def _pam(self) -> Iterator[Metric]:
         stats = self.rt.pam.stats()
@@ -123,6 +141,7 @@ class AuthdCollector:
     def _sessions(self) -> Iterator[Metric]:
         rt = self.rt
         yield GaugeMetricFamily("authd_sessions_active", "Sessions issued and not yet ended.", len(rt.sessions))
+        yield GaugeMetricFamily("authd_cache_entries", "Credential-cache entries held.", len(rt.cache))
         persisting = GaugeMetricFamily("authd_store_persisting", "1 while a state store writes to its file; 0 while it serves from memory only.", labels=["store"])
         persisting.add_metric(["sessions"], int(rt.sessions.persist_error is None))
         persisting.add_metric(["lockout"], int(rt.lockout.storage_error is None))
@@ -154,17 +173,17 @@ class AuthdCollector:
         yield depth
 
     def _config(self) -> Iterator[Metric]:
-        rt = self.rt
+        rt, lifecycle = self.rt, self.lifecycle
         yield GaugeMetricFamily("authd_config_generation", "Generation of the policy in force (1 at start, +1 per reload).", rt.policy.generation)
         reloads = CounterMetricFamily("authd_config_reloads", "Reloads of authd.toml, by result.", labels=["result"])
         reloads.add_metric(["ok"], rt.counters["reloads"])
         reloads.add_metric(["failed"], rt.counters["reloads_failed"])
         yield reloads
-        yield GaugeMetricFamily("authd_config_last_reload_successful", "0 after a failed reload (the previous policy still serves), else 1.", int(rt.reload_error is None))
-        yield GaugeMetricFamily("authd_config_restart_required", "1 when the file in force changed settings that only a restart applies.", int(bool(rt.restart_required)))
+        yield GaugeMetricFamily("authd_config_last_reload_successful", "0 after a failed reload (the previous policy still serves), else 1.", int(lifecycle.reload_error is None))
+        yield GaugeMetricFamily("authd_config_restart_required", "1 when the file in force changed settings that only a restart applies.", int(bool(lifecycle.restart_required)))
 
 
-def render(rt: Runtime, accept: str = "") -> tuple[bytes, str]:
+def render(rt: Runtime, lifecycle: Observed, accept: str = "") -> tuple[bytes, str]:
     """The scrape body and its content type: OpenMetrics if `accept` asks for it, else text 0.0.4."""
     encoder, content_type = choose_encoder(accept)
-    return encoder(AuthdCollector(rt)), content_type
+    return encoder(AuthdCollector(rt, lifecycle)), content_type

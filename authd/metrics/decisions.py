@@ -1,5 +1,5 @@
-"""Counts and latency buckets of auth decisions, by service and result: the one number the
-daemon's other counters cannot give, because it is measured, not counted.
+"""Counts and latency buckets of auth decisions, by service, protocol and result: the one
+figure the daemon's other counters cannot give, because it is measured, not counted.
 
 Plain Python on the event loop (no locks, no prometheus_client): recording costs a dict
 lookup and a bisect, so it is always on, and `authctl metrics` works without `[metrics]`.
@@ -23,15 +23,16 @@ class Series:
 
 
 class Decisions:
-    """`service` must be a configured service name (or "" for none): never a client's string."""
+    """`service` must be a configured service name (or "" for none): never a client's string;
+    `protocol` the front end (`native`, `saslauthd`, `dovecot`)."""
 
     def __init__(self) -> None:
-        self.series: dict[tuple[str, str], Series] = {}
+        self.series: dict[tuple[str, str, str], Series] = {}
 
-    def observe(self, service: str, result: str, seconds: float) -> None:
-        series = self.series.get((service, result))
+    def observe(self, service: str, protocol: str, result: str, seconds: float) -> None:
+        series = self.series.get((service, protocol, result))
         if series is None:
-            series = self.series[service, result] = Series()
+            series = self.series[service, protocol, result] = Series()
         series.buckets[bisect_left(BUCKETS, seconds)] += 1
         series.count += 1
         series.total += seconds

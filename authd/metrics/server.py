@@ -21,7 +21,7 @@ import structlog
 from ..errors import AuthdError
 from ..server import bind_unix
 from . import scrape
-from .collector import render
+from .collector import Observed, render
 from .config import Tcp, Unix
 
 if TYPE_CHECKING:
@@ -33,8 +33,9 @@ LINGER = 1.0  # seconds a refused or timed-out client gets to read its answer
 
 
 class MetricsServer:
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, lifecycle: Observed) -> None:
         self.rt = rt
+        self.lifecycle = lifecycle
         self.active = 0
         self.refusing = 0  # answered 503, waiting for the client to read it; also bounded
         self._server: asyncio.AbstractServer | None = None
@@ -112,7 +113,7 @@ class MetricsServer:
         request = scrape.parse_head(head)
         if isinstance(request, bytes):
             return request
-        body, content_type = render(self.rt, request.accept or "")
+        body, content_type = render(self.rt, self.lifecycle, request.accept or "")
         return scrape.response(200, body, content_type, head_only=request.head_only)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ..abuse.helpers import ctl, ctl_as_nobody, lockout_table
-from ..daemon import CANARY, Daemon, wait_for
+from ..daemon import CANARY, PASSWORD, Daemon, raw_connect, wait_for
+from ..mail.clients import mail_daemon, mux, read_counted, saslauthd
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 DOC_ROW = re.compile(r"^\| `(authd_\w+)` \| (\w+) \|", re.M)
@@ -101,17 +102,35 @@ def test_tcp_scrape_passes_promtool_and_counts_logins(make_daemon: Callable[...,
     checked = promtool(after)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     values = samples(after)
-    assert values['authd_auth_requests_total{result="ok",service="login"}'] == 1
-    assert values['authd_auth_requests_total{result="auth_failed",service="login"}'] == 1
-    assert values['authd_auth_requests_total{result="not_authorized",service=""}'] == 1
-    assert values['authd_auth_duration_seconds_count{result="ok",service="login"}'] == 1
-    assert values['authd_auth_duration_seconds_bucket{le="+Inf",result="ok",service="login"}'] == 1
+    assert values['authd_auth_requests_total{protocol="native",result="ok",service="login"}'] == 1
+    assert values['authd_auth_requests_total{protocol="native",result="auth_failed",service="login"}'] == 1
+    assert values['authd_auth_requests_total{protocol="native",result="not_authorized",service=""}'] == 1
+    assert values['authd_auth_duration_seconds_count{protocol="native",result="ok",service="login"}'] == 1
+    assert values['authd_auth_duration_seconds_bucket{le="+Inf",protocol="native",result="ok",service="login"}'] == 1
     assert values['authd_requests_total{op="auth"}'] == 3
     assert values['authd_sessions_active'] == 1
     assert values['authd_pam_workers{state="idle"}'] == 2
     assert values['authd_pam_calls_total'] >= 2
     for secret in ("alice", "bob", "198.51.100.7", CANARY, "client-chosen-service"):
         assert secret not in after
+
+
+def test_mail_front_ends_are_labelled_by_protocol(make_daemon: Callable[..., Daemon]) -> None:
+    d = mail_daemon(make_daemon, metrics_table()).start()
+    assert saslauthd(d, "alice", PASSWORD) == b"OK"
+    assert saslauthd(d, "alice", "wrong").startswith(b"NO")
+    assert saslauthd(d, "alice", PASSWORD, service="client-made-up").startswith(b"NO")
+    with raw_connect(mux(d)) as sock:
+        sock.sendall(b"\x00\x00\x00\x02pw\x00\x04smtp\x00\x00")  # no login
+        assert read_counted(sock).startswith(b"NO")
+    text = scrape(d)[2]
+    values = samples(text)
+    assert values['authd_auth_requests_total{protocol="saslauthd",result="ok",service="login"}'] == 1
+    assert values['authd_auth_requests_total{protocol="saslauthd",result="auth_failed",service="login"}'] == 1
+    assert values['authd_auth_requests_total{protocol="saslauthd",result="not_authorized",service=""}'] == 1
+    assert values['authd_requests_total{op="saslauthd"}'] == 3
+    assert values['authd_saslauthd_rejected_total{reason="malformed"}'] == 1
+    assert "client-made-up" not in text and "alice" not in text
 
 
 def test_docs_table_lists_every_family_with_its_type(make_daemon: Callable[..., Daemon]) -> None:
@@ -136,7 +155,7 @@ def test_lockouts_sessions_and_handlers_move(make_daemon: Callable[..., Daemon])
     values = wait_for(delivered, what="the audit handler to deliver every event")
     assert values['authd_lockout_locks_total{scope="user"}'] == 1
     assert values['authd_lockout_locked_keys{scope="user"}'] == 1
-    assert values['authd_auth_requests_total{result="locked_out",service="login"}'] == 1
+    assert values['authd_auth_requests_total{protocol="native",result="locked_out",service="login"}'] == 1
     assert values['authd_sessions_closed_total{reason="logout"}'] == 1 and values["authd_sessions_active"] == 0
     assert values['authd_event_queue_depth{handler="audit"}'] == 0
     assert values['authd_events_total{handler="audit",outcome="failed"}'] == 0

@@ -57,12 +57,12 @@ def test_response_framing() -> None:
 def test_latency_lands_in_its_bucket_bounds_inclusive() -> None:
     d = Decisions()
     for seconds in (0.0, 0.0005, 0.00051, 10.0, 10.5, 1e9):
-        d.observe("login", "ok", seconds)
-    series = d.series["login", "ok"]
+        d.observe("login", "native", "ok", seconds)
+    series = d.series["login", "native", "ok"]
     assert series.count == 6 and series.total == pytest.approx(0.0005 + 0.00051 + 10.0 + 10.5 + 1e9)
     assert series.buckets[0] == 2  # le=0.0005 holds 0 and 0.0005 itself
     assert series.buckets[1] == 1  # le=0.001
     assert series.buckets[BUCKETS.index(10.0)] == 1
     assert series.buckets[-1] == 2  # +Inf
     assert sum(series.buckets) == series.count
-    assert list(d.series) == [("login", "ok")]
+    assert list(d.series) == [("login", "native", "ok")]

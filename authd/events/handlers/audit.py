@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from authd.errors import ConfigError
-from authd.events.bus import Handler
+from authd.events.handler import Handler
 from authd.events.config import AuditConfig, HandlerContext, resolve_path
 from authd.events.model import Event
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from authd.errors import ConfigError
-from authd.events.bus import Handler
+from authd.events.handler import Handler
 from authd.events.config import HandlerContext, LastlogConfig
 from authd.events.model import AUTH_FAILED, AUTH_SUCCEEDED, Event
 
