@@ -28,7 +28,6 @@ from .sessions import Session
 class Control(Observed, Interface):
     """What ops may ask of the lifecycle (`authd.lifecycle.Lifecycle`); `metrics` reads `Observed`."""
 
-
     async def reload(self) -> Policy: ...
 
     def status(self) -> p.StatusReply: ...
