@@ -73,8 +73,8 @@ def serve(path: Path, ready: Ready | None = None, daemon_log: Path | None = None
     try:
         logs.configure(level=daemon.log_level, fmt=daemon.log_format, path=str(log_file) if log_file else None,
                        std=daemon_log is not None)
-    except OSError as exc:
-        message = f"daemon.log_file: cannot open {log_file}: {exc.strerror}"
+    except (OSError, ConfigError) as exc:
+        message = str(exc) if isinstance(exc, ConfigError) else f"daemon.log_file: cannot open {log_file}: {exc.strerror}"
         print(f"authd: {message}", file=sys.stderr)
         ready(message)
         return 1
@@ -133,9 +133,9 @@ def serve_daemonized(path: Path, pidfile: Path | None) -> int:
         return 1
     daemon = policy.daemon
     log_file = policy.path(daemon.log_file) if daemon.log_file else policy.state_dir / "authd.log"
-    return run_daemon(
+    return run_daemon(  # the pidfile is not resolved: a symlink there is refused, never followed
         lambda ready: serve(path.resolve(), ready, daemon_log=log_file),
-        pidfile=(pidfile or policy.state_dir / "authd.pid").resolve(),
+        pidfile=pidfile or policy.state_dir / "authd.pid",
         log_file=log_file,
         working_directory=policy.base_dir,
     )

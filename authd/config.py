@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
 from .metrics import MetricsConfig
+from .securefs import resolve as resolve
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -167,11 +168,6 @@ def located(exc: ConfigError, source: Path) -> ConfigError:
     except (OSError, UnicodeDecodeError):
         line = None
     return ConfigError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
-
-
-def resolve(base_dir: Path, value: str) -> Path:
-    """Relative paths in authd.toml are relative to the file's own directory."""
-    return (base_dir / os.path.expanduser(value)).resolve()
 
 
 def _check_services(config: Config, text: str, source: str) -> None:

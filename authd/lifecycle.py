@@ -24,6 +24,7 @@ from .events import model as events
 from .ops import closed
 from .policy import Policy
 from .runtime import Runtime
+from .securefs import UnsafePath
 from .server import Server
 from .sessions import Session
 
@@ -163,7 +164,7 @@ class Lifecycle:
         state_dir = self.rt.boot_policy.state_dir
         try:
             path, by_service = await dump_sessions(self.rt.sessions.all(), state_dir, self.rt.policy.daemon.dump_keep, os.getpid())
-        except OSError as exc:
+        except (OSError, UnsafePath) as exc:
             log.error("session dump failed", error=str(exc))
             return
         log.info("sessions dumped", path=str(path), count=sum(by_service.values()), by_service=by_service,

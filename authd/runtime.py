@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from typing import Any
 
+from . import securefs
 from .authflow import AuthCore
 from .cache import CredentialCache
 from .errors import ConfigError
@@ -63,9 +64,8 @@ class Runtime:
 
 
 def prepare_state_dir(policy: Policy) -> None:
-    """Create the state dir 0700; refuse one that others may write (they could plant a DB)."""
-    path = policy.state_dir
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = path.stat().st_mode
-    if mode & 0o022:
-        raise ConfigError(f"daemon.state_dir: {path} is writable by group or others (mode {mode & 0o777:o}); chmod 700 it")
+    """Create the state dir 0700; refuse one that another user owns or may write (a planted DB)."""
+    try:
+        securefs.make_dir(policy.state_dir, "daemon.state_dir")
+    except OSError as exc:
+        raise ConfigError(f"daemon.state_dir: cannot use {policy.state_dir}: {exc.strerror}") from None

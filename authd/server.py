@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from . import protocol as p
+from . import protocol as p, securefs
 from .authflow import AuthCore
 from .config import Limits
 from .errors import AuthdError
@@ -68,7 +68,8 @@ class Server:
         """Serve `front` on a socket systemd passed in, or else bind our own at `path`."""
         if inherited is None and path is None:
             raise AuthdError(f"no socket for the {front.name} front end")
-        sock = inherited if inherited is not None else self._bind(path)  # type: ignore[arg-type]
+        key = "daemon.socket" if front.name == Native.name else f"{front.name}.socket"
+        sock = inherited if inherited is not None else self._bind(path, key)  # type: ignore[arg-type]
         _raise_fd_limit(self.rt.policy.daemon.limits)
         accept = functools.partial(self._accept, front)
         server = await asyncio.start_unix_server(accept, sock=sock, limit=64 * 1024, backlog=ACCEPT_BATCH)
@@ -76,9 +77,9 @@ class Server:
         self._servers.append(server)
         log.info("listening", socket=sock.getsockname(), protocol=front.name, inherited=inherited is not None)
 
-    def _bind(self, path: Path) -> socket.socket:
+    def _bind(self, path: Path, key: str) -> socket.socket:
         daemon = self.rt.policy.daemon
-        sock = bind_unix(path, daemon.socket_mode, daemon.socket_group)
+        sock = bind_unix(path, key, daemon.socket_mode, daemon.socket_group)
         self._owned_paths.append(path)
         return sock
 
@@ -406,10 +407,14 @@ def _raise_fd_limit(limits: Limits) -> None:
                     max_connections=limits.max_connections)
 
 
-def bind_unix(path: Path, mode: int, group: str | None) -> socket.socket:
+def bind_unix(path: Path, key: str, mode: int, group: str | None) -> socket.socket:
     """A listening Unix socket at `path` with `mode` and `group` from the start (no window
-    in which it has the umask's mode), replacing a stale socket file left by a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    in which it has the umask's mode), replacing a stale socket file left by a crash.
+    `key` names the setting in errors."""
+    try:  # whoever may write the directory could swap the socket for their own
+        securefs.make_dir(path.parent, key, 0o755)
+    except OSError as exc:
+        raise AuthdError(f"{key}: cannot use {path.parent}: {exc.strerror}") from None
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)

@@ -25,6 +25,7 @@ import structlog
 
 from . import sqlitefile
 from .protocol import PublicSession
+from .securefs import UnsafePath
 from .sqlitefile import BUSY_TIMEOUT, Corrupt
 
 log = structlog.get_logger("authd.sessions")
@@ -214,7 +215,7 @@ class SessionStore:
                 self._resync(db)
             elif sql is not None:
                 db.execute(sql, params)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, UnsafePath) as exc:  # unsafe at start-up refuses the start (open)
             self._failed(exc)
             return
         if self._dirty:
@@ -280,6 +281,7 @@ def _read_only(path: Path) -> tuple[list[Row], bool]:
     """
     if not path.exists():
         return [], True
+    sqlitefile.check(path)
     for options, complete in (("mode=ro", True), ("immutable=1", False)):
         try:
             db = sqlite3.connect(f"{path.as_uri()}?{options}", uri=True, timeout=BUSY_TIMEOUT)

@@ -16,6 +16,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from ..securefs import resolve
+
 UNIX_PREFIX = "unix:"
 
 
@@ -65,7 +67,7 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
             return None
         address = parse_listen(self.listen)
         if isinstance(address, Unix):
-            return Unix((base_dir / address.path).resolve())
+            return Unix(resolve(base_dir, str(address.path)))
         return address
 
 

@@ -47,7 +47,7 @@ class MetricsServer:
         config = policy.config.metrics
         endpoint = config.endpoint(policy.base_dir)
         if isinstance(endpoint, Unix):
-            sock = bind_unix(endpoint.path, config.socket_mode, config.socket_group)
+            sock = bind_unix(endpoint.path, "metrics.listen", config.socket_mode, config.socket_group)
             self._owned_path = endpoint.path
             self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=scrape.MAX_HEAD)
             address = str(endpoint)

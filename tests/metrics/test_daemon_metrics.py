@@ -229,6 +229,18 @@ def test_reload_applies_limits_and_reports_a_new_address(make_daemon: Callable[.
     assert values['authd_config_reloads_total{result="failed"}'] == 1 and values["authd_config_last_reload_successful"] == 0
 
 
+def test_a_socket_directory_others_may_write_is_refused(make_daemon: Callable[..., Daemon]) -> None:
+    d = make_daemon()
+    shared = d.sock_dir / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    d.write_policy(d.policy + metrics_table(listen=f"unix:{shared}/metrics.sock"))
+    d.start(wait=False)
+    assert d.proc is not None and d.proc.wait(30) == 1
+    assert f"metrics.listen: {shared} is writable by group or others (mode 777)" in d.output()
+    assert not (shared / "metrics.sock").exists() and not d.socket.exists()
+
+
 def test_a_remote_address_is_refused_at_start(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(metrics_table(listen="0.0.0.0:0")).start(wait=False)
     assert d.proc is not None and d.proc.wait(30) == 1

@@ -7,7 +7,6 @@ reload that briefly runs the old and the new handler side by side cannot send tw
 
 from __future__ import annotations
 
-import os
 import re
 import smtplib
 import sqlite3
@@ -19,6 +18,7 @@ from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 
+from authd import sqlitefile
 from authd.errors import ConfigError
 from authd.events.handler import Handler, HandlerError
 from authd.events.config import HandlerContext, MailConfig, read_secret, resolve_path
@@ -115,8 +115,7 @@ class MailHandler(Handler):
 
     def _claim(self, user: str) -> bool:
         if self._db is None:
-            self.welcome_db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(self.welcome_db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            sqlitefile.prepare(self.welcome_db)
             self._db = sqlite3.connect(self.welcome_db, timeout=10.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
