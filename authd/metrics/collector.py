@@ -50,7 +50,8 @@ _SINGLE = {
     "internal_errors": ("authd_internal_errors", "Requests that failed on a bug (logged with a traceback)."),
 }
 _WORKER_RESTARTS = ("crashed", "timed_out", "recycled")
-_EVENT_OUTCOMES = ("delivered", "failed", "dropped", "timed_out")
+_EVENT_OUTCOMES = ("delivered", "failed", "dropped", "timed_out", "retried", "dead")
+_EVENTS_LOST = ("pruned_undelivered", "unwritten_dropped")
 
 
 class _Stats(Protocol):
@@ -145,6 +146,7 @@ class AuthdCollector:
         persisting = GaugeMetricFamily("authd_store_persisting", "1 while a state store writes to its file; 0 while it serves from memory only.", labels=["store"])
         persisting.add_metric(["sessions"], int(rt.sessions.persist_error is None))
         persisting.add_metric(["lockout"], int(rt.lockout.storage_error is None))
+        persisting.add_metric(["events"], int(rt.bus.outbox.storage_error is None))
         yield persisting
 
     def _lockout(self) -> Iterator[Metric]:
@@ -159,18 +161,30 @@ class AuthdCollector:
         yield held
         yield locked
         yield locks
+        stats = lockout.stats()
+        yield CounterMetricFamily("authd_lockout_keys_evicted", "Keys forgotten to stay under max_keys (never a locked one).", stats["evicted"])
+        yield CounterMetricFamily("authd_lockout_refused_full", "Attempts refused because a key table was full of locked keys.", stats["refused_full"])
 
     def _events(self) -> Iterator[Metric]:
         stats = self.rt.bus.stats()
         yield CounterMetricFamily("authd_events_emitted", "Events emitted to the bus.", stats["totals"]["emitted"])
         outcomes = CounterMetricFamily("authd_events", "Events per handler, by outcome.", labels=["handler", "outcome"])
-        depth = GaugeMetricFamily("authd_event_queue_depth", "Events queued for a handler now.", labels=["handler"])
+        depth = GaugeMetricFamily("authd_event_queue_depth", "Events queued in memory for a handler now.", labels=["handler"])
+        lag = GaugeMetricFamily("authd_event_lag", "Events waiting for a handler now, in memory and in the event log.", labels=["handler"])
+        blocked = CounterMetricFamily("authd_event_handler_blocked_loop", "Times an async handler held the event loop too long.", labels=["handler"])
         for handler, counts in sorted(stats["handlers"].items()):
             for outcome in _EVENT_OUTCOMES:
                 outcomes.add_metric([handler, outcome], counts[outcome])
             depth.add_metric([handler], counts["queued"])
-        yield outcomes
-        yield depth
+            lag.add_metric([handler], counts["lag"])
+            blocked.add_metric([handler], counts["blocked_loop"])
+        yield from (outcomes, depth, lag, blocked)
+        log = stats["log"]
+        lost = CounterMetricFamily("authd_events_lost", "Events the event log lost, by reason.", labels=["reason"])
+        for reason in _EVENTS_LOST:
+            lost.add_metric([reason], log[reason])
+        yield lost
+        yield GaugeMetricFamily("authd_event_subscribers", "Clients subscribed to the event stream now.", stats["subscribers"])
 
     def _config(self) -> Iterator[Metric]:
         rt, lifecycle = self.rt, self.lifecycle
