@@ -20,6 +20,7 @@ from .cache import CredentialCache
 from .events import model as events
 from .events.model import Event
 from .lockout import Locked, Lockout
+from .metrics import Decisions
 from .outcome import AuthRequest, Denied, Granted, Outcome, SessionGrant
 from .pam.binding import PamResult
 from .peer import Peer
@@ -51,6 +52,7 @@ class AuthCore:
         counters: Counter[str],
         delay: Callable[[float], Awaitable[None]],
         cache: CredentialCache,
+        decisions: Decisions | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policy = policy
@@ -61,6 +63,7 @@ class AuthCore:
         self._counters = counters
         self._delay = delay
         self._cache = cache
+        self._decisions = decisions or Decisions()
         self._clock = clock
 
     async def decide(self, peer: Peer, req: AuthRequest) -> Outcome:
@@ -72,11 +75,19 @@ class AuthCore:
         def emit(name: str, **fields: object) -> None:
             self._emit(Event.create(name, **who, **fields))
 
+        def decided(result: str) -> float:
+            """The one place an outcome is counted and timed (for metrics), before any failure delay.
+            Labelled by the policy's service name, never the client's string for a service it lacks."""
+            latency = self._clock() - started
+            self._counters[f"auth:{result}"] += 1
+            self._decisions.observe(req.service if req.service in policy.services else "", req.protocol, result, latency)
+            return latency
+
         def failed(code: str, retry_after: int | None = None) -> Denied:
-            self._counters[f"auth:{code}"] += 1
+            latency = decided(code)
             log.warning("auth failed", user=req.user, service=req.service, rhost=req.rhost or "-", error=code,
                         protocol=req.protocol)
-            emit(events.AUTH_FAILED, reason=code, latency=self._clock() - started, generation=policy.generation)
+            emit(events.AUTH_FAILED, reason=code, latency=latency, generation=policy.generation)
             return Denied(code=code, retry_after=retry_after)
 
         service = policy.services.get(req.service)
@@ -125,8 +136,7 @@ class AuthCore:
                 self._emit(Event.create(events.SESSION_CLOSED, **{**who, "rhost": old.rhost}, session_id=old.id,
                                         reason="evicted"))
 
-        self._counters["auth:ok"] += 1
-        latency = self._clock() - started
+        latency = decided("ok")
         log.info("auth succeeded", user=req.user, service=req.service, rhost=req.rhost or "-", protocol=req.protocol,
                  cached=cached or None)
         if not req.open_session:

@@ -19,6 +19,7 @@ from .cache import CacheConfig
 from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
+from .metrics import MetricsConfig
 from .securefs import resolve as resolve
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
@@ -125,6 +126,7 @@ class Config(_Section):
     saslauthd: Saslauthd = Saslauthd()
     dovecot: Dovecot = Dovecot()
     cache: CacheConfig = CacheConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def parse(text: str, source: str = "authd.toml") -> Config:

@@ -17,6 +17,7 @@ import msgspec
 from . import PROTOCOL_VERSION, __version__, protocol as p
 from .errors import ConfigError
 from .events import lastlog_lookup, model as events
+from .metrics.collector import Observed, render
 from .outcome import MESSAGES, AuthRequest, Denied
 from .peer import Peer
 from .policy import Policy
@@ -24,10 +25,8 @@ from .runtime import Runtime
 from .sessions import Session
 
 
-class Control(Interface):
-    """What ops may ask of the lifecycle (`authd.lifecycle.Lifecycle`)."""
-
-    restart_required: list[str]
+class Control(Observed, Interface):
+    """What ops may ask of the lifecycle (`authd.lifecycle.Lifecycle`); `metrics` reads `Observed`."""
 
     async def reload(self) -> Policy: ...
 
@@ -135,6 +134,11 @@ async def reload(ctx: Context, peer: Peer, req: p.Reload) -> p.Reply:
     return p.ReloadReply(generation=new.generation, restart_required=ctx.control.restart_required)
 
 
+@op(p.Metrics)
+async def metrics(ctx: Context, peer: Peer, req: p.Metrics) -> p.Reply:
+    return p.MetricsReply(text=render(ctx.rt, ctx.control)[0].decode())
+
+
 @op(p.Lockouts)
 async def lockouts(ctx: Context, peer: Peer, req: p.Lockouts) -> p.Reply:
     rows = msgspec.to_builtins(ctx.rt.lockout.lockouts())
@@ -166,5 +170,7 @@ async def cache_flush(ctx: Context, peer: Peer, req: p.CacheFlush) -> p.Reply:
 def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = None) -> None:
     """Emit `session.closed` for sessions that ended (logout, revoke, the expiry sweeper)."""
     who = {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid} if peer else {}
+    if gone:
+        rt.counters[f"sessions_closed:{reason}"] += len(gone)
     for s in gone:
         rt.emit(events.SESSION_CLOSED, user=s.user, service=s.service, rhost=s.rhost, session_id=s.id, reason=reason, **who)

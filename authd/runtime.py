@@ -20,6 +20,7 @@ from .config import Daemon
 from .events import Event, EventBus
 from .events.outbox import FILENAME as OUTBOX_FILE, Outbox, Retention
 from .lockout import Lockout
+from .metrics import Decisions
 from .pam.pool import PamPool
 from .policy import Policy
 from .sessions import SessionStore
@@ -38,10 +39,11 @@ class Runtime:
         outbox = Outbox(policy.state_dir / OUTBOX_FILE if daemon.event_log else None, event_retention(daemon))
         self.bus = EventBus(outbox, queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
         self.cache = CredentialCache(policy.config.cache)
+        self.decisions = Decisions()  # auth latency by service, protocol and result, for metrics
         self.draining = asyncio.Event()
         self.core = AuthCore(
             policy=lambda: self.policy, pam=self.pam, lockout=self.lockout, sessions=self.sessions,
-            emit=self.bus.emit, counters=self.counters, delay=self.delay, cache=self.cache,
+            emit=self.bus.emit, counters=self.counters, delay=self.delay, cache=self.cache, decisions=self.decisions,
         )
 
     async def start(self) -> None:

@@ -18,6 +18,7 @@ import hmac
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class Lockout:
         self._next_sweep = 0.0
         self._refused_full = 0
         self._full_logged: dict[Scope, float] = {}
+        self.locks_imposed: Counter[Scope] = Counter()  # for metrics
         self._store = LockoutStore(db_path, snapshot=self._rows, merge=self._merge)
         self.configure(config)
         self._store.open()
@@ -230,6 +232,12 @@ class Lockout:
                 ))
         return rows
 
+    def census(self) -> dict[Scope, tuple[int, int]]:
+        """Keys held in memory and keys locked now, per scope: one pass without sorting or
+        pruning, cheap enough for every metrics scrape (`lockouts()` is for people)."""
+        now = self._clock()
+        return {scope: (len(table), sum(key.locked(now) for key in table)) for scope, table in self._tables.items()}
+
     def unlock(self, name: str, scope: Scope | None = None) -> bool:
         """Clear failures, lock and lock count of a user or rhost. False if there was nothing.
 
@@ -324,6 +332,7 @@ class Lockout:
             key.strikes = 0
         key.strikes += 1
         key.since = now
+        self.locks_imposed[key.scope] += 1
         if limit.permanent:
             key.until = None
         else:
