@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
 from .securefs import resolve as resolve
+from .stores.config import StoreConfig
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -124,6 +125,7 @@ class Config(_Section):
     saslauthd: Saslauthd = Saslauthd()
     dovecot: Dovecot = Dovecot()
     cache: CacheConfig = CacheConfig()
+    store: StoreConfig = StoreConfig()
 
 
 def parse(text: str, source: str = "authd.toml") -> Config:
