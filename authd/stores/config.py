@@ -15,6 +15,7 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     prefix: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")] = "authd:"
     timeout: Seconds = 0.5  # one command's round trip; past it the store counts as down
     connect_timeout: Seconds = 1.0
+    connections: Annotated[int, msgspec.Meta(gt=0, le=1024)] = 16  # pool size; more requests queue for one
     retry_interval: Seconds = 1.0  # while down, Redis is tried again at most this often
     secret_file: str | None = None  # fleet-wide lockout fingerprint key (0600); required with redis
     on_store_error: Literal["local", "closed"] = "local"  # lockout when Redis is down
