@@ -21,6 +21,7 @@ from .events.config import HandlerConfig
 from .lockout import LockoutConfig
 from .metrics import MetricsConfig
 from .securefs import resolve as resolve
+from .stores.config import StoreConfig
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -127,6 +128,7 @@ class Config(_Section):
     dovecot: Dovecot = Dovecot()
     cache: CacheConfig = CacheConfig()
     metrics: MetricsConfig = MetricsConfig()
+    store: StoreConfig = StoreConfig()
 
 
 def parse(text: str, source: str = "authd.toml") -> Config:

@@ -332,6 +332,7 @@ class StatusReply(Reply):
     pam: dict[str, int]
     lockout: dict[str, Any]
     events: dict[str, Any]
+    store: dict[str, Any] | None = None  # the session/lockout backend and its state
 
 
 class ReloadReply(Reply):
