@@ -55,7 +55,7 @@ async def check(ctx: Context, peer: Peer, req: Check) -> p.Reply:
     policy = rt.policy
     if not roles.is_permission(req.permission):
         return failure(p.BAD_REQUEST, BAD_PERMISSION)
-    session = rt.sessions.lookup(req.token)
+    session = await rt.sessions.lookup(req.token)
     if session is None:
         return failure(p.INVALID_SESSION, NO_SESSION)
     decision = policy.roles.decide(session.user, session.groups, session.service, req.permission)
@@ -73,7 +73,7 @@ async def check(ctx: Context, peer: Peer, req: Check) -> p.Reply:
 @op(Permissions)
 async def permissions(ctx: Context, peer: Peer, req: Permissions) -> p.Reply:
     policy = ctx.rt.policy
-    session = ctx.rt.sessions.lookup(req.token)
+    session = await ctx.rt.sessions.lookup(req.token)
     if session is None:
         return failure(p.INVALID_SESSION, NO_SESSION)
     effective = policy.roles.effective(session.user, session.groups, session.service)

@@ -19,8 +19,10 @@ from .cache import CacheConfig
 from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
+from .metrics import MetricsConfig
 from .roles import RoleConfig
 from .securefs import resolve as resolve
+from .stores.config import StoreConfig
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -126,6 +128,8 @@ class Config(_Section):
     saslauthd: Saslauthd = Saslauthd()
     dovecot: Dovecot = Dovecot()
     cache: CacheConfig = CacheConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    store: StoreConfig = StoreConfig()
     roles: dict[str, RoleConfig] = {}
 
 

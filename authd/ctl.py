@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 
 from .client import Client, ClientError, ReplyError, default_socket
 
-Command = Callable[[Client, argparse.Namespace], dict[str, Any]]
-Status = Callable[[dict[str, Any]], int]
+Command = Callable[[Client, argparse.Namespace], dict[str, Any] | str]  # a str is printed as it is
+Status = Callable[[Any], int]
 
 
 class Registered(NamedTuple):
@@ -117,6 +117,11 @@ def _reload(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.reload()
 
 
+@command("metrics", "the Prometheus metrics, as a scrape of [metrics] listen would show them (admin)")
+def _metrics(c: Client, a: argparse.Namespace) -> str:
+    return str(c.metrics()["text"])
+
+
 @command("lockouts", "current locks and failure counters (admin)")
 def _lockouts(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.lockouts()
@@ -199,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    result.pop("id", None)
     try:
-        print(json.dumps(result, indent=2))
+        if isinstance(result, str):
+            print(result, end="")
+        else:
+            result.pop("id", None)
+            print(json.dumps(result, indent=2))
     except BrokenPipeError:  # `authctl status | head`
         sys.stderr.close()
     return chosen.status(result)

@@ -100,6 +100,10 @@ class Reload(Request, tag="reload"):
     admin = True
 
 
+class Metrics(Request, tag="metrics"):
+    admin = True
+
+
 class Lockouts(Request, tag="lockouts"):
     admin = True
 
@@ -120,8 +124,8 @@ class CacheFlush(Request, tag="cache_flush"):
     user: Name | None = None
 
 
-REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Lockouts, Unlock, Lastlog,
-                                      CacheFlush]
+REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Metrics, Lockouts, Unlock,
+                                      Lastlog, CacheFlush]
 
 
 def register(request_type: type[Request]) -> None:
@@ -328,11 +332,16 @@ class StatusReply(Reply):
     pam: dict[str, int]
     lockout: dict[str, Any]
     events: dict[str, Any]
+    store: dict[str, Any] | None = None  # the session/lockout backend and its state
 
 
 class ReloadReply(Reply):
     generation: int
     restart_required: list[str]
+
+
+class MetricsReply(Reply):
+    text: str
 
 
 class LockoutsReply(Reply):
@@ -355,7 +364,7 @@ class CacheFlushReply(Reply):
 REPLY_TYPES: dict[str, type[Reply]] = {
     "hello": HelloReply, "auth": AuthReply, "session": SessionReply, "logout": LogoutReply,
     "sessions": SessionsReply, "revoke": RevokeReply, "status": StatusReply, "reload": ReloadReply,
-    "lockouts": LockoutsReply, "unlock": UnlockReply, "lastlog": LastlogReply, "cache_flush": CacheFlushReply,
+    "metrics": MetricsReply, "lockouts": LockoutsReply, "unlock": UnlockReply, "lastlog": LastlogReply, "cache_flush": CacheFlushReply,
 }  # fmt: skip
 
 

@@ -85,24 +85,7 @@ class Server:
 
     def _bind(self, path: Path, key: str) -> socket.socket:
         daemon = self.rt.policy.daemon
-        try:  # whoever may write the directory could swap the socket for their own
-            securefs.make_dir(path.parent, key, 0o755)
-        except OSError as exc:
-            raise AuthdError(f"{key}: cannot use {path.parent}: {exc.strerror}") from None
-        _remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o777 & ~daemon.socket_mode)
-        try:
-            sock.bind(str(path))
-        except OSError as exc:
-            sock.close()
-            raise AuthdError(f"cannot bind {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, daemon.socket_mode)
-        if daemon.socket_group is not None:
-            os.chown(path, -1, grp.getgrnam(daemon.socket_group).gr_gid)
-        sock.listen(socket.SOMAXCONN)
+        sock = bind_unix(path, key, daemon.socket_mode, daemon.socket_group)
         self._owned_paths.append(path)
         return sock
 
@@ -493,6 +476,31 @@ def _raise_fd_limit(limits: Limits) -> None:
     if target < wanted:
         log.warning("descriptor limit is below max_connections; raise LimitNOFILE", nofile=target,
                     max_connections=limits.max_connections)
+
+
+def bind_unix(path: Path, key: str, mode: int, group: str | None) -> socket.socket:
+    """A listening Unix socket at `path` with `mode` and `group` from the start (no window
+    in which it has the umask's mode), replacing a stale socket file left by a crash.
+    `key` names the setting in errors."""
+    try:  # whoever may write the directory could swap the socket for their own
+        securefs.make_dir(path.parent, key, 0o755)
+    except OSError as exc:
+        raise AuthdError(f"{key}: cannot use {path.parent}: {exc.strerror}") from None
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise AuthdError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    sock.listen(socket.SOMAXCONN)
+    return sock
 
 
 def _remove_stale_socket(path: Path) -> None:
