@@ -14,7 +14,7 @@ from .events import model as events
 from .lockout import Locked
 from .peer import Peer
 from .protocol import (
-    ACCOUNT_EXPIRED, AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, PASSWORD_EXPIRED, UNAVAILABLE, Auth, error, reply,
+    ACCOUNT_EXPIRED, AUTH_FAILED, BUSY, LOCKED_OUT, NOT_AUTHORIZED, PASSWORD_EXPIRED, UNAVAILABLE, Auth, error, reply,
 )
 from .runtime import Runtime
 
@@ -52,10 +52,14 @@ async def authenticate(rt: Runtime, peer: Peer, req: Auth) -> bytes:
         await rt.delay(service.failure_delay)
         return reply_bytes
     try:
-        result = await rt.pam.authenticate(service.pam_name, req.user, req.password, req.rhost, req.ruser)
+        result = await rt.pam.authenticate(service.pam_name, req.user, req.password, req.rhost, req.ruser,
+                                           uid=peer.uid, max_queued=policy.daemon.limits.max_queued_per_uid)
     except BaseException:
         rt.lockout.cancel(attempt)
         raise
+    if result.outcome == BUSY:  # this uid already has max_queued_per_uid logins waiting for PAM: nothing was tried
+        rt.lockout.cancel(attempt)
+        return error(req.id, BUSY, "too many logins from this uid waiting for PAM; retry later")
     if result.outcome == UNAVAILABLE:
         rt.lockout.cancel(attempt)
         log.error("pam unavailable", service=service.pam_name, stage=result.stage, detail=result.detail)
