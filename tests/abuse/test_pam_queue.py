@@ -15,20 +15,25 @@ from pathlib import Path
 
 from benchmarks.bench_fairness import Flooder
 
-from ..daemon import PAM_SERVICE, PASSWORD, SERVICE, Daemon, wait_for
+from ..daemon import PAM_SERVICE, PASSWORD, SERVICE, Daemon, raw_connect, read_replies, wait_for
 from ..pamenv import TEST_MODULES, PamEnv, compile_pam_module
-from .helpers import with_limits
+from .helpers import lockout_table, with_limits
 
 QUEUED = 16  # max_queued_per_uid
 WORKERS = 2  # the base policy's
 NOBODY = 65534
 
 
-def test_a_flood_from_one_uid_does_not_hold_another_uids_login(make_daemon: Callable[..., Daemon], pam: PamEnv,
-                                                                 tmp_path: Path) -> None:
+def slow_pam(pam: PamEnv, tmp_path: Path) -> None:
+    """Every PAM call of the test service spends 20 ms before pam_matrix decides."""
     slow = compile_pam_module(TEST_MODULES / "slow.c", tmp_path)
     pam.add_service(PAM_SERVICE, [f"auth optional {slow} ms=20", pam.matrix("auth", PAM_SERVICE),
                                   pam.matrix("account", PAM_SERVICE)])
+
+
+def test_a_flood_from_one_uid_does_not_hold_another_uids_login(make_daemon: Callable[..., Daemon], pam: PamEnv,
+                                                                 tmp_path: Path) -> None:
+    slow_pam(pam, tmp_path)
     d = make_daemon(base=with_limits(max_queued_per_uid=QUEUED)).start()
 
     def pam_stats() -> dict[str, int]:
@@ -59,3 +64,22 @@ def test_a_flood_from_one_uid_does_not_hold_another_uids_login(make_daemon: Call
     assert min(ahead) >= QUEUED // 2, f"the flood did not keep its queue full: {ahead}"
     assert counts["busy"] == refused >= 2 * 32 - WORKERS - QUEUED, (counts, refused)
     assert counts.get("auth_failed", 0) > 0 and set(counts) <= {"busy", "auth_failed"}, counts
+
+
+def test_a_busy_login_counts_neither_as_failure_nor_as_success(make_daemon: Callable[..., Daemon], pam: PamEnv,
+                                                                tmp_path: Path) -> None:
+    """Refused `busy`, nothing was tried: lockout must not count it (a flood could lock a user
+    out) nor take it for a success (which would forget the user's earlier failures)."""
+    slow_pam(pam, tmp_path)
+    d = make_daemon(lockout_table(user="{ max_failures = 20 }", rhost="{ max_failures = 0 }"),
+                    base=with_limits(max_queued_per_uid=1)).start()
+    for i in range(2):
+        assert d.auth(password=f"wrong-{i}")["error"] == "auth_failed"
+    sock = raw_connect(d.socket)
+    guess = b'{"id":%d,"op":"auth","user":"alice","password":"guess-%d","service":"login"}\n'
+    sock.sendall(b"".join(guess % (i, i) for i in range(10)))  # 2 reach the workers, 1 waits
+    errors = [reply["error"] for reply in read_replies(sock, 10)]
+    assert set(errors) == {"auth_failed", "busy"}, errors
+    assert [r["failures"] for r in d.call("lockouts")["lockouts"] if r["key"] == "alice"] == [
+        2 + errors.count("auth_failed")]
+    assert d.call("status")["pam"]["refused_busy"] == errors.count("busy")
