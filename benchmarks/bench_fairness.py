@@ -1,26 +1,30 @@
 """A victim's correct-password logins while another local uid floods the PAM queue.
 
-    python -m benchmarks.bench_fairness [--seconds S] [--connections C] [--depth D] [--workers W]
+    python -m benchmarks.bench_fairness [--seconds S] [--floods 8,256] [--depth D] [--workers W]
                                         [--stack unix|matrix] [--flood-user nobody] [--max-queued N]
 
 authd tells local users apart by their SO_PEERCRED uid and queues PAM calls per uid, served in
 turn, with at most `max_queued_per_uid` waiting per uid (beyond that: `busy` at once). This
-measures what that buys the victim. Two phases of S seconds (default 15), against the real
-daemon:
+measures what that buys the victim, against the real daemon, in phases of S seconds (default 15):
 
 1. idle: the victim (this process, root) logs in back to back with the right password on its
    own connection (`open_session = false`); its p50 and p99 are the baseline;
-2. flood: the same while a flooder process running as another uid (`nobody` by default; it
-   drops to that uid before it connects, so the daemon sees that uid) keeps C connections
-   (default 256, the default `max_connections_per_uid`) each with D requests in flight (default
-   32, the default `max_inflight`): `auth` with a new unknown user name every time (so each
-   one passes the lockout budgets and reaches PAM) and a wrong password. Every reply, `busy`
-   included, is answered with the next request at once.
+2. one phase per flood size C in `--floods` (default 8 and 256, the default
+   `max_connections_per_uid`): the same while a flooder process running as another uid
+   (`nobody` by default; it drops to that uid before it connects, so the daemon sees that uid)
+   keeps C connections each with D requests in flight (default 32, the default
+   `max_inflight`): `auth` with a new unknown user name every time (so each one passes the
+   lockout budgets and reaches PAM) and a wrong password. Every reply, `busy` included, is
+   answered with the next request at once.
+
+8 x 32 is enough to keep the flooder's queue full all the time (behind one FIFO the victim
+would wait for all of it); 256 x 32 is all one uid may have in flight, most of it bouncing off
+`busy` as fast as the CPU allows.
 
 Printed per phase: the victim's logins, p50, p99 and their ratio to the idle phase (goal: p99
-within 2x), cores used by this benchmark's processes and by everything else; for the flood
-what the flooder got back and what the daemon's PAM pool did (calls, refused `busy`). Needs
-root (to run the flooder as another uid; the unix stack needs it anyway). Asserts nothing.
+within 2x), cores used by this benchmark's processes and by everything else; for a flood what
+the flooder got back and what the daemon's PAM pool did (calls, refused `busy`). Needs root (to
+run the flooder as another uid; the unix stack needs it anyway). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -167,9 +171,10 @@ class Flooder:
             self.proc.wait()
 
 
-def under_flood(authd: Authd, stack: PamStack, args: argparse.Namespace, user: pwd.struct_passwd, mode: str) -> Phase:
+def under_flood(authd: Authd, stack: PamStack, args: argparse.Namespace, user: pwd.struct_passwd,
+                connections: int) -> Phase:
     flooder = Flooder(authd.socket, stack.subprocess_env(), uid=user.pw_uid, gid=user.pw_gid,
-                      connections=args.connections, depth=args.depth, mode=mode)
+                      connections=connections, depth=args.depth, mode="spin")
     before: dict[str, int] = {}
 
     def start_flood() -> None:
@@ -178,11 +183,11 @@ def under_flood(authd: Authd, stack: PamStack, args: argparse.Namespace, user: p
         before.update(authd.pam_stats())
 
     with flooder:
-        phase = measure(f"flood, {mode}", authd, args.seconds, start_abuse=start_flood)
+        phase = measure(f"flood {connections} x {args.depth}", authd, args.seconds, start_abuse=start_flood)
         after = authd.pam_stats()
         counts = flooder.stop()
-    calls, busy = (after[key] - before[key] for key in ("calls", "refused_busy"))
-    phase.note = (f"{args.connections} connections x {args.depth} in flight from {user.pw_name}: the daemon ran "
+    calls, busy = (after.get(key, 0) - before.get(key, 0) for key in ("calls", "refused_busy"))  # main has no refused_busy
+    phase.note = (f"flood from {user.pw_name}: the daemon ran "
                   f"{calls:,} PAM calls ({calls / args.seconds:,.0f}/s, the victim's included) and refused "
                   f"{busy:,} busy ({busy / args.seconds:,.0f}/s); {after['waiting']} waiting at the end. "
                   f"The flooder got (ramp-up included): {dict(sorted(counts.items()))}")
@@ -208,7 +213,7 @@ def report(phases: list[Phase]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_fairness", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="per phase (default 15)")
-    parser.add_argument("--connections", type=int, default=256, help="flood connections (default 256)")
+    parser.add_argument("--floods", default="8,256", help="flood connections, one phase each (default 8,256)")
     parser.add_argument("--depth", type=int, default=32, help="requests in flight per flood connection (default 32)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--stack", choices=["matrix", "unix"], default="unix",
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
               f"victim uid {os.geteuid()}, flooder {user.pw_name} (uid {user.pw_uid}); {os.cpu_count()} CPUs")
         with Authd(root, stack, args.workers, args.max_queued) as authd:
             phases = [measure("idle", authd, args.seconds)]
-            phases += [under_flood(authd, stack, args, user, mode) for mode in ("hold", "spin")]
+            phases += [under_flood(authd, stack, args, user, int(c)) for c in args.floods.split(",")]
         report(phases)
     return 0
 
