@@ -16,7 +16,7 @@ RequestId = int | str | None
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 
-# Error codes of SPEC §2, the only values `error` ever takes.
+# Error codes of docs/protocol.md, the only values `error` ever takes.
 BAD_REQUEST = "bad_request"
 TOO_LARGE = "too_large"
 BUSY = "busy"

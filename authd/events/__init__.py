@@ -1,4 +1,4 @@
-"""Auth events and the handlers that act on them, off the reply path (SPEC §7).
+"""Auth events and the handlers that act on them, off the reply path (docs/handlers.md).
 
 The daemon creates one :class:`EventBus`, ``emit()``s an :class:`Event` for every outcome,
 and on start and every SIGHUP hands it ``build_handlers(policy.handler, ctx)``.

@@ -1,4 +1,4 @@
-"""Every built-in handler end to end against a real authd subprocess (SPEC §7, issue 4).
+"""Every built-in handler end to end against a real authd subprocess (docs/handlers.md).
 
 Real PAM (pam_wrapper + pam_matrix), the daemon's real socket and signals, and real servers on
 127.0.0.1 (an HTTP receiver, aiosmtpd). Python handlers that misbehave live in
