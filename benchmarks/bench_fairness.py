@@ -45,8 +45,8 @@ from typing import Self
 
 from authd.client import Client
 
-from .bench_abuse import GRACE, PASSWORD, SERVICE, USER, Phase, lift_fd_limit, measure
-from .harness import NOISY, AuthdProcess, cpu_note, ms, percentile, policy, scratch_dir
+from .bench_abuse import GRACE, PASSWORD, SERVICE, USER, Phase, lift_fd_limit, measure, print_details
+from .harness import AuthdProcess, cpu_note, ms, percentile, policy, scratch_dir
 from .pamstack import REPO, PamStack
 
 RAMP_UP = 1.0  # seconds the flood runs before the victim's window opens
@@ -186,7 +186,7 @@ def under_flood(authd: Authd, stack: PamStack, args: argparse.Namespace, user: p
         phase = measure(f"flood {connections} x {args.depth}", authd, args.seconds, start_abuse=start_flood)
         after = authd.pam_stats()
         counts = flooder.stop()
-    calls, busy = (after.get(key, 0) - before.get(key, 0) for key in ("calls", "refused_busy"))  # main has no refused_busy
+    calls, busy = (after.get(key, 0) - before.get(key, 0) for key in ("calls", "refused_busy"))  # an older daemon has no refused_busy
     phase.note = (f"flood from {user.pw_name}: the daemon ran "
                   f"{calls:,} PAM calls ({calls / args.seconds:,.0f}/s, the victim's included) and refused "
                   f"{busy:,} busy ({busy / args.seconds:,.0f}/s); {after['waiting']} waiting at the end. "
@@ -202,12 +202,7 @@ def report(phases: list[Phase]) -> None:
         p50, p99 = percentile(phase.latencies, 50), percentile(phase.latencies, 99)
         print(f"{phase.name:<20} {len(phase.latencies):>7} {ms(p50):>9} {ms(p99):>9} {p50 / base50:>9.2f}x "
               f"{p99 / base99:>9.2f}x  {cpu_note(phase.cores)}")
-        if phase.errors:
-            print(f"    errors: {dict(phase.errors)}")
-        if phase.note:
-            print(f"    {phase.note}")
-        if phase.cores[1] > NOISY:
-            print(f"    (other processes used {phase.cores[1]:.2f} cores: this phase's figures are suspect)")
+        print_details(phase)
 
 
 def main(argv: list[str] | None = None) -> int:
