@@ -1,7 +1,8 @@
 """A victim's correct-password logins while another local uid floods the PAM queue.
 
-    python -m benchmarks.bench_fairness [--seconds S] [--floods 8,256] [--depth D] [--workers W]
-                                        [--stack unix|matrix] [--flood-user nobody] [--max-queued N]
+    python -m benchmarks.bench_fairness [--seconds S] [--floods 8:spin,256:hold,256:spin] [--depth D]
+                                        [--workers W] [--stack unix|matrix] [--flood-user nobody]
+                                        [--max-queued N]
 
 authd tells local users apart by their SO_PEERCRED uid and queues PAM calls per uid, served in
 turn, with at most `max_queued_per_uid` waiting per uid (beyond that: `busy` at once). This
@@ -9,17 +10,17 @@ measures what that buys the victim, against the real daemon, in phases of S seco
 
 1. idle: the victim (this process, root) logs in back to back with the right password on its
    own connection (`open_session = false`); its p50 and p99 are the baseline;
-2. one phase per flood size C in `--floods` (default 8 and 256, the default
-   `max_connections_per_uid`): the same while a flooder process running as another uid
-   (`nobody` by default; it drops to that uid before it connects, so the daemon sees that uid)
-   keeps C connections each with D requests in flight (default 32, the default
-   `max_inflight`): `auth` with a new unknown user name every time (so each one passes the
-   lockout budgets and reaches PAM) and a wrong password. Every reply, `busy` included, is
-   answered with the next request at once.
+2. one phase per flood C:MODE in `--floods`, each on a fresh daemon: the same while a
+   flooder process running as another uid (`nobody` by default; it drops to that uid before
+   it connects, so the daemon sees that uid) keeps C connections each with D requests in
+   flight (default 32, the default `max_inflight`): `auth` with a new unknown user name every
+   time (so each one passes the lockout budgets and reaches PAM) and a wrong password. Each
+   reply is answered with the next request at once, except, in mode `hold`, a `busy` one.
 
-8 x 32 is enough to keep the flooder's queue full all the time (behind one FIFO the victim
-would wait for all of it); 256 x 32 is all one uid may have in flight, most of it bouncing off
-`busy` as fast as the CPU allows.
+The defaults: 8 x 32 spinning is a flood that keeps its uid's queue full; 256 x 32 (the default
+`max_connections_per_uid`) is all one uid may have in flight: holding, it is the flood that
+put a victim's login 10 s behind one FIFO; spinning, most of it bounces off `busy` as fast as
+the CPU allows.
 
 Printed per phase: the victim's logins, p50, p99 and their ratio to the idle phase (goal: p99
 within 2x), cores used by this benchmark's processes and by everything else; for a flood what
@@ -172,9 +173,9 @@ class Flooder:
 
 
 def under_flood(authd: Authd, stack: PamStack, args: argparse.Namespace, user: pwd.struct_passwd,
-                connections: int) -> Phase:
+                connections: int, mode: str) -> Phase:
     flooder = Flooder(authd.socket, stack.subprocess_env(), uid=user.pw_uid, gid=user.pw_gid,
-                      connections=connections, depth=args.depth, mode="spin")
+                      connections=connections, depth=args.depth, mode=mode)
     before: dict[str, int] = {}
 
     def start_flood() -> None:
@@ -183,10 +184,10 @@ def under_flood(authd: Authd, stack: PamStack, args: argparse.Namespace, user: p
         before.update(authd.pam_stats())
 
     with flooder:
-        phase = measure(f"flood {connections} x {args.depth}", authd, args.seconds, start_abuse=start_flood)
+        phase = measure(f"flood {connections}x{args.depth} {mode}", authd, args.seconds, start_abuse=start_flood)
         after = authd.pam_stats()
         counts = flooder.stop()
-    calls, busy = (after.get(key, 0) - before.get(key, 0) for key in ("calls", "refused_busy"))  # an older daemon has no refused_busy
+    calls, busy = (after.get(key, 0) - before.get(key, 0) for key in ("calls", "refused_busy"))  # 0: an older daemon
     phase.note = (f"flood from {user.pw_name}: the daemon ran "
                   f"{calls:,} PAM calls ({calls / args.seconds:,.0f}/s, the victim's included) and refused "
                   f"{busy:,} busy ({busy / args.seconds:,.0f}/s); {after['waiting']} waiting at the end. "
@@ -208,7 +209,8 @@ def report(phases: list[Phase]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_fairness", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="per phase (default 15)")
-    parser.add_argument("--floods", default="8,256", help="flood connections, one phase each (default 8,256)")
+    parser.add_argument("--floods", default="8:spin,256:hold,256:spin",
+                        help="one phase per CONNECTIONS:MODE, mode spin or hold (default 8:spin,256:hold,256:spin)")
     parser.add_argument("--depth", type=int, default=32, help="requests in flight per flood connection (default 32)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--stack", choices=["matrix", "unix"], default="unix",
@@ -217,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queued", type=int, help="daemon.limits.max_queued_per_uid (default: the daemon's)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
+    floods = []
+    for flood in args.floods.split(","):
+        count, _, mode = flood.partition(":")
+        if not count.isdigit() or mode not in ("spin", "hold"):
+            parser.error(f"--floods: {flood!r} is not CONNECTIONS:spin or CONNECTIONS:hold")
+        floods.append((int(count), mode))
     if os.geteuid() != 0:
         parser.error("needs root: the flooder must run as another uid than the victim")
     user = pwd.getpwnam(args.flood_user)
@@ -227,9 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         stack = PamStack.create(root / "pam", {USER: PASSWORD}, kind=args.stack)
         print(f"authd fairness benchmark: {stack.description}; {args.workers} workers; {args.seconds:g} s per phase; "
               f"victim uid {os.geteuid()}, flooder {user.pw_name} (uid {user.pw_uid}); {os.cpu_count()} CPUs")
-        with Authd(root, stack, args.workers, args.max_queued) as authd:
-            phases = [measure("idle", authd, args.seconds)]
-            phases += [under_flood(authd, stack, args, user, int(c)) for c in args.floods.split(",")]
+        root.chmod(0o711)  # the flooder's uid must reach the sockets below
+        phases = []
+        for i, flood in enumerate([None, *floods]):  # a fresh daemon each: no flood outlives its phase
+            home = root / f"daemon{i}"
+            home.mkdir()
+            with Authd(home, stack, args.workers, args.max_queued) as authd:
+                phases.append(measure("idle", authd, args.seconds) if flood is None
+                              else under_flood(authd, stack, args, user, *flood))
         report(phases)
     return 0
 
