@@ -64,4 +64,5 @@ MESSAGES = {
     "locked_out": "too many failed logins; try again later",
     "unavailable": "authentication is unavailable; try again later",
     "busy": "too many logins from this uid waiting; try again later",
+    "session_limit": "too many sessions for this user and service; log out of one first",
 }
