@@ -189,6 +189,7 @@ _EXPECTED = re.compile(r"Expected `[\w |]+`(, got `(int|float|str|bool|null|arra
                        r"( of length [<>]= \d+| [<>]=? -?\d+(\.\d+)?)?")
 _FIELD_NAMED = re.compile(r"(Object missing required field|Object contains unknown field|NUL byte in) `([^`]*)`")
 _AT = re.compile(r" - at `\$(\.[^`]*)?`$")
+_OWN_MESSAGES = frozenset({rhosts.INVALID})  # fixed texts our own validators raise: they quote nothing
 
 
 def _describe(exc: msgspec.ValidationError) -> str:
@@ -209,7 +210,7 @@ def _describe(exc: msgspec.ValidationError) -> str:
         if label == "Object contains unknown field":
             return f"unknown field `{name}`" if name in fields else "unknown field"
         kind = f"{label} `{name}`" if name in fields else label
-    elif not _EXPECTED.fullmatch(kind):
+    elif not _EXPECTED.fullmatch(kind) and kind not in _OWN_MESSAGES:
         kind = "Invalid value"
     return f"{kind} - at `$.{path}`" if path in fields else kind
 
