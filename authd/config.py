@@ -38,6 +38,7 @@ class Limits(_Section):
     max_connections_per_uid: Positive = 256
     admin_reserve: Annotated[int, msgspec.Meta(ge=0)] = 8  # of max_connections, kept for admin peers
     max_inflight: Positive = 32
+    max_queued_per_uid: Positive = 64
     idle_timeout: Seconds = 300.0
     request_timeout: Seconds = 30.0
     write_buffer: Annotated[int, msgspec.Meta(ge=4096)] = 1024 * 1024

@@ -58,6 +58,13 @@ def test_nested_table_error_line() -> None:
     assert message.startswith("authd.toml:4: daemon.limits.max_line:"), message
 
 
+def test_queue_bound_per_uid_is_validated() -> None:
+    assert config.parse('[[service]]\nname = "x"\n').daemon.limits.max_queued_per_uid == 64
+    message = error_of("[daemon.limits]\nmax_queued_per_uid = 0\n")
+    assert message.startswith("authd.toml:2: daemon.limits.max_queued_per_uid:"), message
+    assert "daemon.limits.max_queued_per_uid" in error_of('[daemon.limits]\nmax_queued_per_uid = "lots"\n')
+
+
 def test_missing_required_field_points_at_table() -> None:
     message = error_of('[[service]]\nname = "a"\n[[service]]\npam_service = "x"\n')
     assert message.startswith("authd.toml:3: service[1]:"), message
