@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .client import Client, ClientError, ReplyError, default_socket
+from . import __version__
+from .client import DEFAULT_SERVICE, Client, ClientError, ReplyError, default_socket
 
 Command = Callable[[Client, argparse.Namespace], dict[str, Any]]
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -25,11 +26,34 @@ def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None
     return register
 
 
+EXIT_CODES = """exit status:
+  0    authd answered ok (the reply is printed on stdout as JSON)
+  1    authd answered with an error (the reply, with its "error" code, on stderr)
+  2    nothing was asked: bad arguments, no password, or authd could not be reached
+  130  interrupted
+
+environment:
+  AUTHD_SOCKET  the socket when -s is not given (else ./authd.sock if it exists,
+                else /run/authd/authd.sock)"""
+
+
+class InputError(Exception):
+    """The command line or stdin cannot make a request; nothing was sent."""
+
+
 def read_password(prompt: str = "Password: ") -> str:
-    """No-echo prompt on a terminal; otherwise the first line of stdin."""
+    """No-echo prompt on a terminal; otherwise the first line of stdin, without its line end.
+
+    An empty password is refused here: PAM stacks differ on what they do with one (pam_unix's
+    `nullok` lets a passwordless account in), and an empty stdin is almost always a mistake.
+    """
     if sys.stdin.isatty():
-        return getpass.getpass(prompt)
-    return sys.stdin.readline().rstrip("\n")
+        password = getpass.getpass(prompt)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise InputError("empty password (read from the first line of stdin when it is not a terminal); nothing sent")
+    return password
 
 
 @command("hello", "server name, version, protocol, policy generation")
@@ -39,7 +63,7 @@ def _hello(c: Client, a: argparse.Namespace) -> dict[str, Any]:
 
 def _auth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("user")
-    p.add_argument("--service", default="login")
+    p.add_argument("--service", default=DEFAULT_SERVICE, help=f"the [[service]] of authd.toml (default: {DEFAULT_SERVICE})")
     p.add_argument("--rhost")
     p.add_argument("--no-session", action="store_true", help="check the password only")
 
@@ -106,7 +130,9 @@ def _lastlog(c: Client, a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.")
+    parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.", epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"authctl {__version__}")
     parser.add_argument("-s", "--socket", default=None, help=f"authd socket (default: {default_socket()})")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
@@ -119,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         exc.reply.pop("id", None)
         print(json.dumps(exc.reply, indent=2), file=sys.stderr)
         return 1
-    except ClientError as exc:
+    except (ClientError, InputError) as exc:
         print(f"authctl: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
