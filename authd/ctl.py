@@ -12,7 +12,7 @@ from typing import Any
 from . import __version__
 from .client import DEFAULT_SERVICE, Client, ClientError, ReplyError, default_socket
 
-Command = Callable[[Client, argparse.Namespace], dict[str, Any]]
+Command = Callable[[Client, argparse.Namespace], dict[str, Any] | str]  # a str is printed as it is
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
 
 
@@ -104,6 +104,11 @@ def _status(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.status()
 
 
+@command("pid", "the daemon's process id, for kill(1): kill -USR1 $(authctl pid) (admin)")
+def _pid(c: Client, a: argparse.Namespace) -> str:
+    return str(c.status()["pid"])
+
+
 @command("reload", "reload authd.toml now; exits non-zero with the error if it is invalid (admin)")
 def _reload(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.reload()
@@ -150,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    result.pop("id", None)
     try:
-        print(json.dumps(result, indent=2))
+        if isinstance(result, str):
+            print(result)
+        else:
+            result.pop("id", None)
+            print(json.dumps(result, indent=2))
     except BrokenPipeError:  # `authctl status | head`
         sys.stderr.close()
     return 0

@@ -61,3 +61,8 @@ def test_library_and_authctl_default_to_the_same_service(daemon: Daemon) -> None
     assert done.returncode == 0
     services = {r.get("service") for r in daemon.log_lines("auth succeeded")}
     assert services == {DEFAULT_SERVICE}, services
+
+
+def test_pid_is_the_daemons_for_kill(daemon: Daemon) -> None:
+    done = ctl(daemon, "pid")
+    assert done.returncode == 0 and done.stdout == f"{daemon.pid}\n"
