@@ -30,6 +30,13 @@ def test_example_policy_is_valid() -> None:
     assert parsed.service[0].pam_name == "login"
 
 
+def test_packaged_policy_is_valid() -> None:
+    """/etc/authd/authd.toml of the Debian package (the system stage checks it on a real host)."""
+    parsed = config.load(ROOT / "debian" / "authd.toml")
+    assert parsed.daemon.state_dir == "/var/lib/authd" and parsed.daemon.socket == "/run/authd/authd.sock"
+    assert all(Path(h.path).is_absolute() for h in parsed.handler if getattr(h, "path", None))
+
+
 def test_defaults_are_safe() -> None:
     parsed = config.parse('[[service]]\nname = "x"\n')
     assert parsed.daemon.socket_mode == 0o660
