@@ -1,92 +1,144 @@
-"""The `auth` op: lockout, PAM in a worker, policy, session, events, and the failure delay.
+"""The auth decision: lockout, PAM in a worker, policy, session, events, and the failure delay.
 
-Authenticate first, authorize second: `not_authorized` is only said to someone who proved
-the password, so policy cannot be probed. Wrong password and unknown user are one reply.
+Protocol-neutral: it takes an `AuthRequest` and returns `Granted` or `Denied`; each front end
+encodes that in its own bytes. Authenticate first, authorize second: `not_authorized` is only
+said to someone who proved the password, so policy cannot be probed. Wrong password and
+unknown user are one outcome. Everything it uses is handed in, so tests run it in memory with
+a stand-in PAM pool and a clock they drive.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import structlog
 
+from .cache import CredentialCache
 from .events import model as events
-from .lockout import Locked
+from .events.model import Event
+from .lockout import Locked, Lockout
+from .outcome import AuthRequest, Denied, Granted, Outcome, SessionGrant
+from .pam.binding import PamResult
 from .peer import Peer
-from .protocol import (
-    ACCOUNT_EXPIRED, AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, PASSWORD_EXPIRED, UNAVAILABLE, Auth, error, reply,
-)
-from .runtime import Runtime
+from .policy import Policy
+from .protocol import AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, UNAVAILABLE
+from .sessions import SessionStore
 
 log = structlog.get_logger("authd.auth")
 
-_MESSAGES = {
-    AUTH_FAILED: "authentication failed",
-    ACCOUNT_EXPIRED: "account expired",
-    PASSWORD_EXPIRED: "password expired; change it before logging in",
-    NOT_AUTHORIZED: "not authorized for this service",
-    LOCKED_OUT: "too many failed logins; try again later",
-    UNAVAILABLE: "authentication is unavailable; try again later",
-}
+
+class Pam(Protocol):
+    """What the decision needs from the PAM pool (`authd.pam.pool.PamPool`)."""
+
+    async def authenticate(self, service: str, user: str, password: str, rhost: str | None = None,
+                           ruser: str | None = None) -> PamResult: ...
+
+    async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None) -> PamResult: ...
 
 
-async def authenticate(rt: Runtime, peer: Peer, req: Auth) -> bytes:
-    policy = rt.policy
-    started = time.monotonic()
-    who = {"user": req.user, "service": req.service, "rhost": req.rhost, "pid": peer.pid, "uid": peer.uid, "gid": peer.gid}
+class AuthCore:
+    def __init__(
+        self,
+        *,
+        policy: Callable[[], Policy],
+        pam: Pam,
+        lockout: Lockout,
+        sessions: SessionStore,
+        emit: Callable[[Event], None],
+        counters: Counter[str],
+        delay: Callable[[float], Awaitable[None]],
+        cache: CredentialCache,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._policy = policy
+        self._pam = pam
+        self._lockout = lockout
+        self._sessions = sessions
+        self._emit = emit
+        self._counters = counters
+        self._delay = delay
+        self._cache = cache
+        self._clock = clock
 
-    def failed(code: str, **extra: object) -> bytes:
-        latency = time.monotonic() - started
-        rt.counters[f"auth:{code}"] += 1
-        log.warning("auth failed", user=req.user, service=req.service, rhost=req.rhost or "-", error=code)
-        rt.emit(events.AUTH_FAILED, reason=code, latency=latency, generation=policy.generation, **who)
-        return error(req.id, code, _MESSAGES.get(code, code), **extra)
+    async def decide(self, peer: Peer, req: AuthRequest) -> Outcome:
+        policy = self._policy()
+        started = self._clock()
+        who = {"user": req.user, "service": req.service, "rhost": req.rhost, "pid": peer.pid, "uid": peer.uid,
+               "gid": peer.gid, "protocol": req.protocol}
 
-    service = policy.services.get(req.service)
-    if service is None:
-        return failed(NOT_AUTHORIZED)
+        def emit(name: str, **fields: object) -> None:
+            self._emit(Event.create(name, **who, **fields))
 
-    attempt = await rt.lockout.begin(req.user, req.rhost, req.password)
-    if isinstance(attempt, Locked):
-        reply_bytes = failed(LOCKED_OUT, retry_after=attempt.retry_after)
-        await rt.delay(service.failure_delay)
-        return reply_bytes
-    try:
-        result = await rt.pam.authenticate(service.pam_name, req.user, req.password, req.rhost, req.ruser)
-    except BaseException:
-        rt.lockout.cancel(attempt)
-        raise
-    if result.outcome == UNAVAILABLE:
-        rt.lockout.cancel(attempt)
-        log.error("pam unavailable", service=service.pam_name, stage=result.stage, detail=result.detail)
-        return failed(UNAVAILABLE)
-    for locked in rt.lockout.finish(attempt, success=result.outcome != AUTH_FAILED):
-        log.warning("lockout", scope=locked.scope, user=req.user, rhost=req.rhost or "-", retry_after=locked.retry_after)
-        rt.emit(events.AUTH_LOCKED_OUT, reason=f"{locked.scope} locked", **who)
-    if result.outcome == AUTH_FAILED:
-        reply_bytes = failed(AUTH_FAILED)
-        await rt.delay(max(result.fail_delay, service.failure_delay))
-        return reply_bytes
-    if result.outcome != "ok":
-        return failed(result.outcome)
+        def failed(code: str, retry_after: int | None = None) -> Denied:
+            self._counters[f"auth:{code}"] += 1
+            log.warning("auth failed", user=req.user, service=req.service, rhost=req.rhost or "-", error=code,
+                        protocol=req.protocol)
+            emit(events.AUTH_FAILED, reason=code, latency=self._clock() - started, generation=policy.generation)
+            return Denied(code=code, retry_after=retry_after)
 
-    groups = result.groups
-    if not policy.permits(service, req.user, groups):
-        return failed(NOT_AUTHORIZED)
+        service = policy.services.get(req.service)
+        if service is None:
+            return failed(NOT_AUTHORIZED)
 
-    rt.counters["auth:ok"] += 1
-    latency = time.monotonic() - started
-    log.info("auth succeeded", user=req.user, service=req.service, rhost=req.rhost or "-")
-    if not req.open_session:
-        rt.emit(events.AUTH_SUCCEEDED, latency=latency, generation=policy.generation, **who)
-        return reply(req.id, user=req.user, groups=list(groups))
-    session, token = rt.sessions.create(
-        user=req.user, groups=groups, service=service.name, rhost=req.rhost,
-        ttl=service.session_ttl, idle_timeout=service.idle_timeout,
-    )
-    rt.emit(events.AUTH_SUCCEEDED, latency=latency, session_id=session.id, generation=policy.generation, **who)
-    rt.emit(events.SESSION_OPENED, session_id=session.id, **who)
-    return reply(
-        req.id, user=req.user, groups=list(groups),
-        session={"id": session.id, "token": token, "expires_at": session.expires_at},
-    )
+        attempt = await self._lockout.begin(req.user, req.rhost, req.password)
+        if isinstance(attempt, Locked):
+            denied = failed(LOCKED_OUT, attempt.retry_after)
+            await self._delay(service.failure_delay)
+            return denied
+        try:
+            result, cached = await self._verify(service.name, service.pam_name, req)
+        except BaseException:
+            self._lockout.cancel(attempt)
+            raise
+        if result.outcome == UNAVAILABLE:
+            self._lockout.cancel(attempt)
+            log.error("pam unavailable", service=service.pam_name, stage=result.stage, detail=result.detail)
+            return failed(UNAVAILABLE)
+        for locked in self._lockout.finish(attempt, success=result.outcome != AUTH_FAILED):
+            if locked.scope == "user":
+                self._cache.flush(req.user)
+            log.warning("lockout", scope=locked.scope, user=req.user, rhost=req.rhost or "-", retry_after=locked.retry_after)
+            emit(events.AUTH_LOCKED_OUT, reason=f"{locked.scope} locked")
+        if result.outcome == AUTH_FAILED:
+            denied = failed(AUTH_FAILED)
+            await self._delay(max(result.fail_delay, service.failure_delay))
+            return denied
+        if result.outcome != "ok":
+            return failed(result.outcome)
+
+        groups = result.groups
+        if not cached and self._cache.enabled:
+            self._cache.store(service.name, req.user, req.rhost, req.password, groups)
+        if not policy.permits(service, req.user, groups):
+            return failed(NOT_AUTHORIZED)
+
+        self._counters["auth:ok"] += 1
+        latency = self._clock() - started
+        log.info("auth succeeded", user=req.user, service=req.service, rhost=req.rhost or "-", protocol=req.protocol,
+                 cached=cached or None)
+        if not req.open_session:
+            emit(events.AUTH_SUCCEEDED, latency=latency, generation=policy.generation, cached=cached or None)
+            return Granted(user=req.user, groups=groups, cached=cached)
+        session, token = self._sessions.create(
+            user=req.user, groups=groups, service=service.name, rhost=req.rhost,
+            ttl=service.session_ttl, idle_timeout=service.idle_timeout,
+        )
+        emit(events.AUTH_SUCCEEDED, latency=latency, session_id=session.id, generation=policy.generation,
+             cached=cached or None)
+        emit(events.SESSION_OPENED, session_id=session.id)
+        grant = SessionGrant(id=session.id, token=token, expires_at=session.expires_at)
+        return Granted(user=req.user, groups=groups, session=grant, cached=cached)
+
+    async def _verify(self, service: str, pam_service: str, req: AuthRequest) -> tuple[PamResult, bool]:
+        """PAM's verdict, and whether the cache vouched for the password instead of pam_authenticate."""
+        if self._cache.enabled:
+            found, groups = self._cache.lookup(service, req.user, req.rhost, req.password)
+            self._counters[f"cache:{found}"] += 1
+            if found == "hit":
+                if self._cache.config.account_check == "cached":
+                    return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=groups), True
+                return await self._pam.account(pam_service, req.user, req.rhost, req.ruser), True
+        return await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser), False

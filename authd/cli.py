@@ -15,9 +15,12 @@ from . import __version__, logs, policy as policy_mod, preflight, systemd
 from .errors import AuthdError, ConfigError
 from .events import model as events
 from .hardening import no_core_dumps
+from .dovecot.listener import Dovecot
 from .lifecycle import Lifecycle
+from .ops import Context
 from .runtime import Runtime, prepare_state_dir
-from .server import Server
+from .saslauthd.listener import Saslauthd
+from .server import Native, Server
 
 DEFAULT_CONFIG = os.environ.get("AUTHD_CONFIG", "authd.toml")
 Ready = Callable[[str | None], None]
@@ -71,8 +74,8 @@ def serve(path: Path, ready: Ready | None = None, daemon_log: Path | None = None
     try:
         logs.configure(level=daemon.log_level, fmt=daemon.log_format, path=str(log_file) if log_file else None,
                        std=daemon_log is not None)
-    except OSError as exc:
-        message = f"daemon.log_file: cannot open {log_file}: {exc.strerror}"
+    except (OSError, ConfigError) as exc:
+        message = str(exc) if isinstance(exc, ConfigError) else f"daemon.log_file: cannot open {log_file}: {exc.strerror}"
         print(f"authd: {message}", file=sys.stderr)
         ready(message)
         return 1
@@ -95,7 +98,12 @@ async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
     try:
         inherited = systemd.listen_fds()
         native = inherited.get("authd") or inherited.get("unknown") or [None]
-        await server.listen(native[0])
+        await server.listen(Native(Context(rt, lifecycle)), policy.socket_path, native[0])
+        for front in (Saslauthd(rt.core), Dovecot(rt.core)):
+            sock = (inherited.get(front.name) or [None])[0]
+            path = policy.front_socket(front.name)
+            if sock is not None or path is not None:
+                await server.listen(front, path, sock)
     except BaseException:
         await rt.pam.close(0)
         raise
@@ -120,9 +128,9 @@ def serve_daemonized(path: Path, pidfile: Path | None) -> int:
         return 1
     daemon = policy.daemon
     log_file = policy.path(daemon.log_file) if daemon.log_file else policy.state_dir / "authd.log"
-    return run_daemon(
+    return run_daemon(  # the pidfile is not resolved: a symlink there is refused, never followed
         lambda ready: serve(path.resolve(), ready, daemon_log=log_file),
-        pidfile=(pidfile or policy.state_dir / "authd.pid").resolve(),
+        pidfile=pidfile or policy.state_dir / "authd.pid",
         log_file=log_file,
         working_directory=policy.base_dir,
     )

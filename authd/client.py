@@ -7,6 +7,8 @@
         a, b = await asyncio.gather(c.hello(), c.auth("bob", pw, service="imap"))
 
 A reply with `"ok": false` raises `ReplyError` (its `code` is the protocol's error code).
+Replies are dicts; with `typed=True` each op returns the server's own reply Struct instead
+(`authd.protocol.AuthReply`, `StatusReply`, ...).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from .protocol import REPLY_TYPES
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
@@ -49,9 +53,14 @@ def _request(request_id: int, op: str, fields: dict[str, Any]) -> bytes:
     return _encoder.encode({"id": request_id, "op": op, **{k: v for k, v in fields.items() if v is not None}}) + b"\n"
 
 
-def _result(reply: dict[str, Any]) -> dict[str, Any]:
+def _result(op: str, reply: dict[str, Any], typed: bool) -> Any:
     if not reply.get("ok"):
         raise ReplyError(reply)
+    if typed and op in REPLY_TYPES:
+        try:
+            return msgspec.convert(reply, REPLY_TYPES[op])
+        except msgspec.ValidationError as exc:
+            raise ClientError(f"unexpected `{op}` reply: {exc}") from None
     return reply
 
 
@@ -96,13 +105,18 @@ class _Ops(abc.ABC):
     def lastlog(self, user: str) -> Any:
         return self.call("lastlog", user=user)
 
+    def cache_flush(self, user: str | None = None) -> Any:
+        return self.call("cache_flush", user=user)
+
 
 class Client(_Ops):
     """Blocking client: one request at a time over one persistent connection."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float | None = 60.0) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, timeout: float | None = 60.0, *,
+                 typed: bool = False) -> None:
         self.path = os.fspath(path or default_socket())
         self.timeout = timeout
+        self.typed = typed
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._ids = itertools.count(1)
@@ -130,7 +144,7 @@ class Client(_Ops):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+    def call(self, op: str, **fields: Any) -> Any:
         sock = self.connect()._sock
         assert sock is not None
         request_id = next(self._ids)
@@ -139,7 +153,7 @@ class Client(_Ops):
             while True:
                 reply = self._read_line(sock)
                 if reply.get("id") in (request_id, None):
-                    return _result(reply)
+                    return _result(op, reply, self.typed)
         except OSError as exc:
             self.close()
             raise ClientError(f"connection to {self.path} failed: {exc.strerror or exc}") from None
@@ -163,8 +177,9 @@ class Client(_Ops):
 class AsyncClient(_Ops):
     """asyncio client: concurrent calls are pipelined on one connection, matched by id."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, typed: bool = False) -> None:
         self.path = os.fspath(path or default_socket())
+        self.typed = typed
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -193,7 +208,7 @@ class AsyncClient(_Ops):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+    async def call(self, op: str, **fields: Any) -> Any:
         await self.connect()
         assert self._writer is not None
         request_id = next(self._ids)
@@ -202,7 +217,7 @@ class AsyncClient(_Ops):
         try:
             self._writer.write(_request(request_id, op, fields))
             await self._writer.drain()
-            return _result(await future)
+            return _result(op, await future, self.typed)
         finally:
             self._waiting.pop(request_id, None)
 

@@ -15,9 +15,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .cache import CacheConfig
 from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
+from .securefs import resolve as resolve
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -85,12 +87,36 @@ class Service(_Section):
         return self.pam_service or self.name
 
 
+class Saslauthd(_Section):
+    """Cyrus saslauthd's protocol on its own socket (off unless `socket` is set or systemd
+    passes a socket named `saslauthd`). `services` maps a request's service (`smtp`, `imap`)
+    to a [[service]] name; unmapped ones are looked up as they are. `append_realm` does what
+    saslauthd -r does: login `u` with realm `r` becomes user `u@r`."""
+
+    socket: str | None = None
+    services: dict[str, str] = {}
+    append_realm: bool = False
+
+
+class Dovecot(_Section):
+    """Dovecot's auth-client protocol on its own socket (Postfix, Exim). `require_secured`
+    refuses the plaintext mechanisms (PLAIN, LOGIN) on connections the client did not mark
+    `secured` (TLS), as Dovecot's `disable_plaintext_auth` does."""
+
+    socket: str | None = None
+    services: dict[str, str] = {}
+    require_secured: bool = False
+
+
 class Config(_Section):
     daemon: Daemon = Daemon()
     clients: Clients = Clients()
     service: list[Service] = []
     lockout: LockoutConfig = LockoutConfig()
     handler: list[HandlerConfig] = []
+    saslauthd: Saslauthd = Saslauthd()
+    dovecot: Dovecot = Dovecot()
+    cache: CacheConfig = CacheConfig()
 
 
 def parse(text: str, source: str = "authd.toml") -> Config:
@@ -142,11 +168,6 @@ def located(exc: ConfigError, source: Path) -> ConfigError:
     return ConfigError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
 
 
-def resolve(base_dir: Path, value: str) -> Path:
-    """Relative paths in authd.toml are relative to the file's own directory."""
-    return (base_dir / os.path.expanduser(value)).resolve()
-
-
 def _check_services(config: Config, text: str, source: str) -> None:
     seen: set[str] = set()
     for i, service in enumerate(config.service):
@@ -156,6 +177,10 @@ def _check_services(config: Config, text: str, source: str) -> None:
         seen.add(service.name)
         if "\0" in service.name or not service.name:
             raise ConfigError(_located(f"invalid service name - at `$.service[{i}].name`", text, source))
+    for section in ("saslauthd", "dovecot"):
+        for name, target in getattr(config, section).services.items():
+            if target not in seen:
+                raise ConfigError(_located(f"no [[service]] named like this - at `$.{section}.services.{name}`", text, source))
 
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`")

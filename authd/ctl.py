@@ -134,6 +134,16 @@ def _lastlog(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.lastlog(a.user)
 
 
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["flush"])
+    p.add_argument("user", nargs="?", help="only this user's entries")
+
+
+@command("cache", "cache flush [USER]: drop credential-cache entries (admin)", _cache_args)
+def _cache(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.cache_flush(a.user)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.", epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,7 +18,6 @@ import json
 import os
 import select
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any, NoReturn, TextIO
 import daemon
 import structlog
 
+from authd import securefs
 from authd.errors import AuthdError
 
 Ready = Callable[[str | None], None]
@@ -55,8 +55,11 @@ class PidFile:
     def acquire(self) -> None:
         """Lock the pidfile or raise StartupError naming the running daemon."""
         while True:
-            try:  # never through a symlink: a root daemon would truncate whatever it points to
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:  # never through a symlink: a root daemon would write whatever it points to, then delete it
+                securefs.check_dir(self.path.parent, "pidfile", private=False)
+                fd = securefs.open_file(self.path, os.O_RDWR | os.O_CREAT, 0o644, "pidfile")
+            except securefs.UnsafePath as exc:
+                raise StartupError(str(exc)) from None
             except OSError as exc:
                 raise StartupError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
             try:
@@ -64,15 +67,13 @@ class PidFile:
             except StartupError:
                 os.close(fd)
                 raise
-            if _same_file(fd, self.path):
+            if securefs.same_file(fd, self.path):
                 break
             os.close(fd)  # the previous holder removed the file between our open and our lock
         self._fd = fd
         self.stale_pid = _read_pid(fd)
 
     def _lock(self, fd: int) -> None:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StartupError(f"pidfile {self.path} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -91,8 +92,12 @@ class PidFile:
             self._fd = None
 
     def release(self) -> None:
-        """Remove the pidfile (while still holding the lock, so nobody else's is removed)."""
-        if self._fd is not None and _same_file(self._fd, self.path):
+        """Remove the pidfile (while still holding the lock, so nobody else's is removed).
+
+        Only if the name still is the very file we locked (device and inode, not following a
+        symlink): whatever someone put there since is not ours to delete.
+        """
+        if self._fd is not None and securefs.same_file(self._fd, self.path):
             self.path.unlink(missing_ok=True)
         self.close()
 
@@ -252,7 +257,9 @@ def _open_log(log_file: Path | None) -> TextIO | None:
     if log_file is None:
         return None
     try:
-        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = securefs.open_append(log_file, 0o600, "daemon.log_file")
+    except securefs.UnsafePath as exc:
+        raise StartupError(str(exc)) from None
     except OSError as exc:
         raise StartupError(f"cannot open log file {log_file}: {exc.strerror}") from None
     return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
@@ -263,14 +270,6 @@ def _read_pid(fd: int) -> int | None:
         return int(os.pread(fd, 32, 0).decode().strip())
     except (OSError, ValueError):
         return None
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        held, current = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
 
 
 def _alive(pid: int) -> bool:

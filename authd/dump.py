@@ -15,7 +15,9 @@ from pathlib import Path
 
 import msgspec
 
-from .sessions import PublicSession, Session
+from . import securefs
+from .protocol import PublicSession
+from .sessions import Session
 
 PREFIX = "sessions-"
 _CHUNK = 2000
@@ -32,7 +34,7 @@ def _write(sessions: list[Session], state_dir: Path, keep: int, pid: int) -> tup
     tmp = state_dir / f".{final.name}.tmp"
     by_service: Counter[str] = Counter()
     encoder = msgspec.json.Encoder()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = securefs.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(b'{"generated_at":%s,"pid":%d,"count":%d,"sessions":[' % (encoder.encode(now), pid, len(sessions)))

@@ -2,7 +2,9 @@
 
 Signal handlers only record what was asked ("at least once since you last looked") and wake
 the lifecycle task; that task reloads, dumps, reports or drains, one thing at a time. States:
-starting -> ready <-> reloading -> draining -> stopped.
+starting -> ready <-> reloading -> draining -> stopped. The reload itself (build the new
+policy, swap it in, reconfigure the services) and `status` live here too, so the ops reach
+them through this object (`ops.Control`) and the runtime holds no state machine.
 """
 
 from __future__ import annotations
@@ -12,20 +14,23 @@ import os
 import signal
 import time
 
+import msgspec
 import structlog
 
-from . import logs, systemd
+from . import PROTOCOL_VERSION, __version__, logs, policy as policy_mod, protocol as p, systemd
 from .dump import dump_sessions
 from .errors import ConfigError
 from .events import model as events
 from .ops import closed
 from .policy import Policy
-from .runtime import DRAINING, READY, RELOADING, STOPPED, Runtime
+from .runtime import Runtime
+from .securefs import UnsafePath
 from .server import Server
 from .sessions import Session
 
 log = structlog.get_logger("authd.lifecycle")
 
+STARTING, READY, RELOADING, DRAINING, STOPPED = "starting", "ready", "reloading", "draining", "stopped"
 RELOAD, DUMP, STATUS, DRAIN = "reload", "dump", "status", "drain"
 SWEEP_SLICE = 10_000  # sessions checked per event-loop turn by the expiry sweep
 _INTENTS = {signal.SIGHUP: RELOAD, signal.SIGUSR1: DUMP, signal.SIGUSR2: STATUS, signal.SIGTERM: DRAIN, signal.SIGINT: DRAIN}
@@ -35,10 +40,15 @@ class Lifecycle:
     def __init__(self, rt: Runtime, server: Server) -> None:
         self.rt = rt
         self.server = server
+        self.state = STARTING
+        self.started_at = time.time()
+        self.reload_error: str | None = None
+        self.restart_required: list[str] = []
+        self.last_reload: float | None = None
+        self._reload_lock = asyncio.Lock()
         self._pending: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        rt.lifecycle = self
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -47,7 +57,7 @@ class Lifecycle:
 
     def _on_signal(self, signum: int) -> None:
         intent = _INTENTS[signum]
-        if intent == DRAIN and (DRAIN in self._pending or self.rt.state == DRAINING):
+        if intent == DRAIN and (DRAIN in self._pending or self.state == DRAINING):
             self._exit_now(signum)
         self._pending.add(intent)
         self._wake.set()
@@ -79,32 +89,82 @@ class Lifecycle:
             if DUMP in intents:
                 await self.dump()
             if STATUS in intents:
-                log.info("status", **self.rt.status())
+                log.info("status", **msgspec.to_builtins(self.status()))
 
     def _set_ready(self) -> None:
-        self.rt.state = READY
+        self.state = READY
         status = f"serving, policy generation {self.rt.policy.generation}"
-        if self.rt.reload_error:
-            status = f"reload failed: {self.rt.reload_error}"
+        if self.reload_error:
+            status = f"reload failed: {self.reload_error}"
         systemd.notify("READY=1", f"STATUS={status}")
 
     async def reload(self) -> Policy:
-        """The one reload routine: SIGHUP and `authctl reload` both come here."""
-        self.rt.state = RELOADING
-        systemd.notify_reloading()
+        """The one reload routine: SIGHUP and `authctl reload` both come here.
+
+        Builds the whole new policy off the loop, then swaps it in at once. Raises ConfigError
+        with the old policy still serving. Concurrent callers (a burst of SIGHUPs, `authctl
+        reload`) queue on one lock; each reload reads the file afresh.
+        """
+        async with self._reload_lock:
+            self.state = RELOADING
+            systemd.notify_reloading()
+            try:
+                return await self._reload()
+            finally:
+                logs.stream.reopen()
+                if self.state == RELOADING:
+                    self._set_ready()
+
+    async def _reload(self) -> Policy:
+        rt = self.rt
+        old = rt.policy
         try:
-            return await self.rt.reload()
-        finally:
-            logs.stream.reopen()
-            if self.rt.state == RELOADING:
-                self._set_ready()
+            new = await asyncio.to_thread(policy_mod.load, old.source, old.generation + 1, state_dir=rt.boot_policy.state_dir)
+        except Exception as exc:
+            if not isinstance(exc, ConfigError):  # a bug must cost the reload, never the daemon
+                log.exception("reload crashed; previous policy kept")
+                exc = ConfigError(f"{old.source}: reload failed unexpectedly ({exc.__class__.__name__}); see the log")
+            rt.bus.reopen()  # the old handlers stay; SIGHUP still means "reopen your files"
+            self.reload_error = str(exc)
+            rt.counters["reloads_failed"] += 1
+            log.error("reload failed; previous policy kept", error=str(exc), generation=old.generation)
+            rt.emit(events.POLICY_RELOAD_FAILED, reason=str(exc), generation=old.generation)
+            raise exc from None
+        ignored = policy_mod.restart_only_changes(rt.boot_policy, new)
+        rt.policy = new
+        rt.lockout.configure(new.config.lockout)
+        rt.cache.configure(new.config.cache)
+        rt.bus.handler_timeout = new.daemon.handler_timeout  # read by the new handlers' workers
+        rt.bus.queue_size = new.daemon.event_queue
+        rt.bus.set_handlers(list(new.handlers), retire_within=new.daemon.drain_timeout)
+        self.reload_error = None
+        self.restart_required = ignored
+        self.last_reload = time.time()
+        rt.counters["reloads"] += 1
+        log.info("policy reloaded", generation=new.generation, source=str(new.source), restart_required=ignored or None)
+        rt.emit(events.POLICY_RELOADED, generation=new.generation, reason=_restart_note(ignored))
+        return new
+
+    def status(self) -> p.StatusReply:
+        rt = self.rt
+        rows = rt.lockout.lockouts()
+        return p.StatusReply(
+            server="authd", version=__version__, protocol=PROTOCOL_VERSION, state=self.state, pid=os.getpid(),
+            uptime=round(time.time() - self.started_at, 3), generation=rt.policy.generation,
+            policy=str(rt.policy.source), last_reload=self.last_reload, last_reload_error=self.reload_error,
+            restart_required=self.restart_required, counters=dict(sorted(rt.counters.items())),
+            connections=self.server.stats(), sessions=len(rt.sessions), session_store_error=rt.sessions.persist_error,
+            pam=rt.pam.stats(),
+            lockout={"locked": sum(r.locked for r in rows), "tracked": len(rows), "storage_error": rt.lockout.storage_error},
+            events=rt.bus.stats(),
+        )
 
     async def dump(self) -> None:
         started = time.monotonic()
         state_dir = self.rt.boot_policy.state_dir
         try:
             path, by_service = await dump_sessions(self.rt.sessions.all(), state_dir, self.rt.policy.daemon.dump_keep, os.getpid())
-        except OSError as exc:
+        except (OSError, UnsafePath) as exc:
             log.error("session dump failed", error=str(exc))
             return
         log.info("sessions dumped", path=str(path), count=sum(by_service.values()), by_service=by_service,
@@ -113,7 +173,7 @@ class Lifecycle:
     async def drain(self) -> int:
         """Stop accepting, answer what was received, flush events, persist; bounded by drain_timeout."""
         rt = self.rt
-        rt.state = DRAINING
+        self.state = DRAINING
         systemd.notify("STOPPING=1", "STATUS=draining")
         log.info("draining", connections=len(self.server.connections), timeout=rt.policy.daemon.drain_timeout)
         rt.emit(events.DAEMON_DRAINING)
@@ -136,7 +196,7 @@ class Lifecycle:
         undelivered = await rt.bus.close(max(0.5, deadline - loop.time()))
         rt.sessions.close()
         rt.lockout.close()
-        rt.state = STOPPED
+        self.state = STOPPED
         log.info("stopped", forced=forced, undelivered_events=undelivered)
         return 1 if forced else 0
 
@@ -161,3 +221,7 @@ class Lifecycle:
         while True:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def _restart_note(ignored: list[str]) -> str | None:
+    return f"restart required to apply: {', '.join(ignored)}" if ignored else None

@@ -1,32 +1,52 @@
-"""Every op but `auth`: one small coroutine each, found by request type.
+"""Every op of the native protocol: one small coroutine each, found by request type.
 
-`dispatch` is the only entry: it applies the client and admin gates once, so an op
-cannot forget them.
+An op gets a `Context` (the runtime's services and the lifecycle's controls, handed in
+explicitly) and returns its typed reply; the native front end encodes it. `dispatch` is the
+only entry: it applies the client and admin gates once, so an op cannot forget them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol as Interface, TypeVar
 
 import msgspec
 
 from . import PROTOCOL_VERSION, __version__, protocol as p
-from .authflow import authenticate
 from .errors import ConfigError
 from .events import lastlog_lookup, model as events
+from .outcome import MESSAGES, AuthRequest, Denied
 from .peer import Peer
+from .policy import Policy
 from .runtime import Runtime
 from .sessions import Session
 
-Op = Callable[[Runtime, Peer, Any], Awaitable[bytes]]
+
+class Control(Interface):
+    """What ops may ask of the lifecycle (`authd.lifecycle.Lifecycle`)."""
+
+    restart_required: list[str]
+
+    async def reload(self) -> Policy: ...
+
+    def status(self) -> p.StatusReply: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    rt: Runtime
+    control: Control
+
+
+Op = Callable[[Context, Peer, Any], Awaitable[p.Reply]]
 R = TypeVar("R", bound=p.Request)
-OPS: dict[type[p.Request], Op] = {p.Auth: authenticate}
+OPS: dict[type[p.Request], Op] = {}
 
 
-def op(request_type: type[R]) -> Callable[[Callable[[Runtime, Peer, R], Awaitable[bytes]]], Op]:
-    def register(fn: Callable[[Runtime, Peer, R], Awaitable[bytes]]) -> Op:
+def op(request_type: type[R]) -> Callable[[Callable[[Context, Peer, R], Awaitable[p.Reply]]], Op]:
+    def register(fn: Callable[[Context, Peer, R], Awaitable[p.Reply]]) -> Op:
         OPS[request_type] = fn
         if request_type not in p.REQUEST_TYPES:
             p.register(request_type)
@@ -35,86 +55,110 @@ def op(request_type: type[R]) -> Callable[[Callable[[Runtime, Peer, R], Awaitabl
     return register
 
 
-async def dispatch(rt: Runtime, peer: Peer, req: p.Request) -> bytes:
+async def dispatch(ctx: Context, peer: Peer, req: p.Request) -> p.Reply:
+    rt = ctx.rt
     policy = rt.policy
     if not policy.is_client(peer):
         rt.counters["client_forbidden"] += 1
-        return p.error(req.id, p.CLIENT_FORBIDDEN, "this uid/gid may not use authd")
+        return p.Error(error=p.CLIENT_FORBIDDEN, message="this uid/gid may not use authd")
     if req.admin and not policy.is_admin(peer):
         rt.counters["admin_forbidden"] += 1
-        return p.error(req.id, p.FORBIDDEN, f"`{type(req).__name__.lower()}` is an admin op")
-    return await OPS[type(req)](rt, peer, req)
+        return p.Error(error=p.FORBIDDEN, message=f"`{type(req).__name__.lower()}` is an admin op")
+    return await OPS[type(req)](ctx, peer, req)
+
+
+def failure(code: str, message: str) -> p.Error:
+    return p.Error(error=code, message=message)
+
+
+@op(p.Auth)
+async def authenticate(ctx: Context, peer: Peer, req: p.Auth) -> p.Reply:
+    request = AuthRequest(user=req.user, password=req.password, service=req.service, rhost=req.rhost,
+                          ruser=req.ruser, open_session=req.open_session, protocol="native")
+    out = await ctx.rt.core.decide(peer, request)
+    if isinstance(out, Denied):
+        return p.Error(error=out.code, message=MESSAGES.get(out.code, out.code), retry_after=out.retry_after)
+    return p.AuthReply(user=out.user, groups=out.groups, session=out.session)
 
 
 @op(p.Hello)
-async def hello(rt: Runtime, peer: Peer, req: p.Hello) -> bytes:
-    return p.reply(req.id, server="authd", version=__version__, protocol=PROTOCOL_VERSION, generation=rt.policy.generation)
+async def hello(ctx: Context, peer: Peer, req: p.Hello) -> p.Reply:
+    return p.HelloReply(server="authd", version=__version__, protocol=PROTOCOL_VERSION, generation=ctx.rt.policy.generation)
 
 
 @op(p.SessionInfo)
-async def session(rt: Runtime, peer: Peer, req: p.SessionInfo) -> bytes:
-    found = rt.sessions.lookup(req.token)
+async def session(ctx: Context, peer: Peer, req: p.SessionInfo) -> p.Reply:
+    found = ctx.rt.sessions.lookup(req.token)
     if found is None:
-        return p.error(req.id, p.INVALID_SESSION, "no such session, or it expired")
-    return p.reply(req.id, session=found.public())
+        return failure(p.INVALID_SESSION, "no such session, or it expired")
+    return p.SessionReply(session=found.public())
 
 
 @op(p.Logout)
-async def logout(rt: Runtime, peer: Peer, req: p.Logout) -> bytes:
-    found = rt.sessions.remove_token(req.token)
+async def logout(ctx: Context, peer: Peer, req: p.Logout) -> p.Reply:
+    found = ctx.rt.sessions.remove_token(req.token)
     if found is None:
-        return p.error(req.id, p.INVALID_SESSION, "no such session, or it expired")
-    closed(rt, [found], "logout", peer)
-    return p.reply(req.id, session_id=found.id)
+        return failure(p.INVALID_SESSION, "no such session, or it expired")
+    closed(ctx.rt, [found], "logout", peer)
+    return p.LogoutReply(session_id=found.id)
 
 
 @op(p.Sessions)
-async def sessions(rt: Runtime, peer: Peer, req: p.Sessions) -> bytes:
-    return p.reply(req.id, sessions=[s.public() for s in rt.sessions.list(req.user)])
+async def sessions(ctx: Context, peer: Peer, req: p.Sessions) -> p.Reply:
+    return p.SessionsReply(sessions=[s.public() for s in ctx.rt.sessions.list(req.user)])
 
 
 @op(p.Revoke)
-async def revoke(rt: Runtime, peer: Peer, req: p.Revoke) -> bytes:
+async def revoke(ctx: Context, peer: Peer, req: p.Revoke) -> p.Reply:
     if req.session_id is None and req.user is None:
-        return p.error(req.id, p.BAD_REQUEST, "revoke needs `session_id` or `user`")
-    gone = rt.sessions.revoke(session_id=req.session_id, user=req.user)
-    closed(rt, gone, "revoked", peer)
-    return p.reply(req.id, revoked=[s.id for s in gone])
+        return failure(p.BAD_REQUEST, "revoke needs `session_id` or `user`")
+    gone = ctx.rt.sessions.revoke(session_id=req.session_id, user=req.user)
+    for user in {s.user for s in gone} | ({req.user} if req.user else set()):
+        ctx.rt.cache.flush(user)
+    closed(ctx.rt, gone, "revoked", peer)
+    return p.RevokeReply(revoked=[s.id for s in gone])
 
 
 @op(p.Status)
-async def status(rt: Runtime, peer: Peer, req: p.Status) -> bytes:
-    return p.reply(req.id, **rt.status())
+async def status(ctx: Context, peer: Peer, req: p.Status) -> p.Reply:
+    return ctx.control.status()
 
 
 @op(p.Reload)
-async def reload(rt: Runtime, peer: Peer, req: p.Reload) -> bytes:
+async def reload(ctx: Context, peer: Peer, req: p.Reload) -> p.Reply:
     try:
-        new = await rt.lifecycle.reload()
+        new = await ctx.control.reload()
     except ConfigError as exc:
-        return p.error(req.id, p.RELOAD_FAILED, str(exc))
-    return p.reply(req.id, generation=new.generation, restart_required=rt.restart_required)
+        return failure(p.RELOAD_FAILED, str(exc))
+    return p.ReloadReply(generation=new.generation, restart_required=ctx.control.restart_required)
 
 
 @op(p.Lockouts)
-async def lockouts(rt: Runtime, peer: Peer, req: p.Lockouts) -> bytes:
-    rows = msgspec.to_builtins(rt.lockout.lockouts())
-    return p.reply(req.id, lockouts=rows, storage_error=rt.lockout.storage_error)
+async def lockouts(ctx: Context, peer: Peer, req: p.Lockouts) -> p.Reply:
+    rows = msgspec.to_builtins(ctx.rt.lockout.lockouts())
+    return p.LockoutsReply(lockouts=rows, storage_error=ctx.rt.lockout.storage_error)
 
 
 @op(p.Unlock)
-async def unlock(rt: Runtime, peer: Peer, req: p.Unlock) -> bytes:
-    if not rt.lockout.unlock(req.key, req.scope):
-        return p.error(req.id, p.NOT_FOUND, "nothing recorded for that user or rhost")
-    return p.reply(req.id, unlocked=req.key)
+async def unlock(ctx: Context, peer: Peer, req: p.Unlock) -> p.Reply:
+    if req.scope != "rhost":
+        ctx.rt.cache.flush(req.key)
+    if not ctx.rt.lockout.unlock(req.key, req.scope):
+        return failure(p.NOT_FOUND, "nothing recorded for that user or rhost")
+    return p.UnlockReply(unlocked=req.key)
 
 
 @op(p.Lastlog)
-async def lastlog(rt: Runtime, peer: Peer, req: p.Lastlog) -> bytes:
-    row = await asyncio.to_thread(lastlog_lookup, rt.boot_policy.state_dir, req.user)
+async def lastlog(ctx: Context, peer: Peer, req: p.Lastlog) -> p.Reply:
+    row = await asyncio.to_thread(lastlog_lookup, ctx.rt.boot_policy.state_dir, req.user)
     if row is None:
-        return p.error(req.id, p.NOT_FOUND, "no login recorded for that user (is a lastlog handler configured?)")
-    return p.reply(req.id, lastlog=row)
+        return failure(p.NOT_FOUND, "no login recorded for that user (is a lastlog handler configured?)")
+    return p.LastlogReply(lastlog=row)
+
+
+@op(p.CacheFlush)
+async def cache_flush(ctx: Context, peer: Peer, req: p.CacheFlush) -> p.Reply:
+    return p.CacheFlushReply(flushed=ctx.rt.cache.flush(req.user))
 
 
 def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = None) -> None:

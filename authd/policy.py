@@ -47,6 +47,11 @@ class Policy:
     def socket_path(self) -> Path:
         return self.path(self.daemon.socket)
 
+    def front_socket(self, section: str) -> Path | None:
+        """Where the `saslauthd` or `dovecot` front end binds, or None if it is off."""
+        value = getattr(self.config, section).socket
+        return self.path(value) if value else None
+
     @property
     def state_dir(self) -> Path:
         return self.path(self.daemon.state_dir)
@@ -71,9 +76,13 @@ class Policy:
         return user in service.allow_users or "*" in service.allow_users or bool(groups & set(service.allow_groups))
 
 
-def load(source: Path, generation: int, *, build: bool = True) -> Policy:
+def load(source: Path, generation: int, *, build: bool = True, state_dir: Path | None = None) -> Policy:
     """Parse, validate and (with `build`) construct handlers: the one routine behind start,
-    SIGHUP, `authctl reload` and `authd check-config`."""
+    SIGHUP, `authctl reload` and `authd check-config`.
+
+    A reload passes the running daemon's `state_dir`: that setting needs a restart, and the new
+    handlers must keep their state where the stores and `authctl lastlog` keep looking.
+    """
     source = source.resolve()
     config = cfg.load(source)
     try:
@@ -88,7 +97,7 @@ def load(source: Path, generation: int, *, build: bool = True) -> Policy:
             admin_gids=_gids(config.clients.admin_groups, "clients.admin_groups"),
         )
         _check_system(policy)
-        handlers = build_handlers(config.handler, HandlerContext(state_dir=policy.state_dir, base_dir=policy.base_dir))
+        handlers = build_handlers(config.handler, HandlerContext(state_dir=state_dir or policy.state_dir, base_dir=policy.base_dir))
     except ConfigError as exc:
         raise cfg.located(exc, source) from None
     if not build:
@@ -101,7 +110,8 @@ def load(source: Path, generation: int, *, build: bool = True) -> Policy:
 def restart_only_changes(old: Policy, new: Policy) -> list[str]:
     """Settings a reload cannot apply to a running daemon; reported, never half-applied."""
     keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file")
-    return [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
+    changed = [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
+    return changed + [f"{s}.socket" for s in ("saslauthd", "dovecot") if old.front_socket(s) != new.front_socket(s)]
 
 
 def _same_path(old: Policy, new: Policy, key: str) -> bool:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
+from .outcome import SessionGrant
+
 RequestId = int | str | None
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -105,7 +107,13 @@ class Lastlog(Request, tag="lastlog"):
     user: Name
 
 
-REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Lockouts, Unlock, Lastlog]
+class CacheFlush(Request, tag="cache_flush"):
+    admin = True
+    user: Name | None = None
+
+
+REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Lockouts, Unlock, Lastlog,
+                                      CacheFlush]
 
 
 def register(request_type: type[Request]) -> None:
@@ -213,9 +221,115 @@ class Decoder:
                 out.append(decode_line(line))
 
 
-def reply(request_id: RequestId, **fields: Any) -> bytes:
-    return _encoder.encode({"id": request_id, "ok": True, **fields}) + b"\n"
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every op's typed reply: the fields after `id` and `ok`. The client decodes into
+    the same Structs (`Client(typed=True)`)."""
 
 
-def error(request_id: RequestId, code: str, message: str, **fields: Any) -> bytes:
-    return _encoder.encode({"id": request_id, "ok": False, "error": code, "message": message, **fields}) + b"\n"
+class Error(Reply, omit_defaults=True):
+    error: str
+    message: str
+    retry_after: int | None = None
+
+
+class HelloReply(Reply):
+    server: str
+    version: str
+    protocol: int
+    generation: int
+
+
+class AuthReply(Reply, omit_defaults=True):
+    user: str
+    groups: tuple[str, ...]
+    session: SessionGrant | None = None
+
+
+class PublicSession(msgspec.Struct, frozen=True, gc=False):
+    """What clients, dumps and logs may see of a session: never the token or its hash."""
+
+    id: str
+    user: str
+    groups: tuple[str, ...]
+    service: str
+    rhost: str | None
+    created: float
+    last_seen: float
+    expires_at: float
+
+
+class SessionReply(Reply):
+    session: PublicSession
+
+
+class LogoutReply(Reply):
+    session_id: str
+
+
+class SessionsReply(Reply):
+    sessions: list[PublicSession]
+
+
+class RevokeReply(Reply):
+    revoked: list[str]
+
+
+class StatusReply(Reply):
+    server: str
+    version: str
+    protocol: int
+    state: str
+    pid: int
+    uptime: float
+    generation: int
+    policy: str
+    last_reload: float | None
+    last_reload_error: str | None
+    restart_required: list[str]
+    counters: dict[str, int]
+    connections: dict[str, int]
+    sessions: int
+    session_store_error: str | None
+    pam: dict[str, int]
+    lockout: dict[str, Any]
+    events: dict[str, Any]
+
+
+class ReloadReply(Reply):
+    generation: int
+    restart_required: list[str]
+
+
+class LockoutsReply(Reply):
+    lockouts: list[dict[str, Any]]
+    storage_error: str | None
+
+
+class UnlockReply(Reply):
+    unlocked: str
+
+
+class LastlogReply(Reply):
+    lastlog: dict[str, Any]
+
+
+class CacheFlushReply(Reply):
+    flushed: int
+
+
+REPLY_TYPES: dict[str, type[Reply]] = {
+    "hello": HelloReply, "auth": AuthReply, "session": SessionReply, "logout": LogoutReply,
+    "sessions": SessionsReply, "revoke": RevokeReply, "status": StatusReply, "reload": ReloadReply,
+    "lockouts": LockoutsReply, "unlock": UnlockReply, "lastlog": LastlogReply, "cache_flush": CacheFlushReply,
+}  # fmt: skip
+
+
+def encode(request_id: RequestId, out: Reply) -> bytes:
+    """One reply line: `{"id": ..., "ok": ..., <the reply's fields>}`."""
+    body = _encoder.encode(out)
+    head = b'{"id":' + _encoder.encode(request_id) + (b',"ok":false' if isinstance(out, Error) else b',"ok":true')
+    return head + (b"," + body[1:] if len(body) > 2 else b"}") + b"\n"
+
+
+def error(request_id: RequestId, code: str, message: str, retry_after: int | None = None) -> bytes:
+    return encode(request_id, Error(error=code, message=message, retry_after=retry_after))

@@ -6,8 +6,10 @@ waiting out its delay never holds up the requests behind it on the same connecti
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
+import functools
 import grp
 import os
 import resource
@@ -16,13 +18,16 @@ import stat
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
-from . import protocol as p
+from . import protocol as p, securefs
+from .authflow import AuthCore
 from .config import Limits
 from .errors import AuthdError
-from .ops import dispatch
+from .ops import Context, dispatch
+from .outcome import AuthRequest, Denied, Outcome
 from .peer import Peer
 from .runtime import Runtime
 
@@ -35,10 +40,21 @@ REFUSE_LINGER = 0.5  # a refused client gets this long to send its request and r
 LOG_INTERVAL = 10.0  # what a client can repeat at will (a flood) is logged once per interval, counted always
 
 
+class FrontEnd(Protocol):
+    """One protocol served on one socket: what a refused client hears, and its connections."""
+
+    name: str
+    busy: bytes  # the reply to a connection refused by the limits (b"": just close)
+
+    def connection(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   peer: Peer) -> Connection: ...
+
+
 class Server:
+    """Every listening socket, whatever its protocol, shares these limits and this drain."""
+
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        rt.connection_stats = self.stats
         self.connections: set[Connection] = set()
         self.open = 0  # descriptors held: live connections and closed ones still flushing replies
         self.per_uid: Counter[int] = Counter()
@@ -48,18 +64,25 @@ class Server:
         self._owned_paths: list[Path] = []
         self.drain_started: float | None = None
 
-    async def listen(self, inherited: socket.socket | None = None) -> None:
-        """Serve on a socket systemd passed in, or bind our own at the policy's path."""
-        sock = inherited if inherited is not None else self._bind(self.rt.policy.socket_path)
+    async def listen(self, front: FrontEnd, path: Path | None, inherited: socket.socket | None = None) -> None:
+        """Serve `front` on a socket systemd passed in, or else bind our own at `path`."""
+        if inherited is None and path is None:
+            raise AuthdError(f"no socket for the {front.name} front end")
+        key = "daemon.socket" if front.name == Native.name else f"{front.name}.socket"
+        sock = inherited if inherited is not None else self._bind(path, key)  # type: ignore[arg-type]
         _raise_fd_limit(self.rt.policy.daemon.limits)
-        server = await asyncio.start_unix_server(self._accept, sock=sock, limit=64 * 1024, backlog=ACCEPT_BATCH)
+        accept = functools.partial(self._accept, front)
+        server = await asyncio.start_unix_server(accept, sock=sock, limit=64 * 1024, backlog=ACCEPT_BATCH)
         sock.listen(socket.SOMAXCONN)  # asyncio's `backlog` is also its accept batch; keep the kernel queue deep
         self._servers.append(server)
-        log.info("listening", socket=sock.getsockname(), inherited=inherited is not None)
+        log.info("listening", socket=sock.getsockname(), protocol=front.name, inherited=inherited is not None)
 
-    def _bind(self, path: Path) -> socket.socket:
+    def _bind(self, path: Path, key: str) -> socket.socket:
         daemon = self.rt.policy.daemon
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # whoever may write the directory could swap the socket for their own
+            securefs.make_dir(path.parent, key, 0o755)
+        except OSError as exc:
+            raise AuthdError(f"{key}: cannot use {path.parent}: {exc.strerror}") from None
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o777 & ~daemon.socket_mode)
@@ -103,7 +126,7 @@ class Server:
     def accepting_requests(self) -> bool:
         return self.drain_started is None or time.monotonic() - self.drain_started < DRAIN_GRACE
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, front: FrontEnd, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limits = self.rt.policy.daemon.limits
         try:
             peer = Peer.of(writer.get_extra_info("socket"))
@@ -118,9 +141,9 @@ class Server:
                 log.warning("connection limit reached; refusing", open=self.open, max_connections=limits.max_connections,
                             uid_open=self.per_uid[peer.uid], max_connections_per_uid=limits.max_connections_per_uid,
                             **peer.log_fields())
-            await self._refuse(reader, writer, limits)
+            await self._refuse(reader, writer, limits, front.busy)
             return
-        conn = Connection(self, reader, writer, peer)
+        conn = front.connection(self, reader, writer, peer)
         self.connections.add(conn)
         self.open += 1
         self.per_uid[peer.uid] += 1
@@ -136,13 +159,14 @@ class Server:
                 if not self.per_uid[peer.uid]:
                     del self.per_uid[peer.uid]
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits) -> None:
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits,
+                      busy: bytes) -> None:
         """Answer `busy`, then let the client finish writing its first request before closing.
 
         Closing at once fails a client's write (EPIPE) that races the close, and many clients
         then never read the reply. At most `max_connections` refusals wait like this at a time.
         """
-        writer.write(p.error(None, p.BUSY, "too many connections"))
+        writer.write(busy)
         if self.refusing >= limits.max_connections:
             writer.close()
             return
@@ -171,7 +195,11 @@ class Server:
                 "inflight": sum(len(c.inflight) for c in self.connections)}
 
 
-class Connection:
+class Connection(abc.ABC):
+    """One client connection of any protocol: limits on what it may leave unread, in-flight
+    requests as tasks, linger and drain. `run` here reads a line protocol: subclasses give the
+    decoder and what to do with each item it yields."""
+
     def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
         self.server = server
         self.rt = server.rt
@@ -179,9 +207,25 @@ class Connection:
         self.writer = writer
         self.peer = peer
         self.inflight: set[asyncio.Task[None]] = set()
-        self.decoder = p.Decoder(self.rt.policy.daemon.limits.max_line)
+        self.decoder = self.make_decoder(self.rt.policy.daemon.limits)
         self._partial_since: float | None = None
         self._closing = False
+
+    @abc.abstractmethod
+    def make_decoder(self, limits: Limits) -> Any:
+        """A sans-I/O decoder: `feed(bytes)` returns the items those bytes complete."""
+
+    @abc.abstractmethod
+    def handle(self, item: Any) -> None:
+        """Answer an item the decoder yielded, or `spawn` the work that will."""
+
+    def timed_out(self, limits: Limits) -> bytes:
+        """The reply to a request left unfinished for `request_timeout` (b"": just close)."""
+        return b""
+
+    def malformed(self) -> bytes:
+        """The reply when the decoder itself failed (b"": just close)."""
+        return b""
 
     async def run(self) -> None:
         try:
@@ -205,7 +249,7 @@ class Connection:
                     continue
                 if self._partial_since is not None:
                     counters["connections_closed_slow_request"] += 1
-                    self._send(p.error(None, p.BAD_REQUEST, f"request not completed within {limits.request_timeout:g}s"))
+                    self.send(self.timed_out(limits))
                 else:
                     counters["connections_closed_idle"] += 1
                 return
@@ -217,10 +261,10 @@ class Connection:
                 counters["internal_errors"] += 1
                 if self.server.sometimes("undecodable"):
                     log.exception("request could not be decoded; closing the connection", **self.peer.log_fields())
-                self._send(p.error(None, p.BAD_REQUEST, "malformed request"))
+                self.send(self.malformed())
                 return
             for item in items:
-                self._handle(item)
+                self.handle(item)
             # Not `decoder.pending`: a line being skipped as too large is still a line in progress.
             partial = not data.endswith(b"\n")
             self._partial_since = (self._partial_since or time.monotonic()) if partial else None
@@ -230,41 +274,44 @@ class Connection:
             return max(0.0, self._partial_since + limits.request_timeout - time.monotonic())
         return limits.idle_timeout
 
-    def _handle(self, item: p.Request | p.ProtocolError) -> None:
-        counters = self.rt.counters
-        if isinstance(item, p.ProtocolError):
-            counters[f"protocol:{item.error}"] += 1
-            self._send(p.error(item.id, item.error, item.message))
-            return
+    def admit(self) -> str | None:
+        """Why a request that just arrived cannot be served now (a counter name), or None."""
         if not self.server.accepting_requests():
-            counters["refused_shutting_down"] += 1
-            self._send(p.error(item.id, p.SHUTTING_DOWN, "authd is shutting down; retry"))
-            return
+            self.rt.counters["refused_shutting_down"] += 1
+            return "refused_shutting_down"
         if len(self.inflight) >= self.rt.policy.daemon.limits.max_inflight:
-            counters["refused_busy"] += 1
-            self._send(p.error(item.id, p.BUSY, "too many requests in flight on this connection"))
-            return
-        counters[f"op:{item.__struct_config__.tag}"] += 1
-        task = asyncio.create_task(self._serve(item))
-        self.inflight.add(task)
-        task.add_done_callback(self._done)
+            self.rt.counters["refused_busy"] += 1
+            return "refused_busy"
+        return None
 
-    async def _serve(self, req: p.Request) -> None:
-        structlog.contextvars.bind_contextvars(request_id=req.id, **self.peer.log_fields())
+    def forbidden(self) -> bool:
+        """The peer is not in [clients] (checked per request: a reload may change who is)."""
+        if self.rt.policy.is_client(self.peer):
+            return False
+        self.rt.counters["client_forbidden"] += 1
+        return True
+
+    async def decide(self, core: AuthCore, request: AuthRequest) -> Outcome:
+        """The auth decision for a front end's request; a bug in it costs this request only."""
         try:
-            out = await dispatch(self.rt, self.peer, req)
+            return await core.decide(self.peer, request)
         except Exception:
             self.rt.counters["internal_errors"] += 1
-            log.exception("request failed", op=req.__struct_config__.tag)
-            out = p.error(req.id, p.UNAVAILABLE, "internal error")
-        self._send(out)
+            log.exception("request failed", protocol=request.protocol, **self.peer.log_fields())
+            return Denied(code=p.UNAVAILABLE)
+
+    def spawn(self, work: Any) -> None:
+        """Serve one request as its own task; replies leave in completion order."""
+        task = asyncio.create_task(work)
+        self.inflight.add(task)
+        task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
         if not self.inflight and self._closing:
             self.writer.close()
 
-    def _send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
         """Queue a reply; a client that left more than `write_buffer` unread is cut off instead.
 
         Checked before writing, so one reply larger than the buffer (an admin's `sessions`)
@@ -301,6 +348,60 @@ class Connection:
         self._closing = True
         if not self.inflight:
             self.writer.close()
+
+
+class Native:
+    """authd's own protocol: JSON lines, many requests per connection, pipelined."""
+
+    name = "native"
+    busy = p.error(None, p.BUSY, "too many connections")
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def connection(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   peer: Peer) -> Connection:
+        return NativeConnection(server, reader, writer, peer, self.ctx)
+
+
+class NativeConnection(Connection):
+    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
+                 ctx: Context) -> None:
+        super().__init__(server, reader, writer, peer)
+        self.ctx = ctx
+
+    def make_decoder(self, limits: Limits) -> p.Decoder:
+        return p.Decoder(limits.max_line)
+
+    def timed_out(self, limits: Limits) -> bytes:
+        return p.error(None, p.BAD_REQUEST, f"request not completed within {limits.request_timeout:g}s")
+
+    def malformed(self) -> bytes:
+        return p.error(None, p.BAD_REQUEST, "malformed request")
+
+    def handle(self, item: p.Request | p.ProtocolError) -> None:
+        if isinstance(item, p.ProtocolError):
+            self.rt.counters[f"protocol:{item.error}"] += 1
+            self.send(p.error(item.id, item.error, item.message))
+            return
+        refused = self.admit()
+        if refused == "refused_shutting_down":
+            self.send(p.error(item.id, p.SHUTTING_DOWN, "authd is shutting down; retry"))
+        elif refused is not None:
+            self.send(p.error(item.id, p.BUSY, "too many requests in flight on this connection"))
+        else:
+            self.rt.counters[f"op:{item.__struct_config__.tag}"] += 1
+            self.spawn(self._serve(item))
+
+    async def _serve(self, req: p.Request) -> None:
+        structlog.contextvars.bind_contextvars(request_id=req.id, **self.peer.log_fields())
+        try:
+            out = p.encode(req.id, await dispatch(self.ctx, self.peer, req))
+        except Exception:
+            self.rt.counters["internal_errors"] += 1
+            log.exception("request failed", op=req.__struct_config__.tag)
+            out = p.error(req.id, p.UNAVAILABLE, "internal error")
+        self.send(out)
 
 
 def _raise_fd_limit(limits: Limits) -> None:

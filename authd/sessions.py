@@ -24,6 +24,8 @@ import msgspec
 import structlog
 
 from . import sqlitefile
+from .protocol import PublicSession
+from .securefs import UnsafePath
 from .sqlitefile import BUSY_TIMEOUT, Corrupt
 
 log = structlog.get_logger("authd.sessions")
@@ -52,19 +54,6 @@ CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
 
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
-class PublicSession(msgspec.Struct, frozen=True, gc=False):
-    """What clients, dumps and logs may see: never the token or its hash."""
-
-    id: str
-    user: str
-    groups: tuple[str, ...]
-    service: str
-    rhost: str | None
-    created: float
-    last_seen: float
-    expires_at: float
 
 
 class Session(msgspec.Struct, gc=False):
@@ -226,7 +215,7 @@ class SessionStore:
                 self._resync(db)
             elif sql is not None:
                 db.execute(sql, params)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, UnsafePath) as exc:  # unsafe at start-up refuses the start (open)
             self._failed(exc)
             return
         if self._dirty:
@@ -292,6 +281,7 @@ def _read_only(path: Path) -> tuple[list[Row], bool]:
     """
     if not path.exists():
         return [], True
+    sqlitefile.check(path)
     for options, complete in (("mode=ro", True), ("immutable=1", False)):
         try:
             db = sqlite3.connect(f"{path.as_uri()}?{options}", uri=True, timeout=BUSY_TIMEOUT)

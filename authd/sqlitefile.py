@@ -1,7 +1,8 @@
 """The SQLite files in the state dir: created 0600, WAL, checked on open, moved aside when corrupt.
 
 Shared by the session and lockout stores, which both mirror in-memory state and must keep
-authenticating whatever happens to their file.
+authenticating whatever happens to their file, and by the handlers that keep a database. None
+of them is ever opened through a symlink or in a directory another user controls (`prepare`).
 """
 
 from __future__ import annotations
@@ -13,23 +14,43 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import securefs
+
 BUSY_TIMEOUT = 0.1  # the stores run on the event loop: never wait long for another process's lock
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 class Corrupt(sqlite3.DatabaseError):
     """The file is not a usable SQLite database; it gets moved aside."""
 
 
-def connect(path: Path, schema: str, **options: Any) -> sqlite3.Connection:
-    """Open (creating it 0600) and check the database; `Corrupt` if it is not a usable one."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def prepare(path: Path, what: str = "daemon.state_dir") -> None:
+    """Create the file 0600 in a trusted directory, before SQLite opens it by name.
+
+    SQLite follows symlinks, for the database and for its `-wal`, `-shm` and `-journal`: so
+    every one of them that exists must be a regular file of ours (`securefs.UnsafePath` if not).
+    """
+    securefs.make_dir(path.parent, what)
+    for suffix in _COMPANIONS:
+        securefs.check_existing(path.with_name(path.name + suffix), what)
+    fd = securefs.open_file(path, os.O_RDWR | os.O_CREAT, 0o600, what)
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def check(path: Path, what: str = "daemon.state_dir") -> None:
+    """Before opening an existing database read-only: it and its companions must be ours."""
+    for suffix in ("", *_COMPANIONS):
+        securefs.check_existing(path.with_name(path.name + suffix), what)
+
+
+def connect(path: Path, schema: str, **options: Any) -> sqlite3.Connection:
+    """Open (creating it 0600) and check the database; `Corrupt` if it is not a usable one."""
+    prepare(path)
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, **options)
     try:
         db.execute("PRAGMA journal_mode=WAL")

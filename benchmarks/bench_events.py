@@ -33,6 +33,7 @@ from authd.events import (
     AUTH_SUCCEEDED,
     Event,
     EventBus,
+    FunctionHandler,
     HandlerContext,
     build_handlers,
 )
@@ -58,7 +59,7 @@ def sample_event(i: int) -> Event:
 
 async def throughput(n: int, handler: Callable[[Event], Any]) -> float:
     bus = EventBus(queue_size=n)
-    bus.connect("*", handler, name="noop")
+    bus.set_handlers([FunctionHandler(handler, name="noop")])
     await bus.start()
     events = [sample_event(i) for i in range(n)]
     start = time.perf_counter()
@@ -77,8 +78,7 @@ def queued_bytes(n: int, handlers: int) -> tuple[float, float]:
 
     def measure(k: int) -> float:
         bus = EventBus(queue_size=n)
-        for j in range(k):
-            bus.connect("*", lambda event: None, name=f"noop{j}")
+        bus.set_handlers([FunctionHandler(lambda event: None, name=f"noop{j}") for j in range(k)])
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         for i in range(n):

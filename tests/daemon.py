@@ -241,6 +241,38 @@ def raw_connect(path: Path) -> socket.socket:
     return sock
 
 
+def as_nobody(path: Path, request: bytes) -> bytes:
+    """Send `request` from a child that dropped to uid/gid nobody; all it got before the close."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            sock = raw_connect(path)
+            sock.settimeout(5)
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except OSError:
+                pass
+            os.write(write_fd, data)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    data = b""
+    while chunk := os.read(read_fd, 65536):
+        data += chunk
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    return data
+
+
 def read_replies(sock: socket.socket, count: int) -> list[dict[str, Any]]:
     buffer = b""
     replies: list[dict[str, Any]] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .daemon import CANARY, PAM_SERVICE, PASSWORD, Daemon, raw_connect, read_replies, scan_for, wait_for
+from .daemon import CANARY, PAM_SERVICE, PASSWORD, Daemon, as_nobody, raw_connect, read_replies, scan_for, wait_for
 from .pamenv import PamEnv
 
 
@@ -107,26 +107,7 @@ def _as_nobody(path: Path, request: bytes) -> dict:
     """Connect from a child process that dropped to uid/gid nobody, return its one reply."""
     import json
 
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            sock = raw_connect(path)
-            sock.sendall(request)
-            os.write(write_fd, json.dumps(read_replies(sock, 1)[0]).encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    data = b""
-    while chunk := os.read(read_fd, 65536):
-        data += chunk
-    os.close(read_fd)
-    os.waitpid(pid, 0)
-    return json.loads(data)
+    return json.loads(as_nobody(path, request).split(b"\n")[0])
 
 
 def test_logout_and_revoke(daemon: Daemon) -> None:

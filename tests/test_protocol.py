@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -88,7 +89,14 @@ def test_replies_are_single_json_lines() -> None:
     line = p.error(3, p.AUTH_FAILED, "multi\nline")
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == {"id": 3, "ok": False, "error": "auth_failed", "message": "multi\nline"}
-    assert json.loads(p.reply("x", user="u")) == {"id": "x", "ok": True, "user": "u"}
+    assert json.loads(p.encode("x", p.UnlockReply(unlocked="u"))) == {"id": "x", "ok": True, "unlocked": "u"}
+    assert json.loads(p.encode(None, p.AuthReply(user="u", groups=("g",)))) == {"id": None, "ok": True, "user": "u", "groups": ["g"]}
+
+
+def test_every_op_has_a_reply_type_the_client_decodes() -> None:
+    assert set(p.REPLY_TYPES) == {t.__struct_config__.tag for t in p.REQUEST_TYPES}
+    line = p.encode(7, p.HelloReply(server="authd", version="1", protocol=1, generation=3))
+    assert msgspec.convert(json.loads(line), p.REPLY_TYPES["hello"]) == p.HelloReply(server="authd", version="1", protocol=1, generation=3)
 
 
 @settings(max_examples=300, deadline=None)

@@ -4,7 +4,8 @@ The daemon creates one :class:`EventBus`, ``emit()``s an :class:`Event` for ever
 and on start and every SIGHUP hands it ``build_handlers(policy.handler, ctx)``.
 """
 
-from authd.events.bus import EventBus, FunctionHandler, Handler, HandlerError, Signal
+from authd.events.bus import EventBus
+from authd.events.handler import FunctionHandler, Handler, HandlerError
 from authd.events.config import HandlerConfig, HandlerContext
 from authd.events.handlers import build_handlers
 from authd.events.handlers.lastlog import lastlog_lookup
@@ -42,7 +43,6 @@ __all__ = [
     "HandlerConfig",
     "HandlerContext",
     "HandlerError",
-    "Signal",
     "build_handlers",
     "lastlog_lookup",
 ]

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from authd import securefs
 from authd.errors import ConfigError
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -97,7 +98,7 @@ HandlerConfig = AuditConfig | LastlogConfig | WebhookConfig | MailConfig | ExecC
 
 def resolve_path(ctx: HandlerContext, value: str) -> Path:
     """A config path: absolute as written, relative ones against the directory of authd.toml."""
-    return (ctx.base_dir / os.path.expanduser(value)).resolve()
+    return securefs.resolve(ctx.base_dir, value)
 
 
 def read_secret(

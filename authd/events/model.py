@@ -54,6 +54,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     reason: str | None = None
     latency: float | None = None
     generation: int | None = None
+    protocol: str | None = None  # the front end a request came through: native, saslauthd, dovecot
+    cached: bool | None = None  # a success the credential cache vouched for
 
     @classmethod
     def create(cls, name: str, **fields: Any) -> Event:

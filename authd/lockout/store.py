@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 
 from .. import sqlitefile
+from ..securefs import UnsafePath
 from ..sqlitefile import Corrupt
 
 FailureRow = tuple[str, str, float]
@@ -115,7 +116,7 @@ class LockoutStore:
             conn = self._connection()
             with conn:
                 op(conn)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, UnsafePath) as exc:  # unsafe at start-up refuses the start (open)
             self._failed(exc)
             return
         if self._dirty:
@@ -142,6 +143,7 @@ class LockoutStore:
         """
         if not self._path.exists():
             return
+        sqlitefile.check(self._path)
         for options in ("mode=ro", "immutable=1"):
             try:
                 conn = sqlite3.connect(f"{self._path.as_uri()}?{options}", uri=True, timeout=0.1)

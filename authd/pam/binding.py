@@ -267,8 +267,12 @@ def authenticate(
     password: str,
     rhost: str | None = None,
     ruser: str | None = None,
+    account_only: bool = False,
 ) -> PamResult:
     """Run pam_authenticate then pam_acct_mgmt for ``user`` under ``service``.
+
+    With ``account_only`` (a credential-cache hit: the password was proven recently) only
+    pam_acct_mgmt runs, so expiry, pam_access and pam_time still apply.
 
     Blocks for as long as the PAM modules do and never sleeps out the failure delay: the delay
     PAM asked for is returned in ``fail_delay`` for the caller to apply. Raises ValueError or
@@ -291,7 +295,7 @@ def authenticate(
                 code = lib.pam_set_item(handle, item, value)
                 if code != PAM_SUCCESS:
                     return _result(lib, handle, "start", code, tx)
-            code = lib.pam_authenticate(handle, PAM_DISALLOW_NULL_AUTHTOK)
+            code = PAM_SUCCESS if account_only else lib.pam_authenticate(handle, PAM_DISALLOW_NULL_AUTHTOK)
             if code != PAM_SUCCESS:
                 return _result(lib, handle, "authenticate", code, tx)
             code = lib.pam_acct_mgmt(handle, PAM_DISALLOW_NULL_AUTHTOK)

@@ -98,7 +98,7 @@ class _Worker(asyncio.Protocol):
         if await self._await_reply(timeout) != b"":
             raise _WorkerLost("bad handshake")
 
-    async def call(self, fields: tuple[str | None, ...], timeout: float) -> PamResult:
+    async def call(self, fields: tuple[str | None | bool, ...], timeout: float) -> PamResult:
         if self._gone or self._transport is None:
             raise _WorkerLost("worker went away")
         self._reply = asyncio.get_running_loop().create_future()
@@ -210,17 +210,25 @@ class PamPool:
     ) -> PamResult:
         """Authenticate in a worker. Raises only ValueError/TypeError, for unusable arguments."""
         validate(service, user, password, rhost, ruser)
+        return await self._submit((service, user, password, rhost, ruser))
+
+    async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None) -> PamResult:
+        """Only the account phase (pam_acct_mgmt) in a worker: for a credential-cache hit."""
+        validate(service, user, "", rhost, ruser)
+        return await self._submit((service, user, "", rhost, ruser, True))
+
+    async def _submit(self, fields: tuple[str | None | bool, ...]) -> PamResult:
         if self._closed or (self._closing and not self._workers):
             return _unavailable("PAM pool is closed")
         self._inflight += 1
         try:
-            return await self._call((service, user, password, rhost, ruser))
+            return await self._call(fields)
         finally:
             self._inflight -= 1
             if self._quiet is not None and self._inflight == 0 and not self._quiet.done():
                 self._quiet.set_result(None)
 
-    async def _call(self, fields: tuple[str | None, ...]) -> PamResult:
+    async def _call(self, fields: tuple[str | None | bool, ...]) -> PamResult:
         worker = await self._acquire()
         if worker is None:
             return _unavailable("PAM pool is closed" if self._closed else "no PAM worker free")

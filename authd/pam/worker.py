@@ -38,6 +38,7 @@ class Request(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
     password: str
     rhost: str | None = None
     ruser: str | None = None
+    account_only: bool = False  # skip pam_authenticate: the credential cache vouches for the password
 
     def __repr__(self) -> str:
         return f"Request(service={self.service!r}, user={self.user!r}, rhost={self.rhost!r})"
@@ -67,7 +68,7 @@ def _read_frame(stream) -> bytes | None:  # type: ignore[no-untyped-def]
 def _run(request: Request) -> PamResult:
     try:
         result = binding.authenticate(
-            request.service, request.user, request.password, request.rhost, request.ruser
+            request.service, request.user, request.password, request.rhost, request.ruser, request.account_only
         )
         return msgspec.structs.replace(result, groups=user_groups(request.user)) if result.ok else result
     except Exception as exc:  # str(exc) might echo an argument: report the type only

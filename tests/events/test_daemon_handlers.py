@@ -186,7 +186,7 @@ def test_webhook_delivered_retried_and_signed(make_daemon: MakeDaemon, http_rece
         assert "password" not in body and "token" not in body
     assert next(b for b in bodies if b["name"] == "auth.succeeded")["session_id"] == ok["session"]["id"]
     assert ok["session"]["token"].encode() not in b"".join(r.body for r in requests)
-    assert handlers(d)["webhook"] == {"delivered": 3, "failed": 0, "dropped": 0, "timed_out": 0, "queued": 0}
+    assert handlers(d)["webhook"] == {"delivered": 3, "failed": 0, "dropped": 0, "timed_out": 0, "blocked_loop": 0, "queued": 0}
     assert d.stop() == 0
     assert_no_canary(d, b"".join(r.body + repr(r.headers).encode() for r in requests))
 
@@ -352,8 +352,8 @@ def test_broken_handlers_never_touch_replies_or_each_other(make_daemon: MakeDaem
     wait_counter(d, "hangs_async", 4, "timed_out")
     wait_counter(d, "fast", 5)
     counters = handlers(d)
-    assert counters["raises"] == {"delivered": 0, "failed": 4, "dropped": 0, "timed_out": 0, "queued": 0}
-    assert counters["hangs_async"] == {"delivered": 0, "failed": 0, "dropped": 0, "timed_out": 4, "queued": 0}
+    assert counters["raises"] == {"delivered": 0, "failed": 4, "dropped": 0, "timed_out": 0, "blocked_loop": 0, "queued": 0}
+    assert counters["hangs_async"] == {"delivered": 0, "failed": 0, "dropped": 0, "timed_out": 4, "blocked_loop": 0, "queued": 0}
     assert counters["hangs"]["timed_out"] == 1 and counters["hangs"]["queued"] == 3, "stuck thread: the rest wait"
     assert counters["slow"]["delivered"] == 2 and counters["slow"]["timed_out"] == 0
     assert counters["fast"]["delivered"] == 5 and counters["audit"]["delivered"] == 5
@@ -384,7 +384,7 @@ def test_queue_overflow_is_counted_and_logged(make_daemon: MakeDaemon) -> None:
             client.auth("alice", PASSWORD, "login", open_session=False)
     wait_counter(d, "fast", 10)
     stuck = handlers(d)["stuck"]
-    assert stuck == {"delivered": 0, "failed": 0, "dropped": 7, "timed_out": 1, "queued": 2}
+    assert stuck == {"delivered": 0, "failed": 0, "dropped": 7, "timed_out": 1, "blocked_loop": 0, "queued": 2}
     assert d.call("status")["events"]["totals"]["dropped"] == 7
     full = d.log_lines("handler queue full, dropping events")
     assert len(full) == 1 and full[0]["handler"] == "stuck" and full[0]["queue_size"] == 2, "logged once per episode"
@@ -494,6 +494,20 @@ def test_hup_applies_a_new_handler_timeout(make_daemon: MakeDaemon) -> None:
     assert d.auth("alice", open_session=False)["ok"]
     wait_counter(d, "hangs", 1, "timed_out")
     assert d.log_lines("handler timed out")[-1]["timeout"] == 0.5
+
+
+def test_a_new_state_dir_waits_for_a_restart_for_handlers_too(make_daemon: MakeDaemon) -> None:
+    """A reload that changes state_dir used to move the handlers' files but not the stores'."""
+    d = make_daemon('\n[[handler]]\ntype = "lastlog"\nevents = ["auth.*"]\n').start()
+    assert d.auth("alice", open_session=False)["ok"]
+    wait_counter(d, "lastlog", 1)
+    moved = d.root / "moved"
+    d.write_policy(d.policy.replace('state_dir = "{state}"', f'state_dir = "{moved}"'))
+    assert d.call("reload")["restart_required"] == ["daemon.state_dir"]
+    assert d.auth("alice", open_session=False)["ok"]
+    wait_counter(d, "lastlog", 2)
+    assert d.call("lastlog", user="alice")["lastlog"]["success_count"] == 2
+    assert not moved.exists()
 
 
 # --- the canary, with every handler at once ----------------------------------------------------

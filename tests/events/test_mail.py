@@ -108,6 +108,36 @@ body = "Too many failures for {{user}} from {{rhost}}; session {{session_id}}."
     assert "from 198.51.100.9; session -." in sent.get_payload(decode=True).decode()
 
 
+def test_line_breaks_in_a_user_name_cannot_silence_a_lockout_alert(
+    ctx: HandlerContext, smtp_server: SmtpServer
+) -> None:
+    """CR, LF, NEL or U+2028 in a client's user name or rhost used to make the header raise."""
+    toml = f"""
+[[handler]]
+type = "mail"
+mode = "every"
+events = ["auth.locked_out"]
+host = "{smtp_server.host}"
+port = {smtp_server.port}
+from = "authd@example.org"
+to = "security@example.org"
+subject = "{{user}} locked out from {{rhost}}"
+body = "{{user}} from {{rhost}}"
+"""
+    forged = ["eve\r\nBcc: victim@example.org", "mallory\u2028x", "trent\x85y", "zed\x1b[31m"]
+    locked = [login_event(AUTH_LOCKED_OUT, {"user": u, "password": CANARY, "rhost": "a\nb"}) for u in forged]
+    stats = deliver(ctx, toml, locked)
+    assert stats["mail"] == {**stats["mail"], "delivered": 4, "failed": 0}
+    subjects = [m["Subject"] for m in messages(smtp_server)]
+    assert subjects == [
+        "eve\\u000d\\u000aBcc: victim@example.org locked out from a\\u000ab",
+        "mallory\\u2028x locked out from a\\u000ab",
+        "trent\\u0085y locked out from a\\u000ab",
+        "zed\\u001b[31m locked out from a\\u000ab",
+    ]
+    assert all(e.rcpt_tos == ["security@example.org"] for e in smtp_server.mailbox.envelopes)
+
+
 def test_a_recipient_that_is_not_one_address_is_refused(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
     stats = deliver(ctx, welcome_toml(smtp_server), [login("x@evil.example, y")])
     assert stats["welcome"]["failed"] == 1 and smtp_server.mailbox.envelopes == []

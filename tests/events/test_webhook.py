@@ -66,7 +66,7 @@ def test_client_errors_are_final_and_counted(ctx: HandlerContext, http_receiver:
         await eventually(lambda: len(http_receiver.requests) == 2)
         assert await bus.close(30) == 0
         assert bus.stats()["handlers"]["webhook"] | {"queued": 0} == {
-            "delivered": 1, "failed": 1, "dropped": 0, "timed_out": 0, "queued": 0,
+            "delivered": 1, "failed": 1, "dropped": 0, "timed_out": 0, "blocked_loop": 0, "queued": 0,
         }  # fmt: skip
         assert "X-Authd-Signature" not in http_receiver.requests[0].headers
 

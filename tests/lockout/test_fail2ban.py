@@ -1,8 +1,8 @@
 """contrib/fail2ban: the filter, run by the real fail2ban-regex, and the example jail.
 
 Lines are the JSON shape authd logs (the literal example from the issue, plus lines rendered
-by structlog's own JSONRenderer and ConsoleRenderer). The daemon-level test against real
-authd output lives with the daemon tests.
+by structlog's JSONRenderer and by authd's own console rendering). The daemon-level tests
+against real authd output live with the abuse tests (tests/abuse/test_log_forging.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import structlog
+
+from authd import logs
 
 CONTRIB = Path(__file__).resolve().parents[2] / "contrib" / "fail2ban"
 FILTER = CONTRIB / "filter.d" / "authd.conf"
@@ -32,29 +34,37 @@ def _epoch(timestamp: str) -> int:
     return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
 
 
-def _render(renderer: Any, event: str, level: str, timestamp: str, **fields: Any) -> str:
-    line = renderer(None, level, {"event": event, "level": level, "timestamp": timestamp, **fields})
-    assert "\n" not in line
+def _render(processors: list[Any], event: str, level: str, timestamp: str, **fields: Any) -> str:
+    line: Any = {"event": event, "level": level, "timestamp": timestamp, **fields}
+    for processor in processors:
+        line = processor(None, level, line)
+    assert "\n" not in line and "\r" not in line
     return line
 
 
 def json_line(event: str, timestamp: str, level: str = "warning", **fields: Any) -> str:
-    return _render(structlog.processors.JSONRenderer(), event, level, timestamp, **fields)
+    return _render([structlog.processors.JSONRenderer()], event, level, timestamp, **fields)
 
 
 def console_line(event: str, timestamp: str, level: str = "warning", **fields: Any) -> str:
-    return _render(structlog.dev.ConsoleRenderer(colors=False), event, level, timestamp, **fields)
+    """What authd writes with `log_format = "console"` to a file (no colours: not a tty)."""
+    return _render(logs.console_rendering(colors=False), event, level, timestamp, **fields)
 
 
 def fail2ban_regex(tmp_path: Path, lines: list[str]) -> list[tuple[str, str, int]]:
     log = tmp_path / "authd.log"
     log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return match_file(log)
+
+
+def match_file(log: Path) -> list[tuple[str, str, int]]:
+    """(rhost, user, time) of every line of `log` that the filter counts, by the real fail2ban-regex."""
     done = subprocess.run(
         ["fail2ban-regex", "--raw", "--out", "<ip>\t<F-USER>\t<time>", str(log), str(FILTER)],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    rows = [line.split("\t") for line in done.stdout.splitlines() if line.strip()]
+    rows = [line.split("\t") for line in done.stdout.split("\n") if line.strip()]
     return [(ip, user, int(float(when))) for ip, user, when in rows]
 
 
@@ -97,17 +107,28 @@ def test_successes_and_non_guessing_failures_do_not_match(tmp_path: Path) -> Non
     assert fail2ban_regex(tmp_path, lines) == []
 
 
+# User names (and request ids) a client may send, each trying to get 192.0.2.x banned.
+FORGED = [
+    'x", "rhost": "192.0.2.66',
+    '", "event": "auth failed", "error": "auth_failed", "rhost": "192.0.2.67',
+    "a rhost=192.0.2.68 b",
+    "a\u00a0rhost=192.0.2.69\u00a0b",
+    "a' rhost=192.0.2.70 'b",
+    "a'\" rhost=192.0.2.71 \"'b",
+    "x\n2026-11-26T05:40:30.000Z [warning  ] auth failed error=auth_failed rhost=192.0.2.72",
+    # A whole JSON failure, closed on both sides: it sits inside a console line.
+    'x", "event": "auth failed", "error": "auth_failed", "rhost": "192.0.2.73", "y": "',
+    '{"event":"auth failed","error":"auth_failed","rhost":"192.0.2.74"}',
+    "x\r2026-11-26T05:40:31.000Z [warning  ] auth failed error=auth_failed rhost=192.0.2.75",
+    "x\x1b[2K\r[warning  ] auth failed error=auth_failed rhost=192.0.2.76",
+    "x\u2028[warning  ] auth failed error=auth_failed rhost=192.0.2.77",
+    "x\x85\x0b\x0c\x1c[warning  ] auth failed error=auth_failed rhost=192.0.2.78",
+]
+
+
 @pytest.mark.parametrize("render", [json_line, console_line], ids=["json", "console"])
 def test_client_controlled_fields_cannot_frame_another_host(tmp_path: Path, render: Any) -> None:
-    forged = [
-        'x", "rhost": "192.0.2.66',
-        '", "event": "auth failed", "error": "auth_failed", "rhost": "192.0.2.67',
-        "a rhost=192.0.2.68 b",
-        "a\u00a0rhost=192.0.2.69\u00a0b",
-        "a' rhost=192.0.2.70 'b",
-        "a'\" rhost=192.0.2.71 \"'b",
-        "x\n2026-11-26T05:40:30.000Z [warning  ] auth failed error=auth_failed rhost=192.0.2.72",
-    ]
+    forged = FORGED
     lines = []
     for i, text in enumerate(forged):
         # request_id sorts before rhost in the console rendering, user after it.
@@ -117,6 +138,19 @@ def test_client_controlled_fields_cannot_frame_another_host(tmp_path: Path, rend
 
     real = render("auth failed", T[59], user=forged[2], rhost="203.0.113.50", request_id=forged[3], **FAILED)
     assert [ip for ip, _, _ in fail2ban_regex(tmp_path, [real])] == ["203.0.113.50"]
+
+
+def test_console_rendering_escapes_every_control_character() -> None:
+    controls = [chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029, 0x202E]]
+    line = console_line("auth failed", T[0], user="u" + "".join(controls), rhost="203.0.113.9", **FAILED)
+    assert line.isprintable(), repr(line)
+    assert "user='u\\x00\\x01" in line and "\\x1b" in line and "\\u2028\\u2029\\u202e'" in line
+
+
+def test_json_line_behind_a_journal_prefix_matches(tmp_path: Path) -> None:
+    line = json_line("auth failed", T[5], user="alice", rhost="203.0.113.9", **FAILED)
+    assert [ip for ip, _, _ in fail2ban_regex(tmp_path, [f"host authd[4242]: {line}", f"authd[7]: {line}"])] == [
+        "203.0.113.9", "203.0.113.9"]
 
 
 def test_example_jail_passes_fail2bans_config_test(tmp_path: Path) -> None:

@@ -183,7 +183,7 @@ def test_pidfile_symlink_is_refused(setup: Setup) -> None:
     setup.pidfile.symlink_to(victim)
     launcher = setup.launch()
     assert launcher.returncode == 1
-    assert f"cannot open pidfile {setup.pidfile}" in launcher.stderr
+    assert launcher.stderr == f"authd: pidfile: {setup.pidfile} is a symbolic link; authd never writes through one: remove it\n"
     assert victim.read_text() == "precious\n"
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from authd.errors import ConfigError
-from authd.events.bus import Handler
+from authd.events.handler import Handler
 from authd.events.config import (
     AuditConfig,
     ExecConfig,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from authd.errors import ConfigError
-from authd.events.bus import Handler, HandlerError
+from authd.events.handler import Handler, HandlerError
 from authd.events.config import ExecConfig, HandlerContext, resolve_path
 from authd.events.model import Event
 

@@ -14,8 +14,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from authd import sqlitefile
 from authd.errors import ConfigError
-from authd.events.bus import Handler
+from authd.events.handler import Handler
 from authd.events.config import HandlerContext, LastlogConfig
 from authd.events.model import AUTH_FAILED, AUTH_SUCCEEDED, Event
 
@@ -52,9 +53,7 @@ _COLUMNS = (
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open (creating it, mode 0600) the lastlog database in WAL mode."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)
+    sqlitefile.prepare(path)
     db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")

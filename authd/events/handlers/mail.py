@@ -7,7 +7,6 @@ reload that briefly runs the old and the new handler side by side cannot send tw
 
 from __future__ import annotations
 
-import os
 import re
 import smtplib
 import sqlite3
@@ -19,8 +18,9 @@ from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any
 
+from authd import sqlitefile
 from authd.errors import ConfigError
-from authd.events.bus import Handler, HandlerError
+from authd.events.handler import Handler, HandlerError
 from authd.events.config import HandlerContext, MailConfig, read_secret, resolve_path
 from authd.events.model import AUTH_SUCCEEDED, Event
 
@@ -43,6 +43,16 @@ def _values(event: Event) -> dict[str, str | None]:
 
 def _render(template: str, event: Event) -> str:
     return template.format_map({k: "-" if v is None else v for k, v in _values(event).items()})
+
+
+# Control characters and everything Python or a mail reader takes as a line break (CR, LF, NEL,
+# U+2028/2029, ...). A user name or rhost is the client's text: in a header it would raise (and
+# silence the alert) or start a new header, so it is shown escaped instead.
+_UNSAFE_IN_HEADER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _render_header(template: str, event: Event) -> str:
+    return _UNSAFE_IN_HEADER.sub(lambda m: f"\\u{ord(m.group()):04x}", _render(template, event))
 
 
 def _placeholders(template: str) -> set[str]:
@@ -105,8 +115,7 @@ class MailHandler(Handler):
 
     def _claim(self, user: str) -> bool:
         if self._db is None:
-            self.welcome_db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(self.welcome_db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            sqlitefile.prepare(self.welcome_db)
             self._db = sqlite3.connect(self.welcome_db, timeout=10.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
@@ -130,7 +139,7 @@ class MailHandler(Handler):
         message = EmailMessage()
         message["From"] = self.sender
         message["To"] = recipient
-        message["Subject"] = _render(self.subject, event)
+        message["Subject"] = _render_header(self.subject, event)
         message["Date"] = formatdate(event.time)
         message["Message-ID"] = make_msgid(domain=parseaddr(self.sender)[1].rpartition("@")[2])
         message["Auto-Submitted"] = "auto-generated"

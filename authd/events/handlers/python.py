@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from authd.errors import ConfigError
-from authd.events.bus import FunctionHandler
+from authd.events.handler import FunctionHandler
 from authd.events.config import HandlerContext, PythonConfig
 
 GROUP = "authd.handlers"

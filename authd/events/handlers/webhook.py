@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import authd
 from authd.errors import ConfigError
-from authd.events.bus import Handler, HandlerError
+from authd.events.handler import Handler, HandlerError
 from authd.events.config import HandlerContext, WebhookConfig, read_secret, resolve_path
 from authd.events.model import Event
 

@@ -1,0 +1,160 @@
+"""The credential cache in the auth decision, in memory with a driven clock: each rule and
+each invalidation trigger."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from authd.cache import CacheConfig, CredentialCache
+from authd.outcome import Denied, Granted
+
+from .harness import PASSWORD, Clock, Harness, run
+
+CACHED = """
+[[service]]
+name = "login"
+failure_delay = 0.0
+
+[cache]
+enabled = true
+ttl = 100
+max_entries = 3
+watch = ["{watch}"]
+"""
+
+
+def cached(tmp: Path, extra: str = "") -> Harness:
+    watch = tmp / "shadow"
+    watch.write_text("v1")
+    return Harness(tmp, CACHED.format(watch=watch) + extra)
+
+
+@run
+async def test_off_by_default(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    await h.auth()
+    await h.auth()
+    assert h.pam.count("authenticate") == 2 and len(h.cache) == 0
+
+
+@run
+async def test_hit_skips_pam_authenticate_but_runs_the_account_check(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    first = await h.auth()
+    second = await h.auth(protocol="saslauthd")
+    assert isinstance(first, Granted) and not first.cached
+    assert isinstance(second, Granted) and second.cached and second.groups == ("staff",)
+    assert (h.pam.count("authenticate"), h.pam.count("account")) == (1, 1)
+    assert [e.cached for e in h.events] == [None, True]
+    assert (h.counters["cache:miss"], h.counters["cache:hit"]) == (1, 1)
+
+
+@run
+async def test_account_check_on_a_hit_can_still_refuse(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    await h.auth()
+    h.pam.account_result = "account_expired"
+    assert await h.auth() == Denied(code="account_expired")
+
+
+@run
+async def test_account_check_cached_skips_pam_entirely(tmp_path: Path) -> None:
+    h = cached(tmp_path, 'account_check = "cached"\n')
+    await h.auth()
+    assert isinstance(await h.auth(), Granted)
+    assert (h.pam.count("authenticate"), h.pam.count("account")) == (1, 0)
+
+
+@run
+async def test_ttl_counts_from_the_last_pam_success_and_hits_do_not_extend_it(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    await h.auth()
+    h.clock.advance(60)
+    assert (await h.auth()).cached  # type: ignore[union-attr]
+    h.clock.advance(39)
+    assert (await h.auth()).cached  # type: ignore[union-attr]
+    h.clock.advance(1)  # 100 s after the PAM success, whatever the hits
+    assert not (await h.auth()).cached  # type: ignore[union-attr]
+    assert h.pam.count("authenticate") == 2
+
+
+@run
+async def test_a_different_password_goes_to_pam_and_failures_are_not_cached(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    await h.auth()
+    assert await h.auth(password="wrong") == Denied(code="auth_failed")
+    assert await h.auth(password="wrong") == Denied(code="auth_failed")
+    assert h.pam.count("authenticate") == 3 and h.counters["cache:mismatch"] == 2
+    h.pam.users["alice"] = "new password"  # changed: the new one is checked by PAM and replaces the entry
+    assert not (await h.auth(password="new password")).cached  # type: ignore[union-attr]
+    assert (await h.auth(password="new password")).cached  # type: ignore[union-attr]
+    assert await h.auth() == Denied(code="auth_failed"), "the old password is gone"
+
+
+@run
+async def test_lru_bound(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    for user in ("u1", "u2", "u3"):
+        h.pam.users[user] = PASSWORD
+        await h.auth(user)
+    await h.auth("u1")  # u1 is now the most recently used
+    h.pam.users["u4"] = PASSWORD
+    await h.auth("u4")
+    assert len(h.cache) == 3
+    assert (await h.auth("u1")).cached and not (await h.auth("u2")).cached  # type: ignore[union-attr]
+
+
+@run
+async def test_lockout_comes_first_and_a_lock_flushes_the_user(tmp_path: Path) -> None:
+    h = cached(tmp_path, "\n[lockout.user]\nmax_failures = 2\ninterval = 600\nlock_time = 60\n")
+    await h.auth()
+    await h.auth(password="one")
+    await h.auth(password="two")
+    out = await h.auth()
+    assert isinstance(out, Denied) and out.code == "locked_out", "a cached password does not pass a lock"
+    assert len(h.cache) == 0
+    h.clock.advance(61)
+    assert not (await h.auth()).cached  # type: ignore[union-attr]
+
+
+@run
+async def test_a_change_of_a_watched_file_flushes_everything(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    await h.auth()
+    shadow = tmp_path / "shadow"
+    os.utime(shadow, ns=(0, shadow.stat().st_mtime_ns + 1_000_000_000))  # what `passwd` does to /etc/shadow
+    assert not (await h.auth()).cached  # type: ignore[union-attr]
+    assert (await h.auth()).cached  # type: ignore[union-attr]
+
+
+def test_flush_by_user_and_all() -> None:
+    cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=Clock())
+    cache.store("login", "Alice", None, "pw", ())
+    cache.store("imap", "alice", None, "pw", ())
+    cache.store("login", "bob", None, "pw", ())
+    assert cache.flush("ALICE") == 2 and len(cache) == 1
+    assert cache.flush() == 1 and len(cache) == 0
+
+
+def test_a_reload_that_changes_the_section_flushes() -> None:
+    config = CacheConfig(enabled=True, watch=[])
+    cache = CredentialCache(config, clock=Clock())
+    cache.store("login", "alice", None, "pw", ())
+    cache.configure(CacheConfig(enabled=True, watch=[]))
+    assert len(cache) == 1, "an unchanged [cache] keeps its entries"
+    cache.configure(CacheConfig(enabled=True, watch=[], ttl=5))
+    assert len(cache) == 0
+
+
+def test_key_rhost_separates_client_addresses() -> None:
+    cache = CredentialCache(CacheConfig(enabled=True, watch=[], key_rhost=True), clock=Clock())
+    cache.store("login", "alice", "192.0.2.1", "pw", ())
+    assert cache.lookup("login", "alice", "192.0.2.1", "pw")[0] == "hit"
+    assert cache.lookup("login", "alice", "192.0.2.2", "pw")[0] == "miss"
+
+
+def test_nothing_derived_from_the_password_is_kept_in_clear() -> None:
+    cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=Clock())
+    cache.store("login", "alice", None, PASSWORD, ())
+    assert PASSWORD not in repr(cache._entries) and PASSWORD.encode() not in repr(cache._entries).encode()
