@@ -132,7 +132,8 @@ def _check_and_serve(path: Path) -> tuple[subprocess.CompletedProcess[str], subp
      ":2: daemon.state_dir: "),
     ('log_file = "no-such-dir/authd.log"', lambda d: None, ":2: daemon.log_file: cannot open"),
     ('socket = "taken"', lambda d: (d / "taken").write_text(""), ":2: daemon.socket: "),
-], ids=["state_dir_writable_by_others", "log_dir_missing", "socket_path_not_a_socket"])
+    ('socket = "shared/authd.sock"', lambda d: (d / "shared").mkdir() or (d / "shared").chmod(0o777), ":2: daemon.socket: "),
+], ids=["state_dir_writable_by_others", "log_dir_missing", "socket_path_not_a_socket", "socket_dir_writable_by_others"])
 def test_check_config_refuses_what_serve_refuses(tmp_path: Path, setting: str, prepare: Callable[[Path], object],
                                                  says: str) -> None:
     """`check-config` saying ok must mean `serve` starts: each of serve's start-up checks, both ways."""
