@@ -37,6 +37,9 @@ environment:
                 else /run/authd/authd.sock)"""
 
 
+EMPTY_PASSWORD = "empty password (read from the first line of stdin when it is not a terminal); nothing sent"
+
+
 class InputError(Exception):
     """The command line or stdin cannot make a request; nothing was sent."""
 
@@ -52,7 +55,7 @@ def read_password(prompt: str = "Password: ") -> str:
     else:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
-        raise InputError("empty password (read from the first line of stdin when it is not a terminal); nothing sent")
+        raise InputError(EMPTY_PASSWORD)
     return password
 
 

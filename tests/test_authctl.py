@@ -8,6 +8,7 @@ import subprocess
 
 from authd import __version__
 from authd.client import DEFAULT_SERVICE, AsyncClient, Client
+from authd.ctl import EMPTY_PASSWORD
 
 from .abuse.helpers import counters, ctl
 from .daemon import PASSWORD, Daemon
@@ -23,7 +24,7 @@ def test_empty_password_is_refused_before_sending(daemon: Daemon) -> None:
     for stdin in ("\n", "\r\n", ""):
         done = ctl(daemon, "auth", "alice", stdin=stdin)
         assert done.returncode == 2, done
-        assert done.stderr == "authctl: empty password (read from the first line of stdin when it is not a terminal); nothing sent\n"
+        assert done.stderr == f"authctl: {EMPTY_PASSWORD}\n"
         assert done.stdout == ""
     assert not [name for name in counters(daemon) if name.startswith("auth:")], "nothing reached authd"
 

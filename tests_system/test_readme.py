@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -43,15 +44,18 @@ def readme_command(section: str) -> str:
 
 @pytest.fixture(scope="module")
 def box(machine: Machine) -> Machine:
+    machine.path(CHECKOUT).mkdir(parents=True)
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, check=True).stdout.decode().split("\0")
-    subprocess.run(["tar", "-C", str(ROOT), "--null", "-T", "-", "-cf", "-"], input="\0".join(f for f in files if f and (ROOT / f).exists()).encode(),
-                   stdout=open(machine.path("/root/checkout.tar"), "wb"), check=True)
-    machine.sh(f"mkdir -p {CHECKOUT} && tar -C {CHECKOUT} -xf /root/checkout.tar && rm /root/checkout.tar && chmod 700 /root")
+    for name in (f for f in files if f and (ROOT / f).is_file()):  # tracked and new files, as a clone has them
+        target = machine.path(f"{CHECKOUT}/{name}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    machine.run("chmod", "700", "/root")
     for host_file in ("/etc/ssl/certs/ca-certificates.crt", "/etc/pip.conf"):
         if Path(host_file).exists():
             machine.path(host_file).parent.mkdir(parents=True, exist_ok=True)
-            machine.path(host_file).write_bytes(Path(host_file).read_bytes())
+            shutil.copyfile(host_file, machine.path(host_file))
     add_user(machine)
     return machine
 
