@@ -24,8 +24,8 @@ from .outcome import AuthRequest, Denied, Granted, Outcome, SessionGrant
 from .pam.binding import PamResult
 from .peer import Peer
 from .policy import Policy
-from .protocol import AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, UNAVAILABLE
-from .sessions import SessionStore
+from .protocol import AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, SESSION_LIMIT, UNAVAILABLE
+from .sessions import SessionLimitReached, SessionStore
 
 log = structlog.get_logger("authd.auth")
 
@@ -114,6 +114,16 @@ class AuthCore:
             self._cache.store(service.name, req.user, req.rhost, req.password, groups)
         if not policy.permits(service, req.user, groups):
             return failed(NOT_AUTHORIZED)
+        if req.open_session:  # max_sessions_per_user: after the password, like any authorization
+            try:
+                evicted = self._sessions.make_room(user=req.user, service=service.name,
+                                                   limit=service.max_sessions_per_user,
+                                                   evict_oldest=service.session_limit == "evict_oldest")
+            except SessionLimitReached:
+                return failed(SESSION_LIMIT)
+            for old in evicted:
+                self._emit(Event.create(events.SESSION_CLOSED, **{**who, "rhost": old.rhost}, session_id=old.id,
+                                        reason="evicted"))
 
         self._counters["auth:ok"] += 1
         latency = self._clock() - started

@@ -6,7 +6,11 @@
     async with AsyncClient() as c:          # concurrent calls share one pipelined connection
         a, b = await asyncio.gather(c.hello(), c.auth("bob", pw, service="imap"))
 
-A reply with `"ok": false` raises `ReplyError` (its `code` is the protocol's error code).
+    for event in Client().subscribe(events=["auth.*"]):   # a stream; AsyncClient: `async for`
+        print(event.name, event.user)
+
+A reply with `"ok": false` raises `ReplyError` (its `code` is the protocol's error code); a
+stream that ends raises `StreamEnded`, whose `resume_after` is where to subscribe again.
 Replies are dicts; with `typed=True` each op returns the server's own reply Struct instead
 (`authd.protocol.AuthReply`, `StatusReply`, ...).
 """
@@ -19,10 +23,12 @@ import itertools
 import os
 import socket
 from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
 
+from .events.model import Event
 from .protocol import REPLY_TYPES
 
 _encoder = msgspec.json.Encoder()
@@ -47,6 +53,25 @@ class ReplyError(ClientError):
         self.reply = reply
         self.code: str = reply.get("error", "unknown")
         super().__init__(f"{self.code}: {reply.get('message', '')}")
+
+
+class StreamEnded(ReplyError):
+    """authd ended a subscription (`too_slow`, `shutting_down`); resume after `resume_after`."""
+
+    @property
+    def resume_after(self) -> str | None:
+        return self.reply.get("resume_after")
+
+
+def _streamed(reply: dict[str, Any]) -> Event | None:
+    """An event of a subscription, None for its confirmation; raises at its end."""
+    if not reply.get("ok"):
+        raise StreamEnded(reply) if "resume_after" in reply or reply.get("error") == "shutting_down" else ReplyError(reply)
+    return msgspec.convert(reply["event"], Event) if "event" in reply else None
+
+
+def _subscribe_fields(after: str, events: list[str] | None, services: list[str] | None) -> dict[str, Any]:
+    return {"after": after, "events": events, "services": services}
 
 
 def _request(request_id: int, op: str, fields: dict[str, Any]) -> bytes:
@@ -158,6 +183,26 @@ class Client(_Ops):
             self.close()
             raise ClientError(f"connection to {self.path} failed: {exc.strerror or exc}") from None
 
+    def subscribe(self, after: str = "now", events: list[str] | None = None,
+                  services: list[str] | None = None) -> Iterator[Event]:
+        """Events as they happen, after event id `after` ("now", "oldest"); ends with StreamEnded.
+
+        The stream has this connection to itself until it ends (close the client to stop).
+        """
+        sock = self.connect()._sock
+        assert sock is not None
+        request_id = next(self._ids)
+        try:
+            sock.sendall(_request(request_id, "subscribe", _subscribe_fields(after, events, services)))
+            sock.settimeout(None)  # events come when they happen
+            while True:
+                reply = self._read_line(sock)
+                if reply.get("id") in (request_id, None) and (event := _streamed(reply)) is not None:
+                    yield event
+        except OSError as exc:
+            self.close()
+            raise ClientError(f"connection to {self.path} failed: {exc.strerror or exc}") from None
+
     def _read_line(self, sock: socket.socket) -> dict[str, Any]:
         while b"\n" not in self._buffer:
             chunk = sock.recv(65536)
@@ -183,6 +228,7 @@ class AsyncClient(_Ops):
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._streams: dict[int, asyncio.Queue[dict[str, Any] | ClientError]] = {}
         self._ids = itertools.count(1)
 
     async def connect(self) -> AsyncClient:
@@ -221,11 +267,34 @@ class AsyncClient(_Ops):
         finally:
             self._waiting.pop(request_id, None)
 
+    async def subscribe(self, after: str = "now", events: list[str] | None = None,
+                        services: list[str] | None = None) -> AsyncIterator[Event]:
+        """Events as they happen (see `Client.subscribe`), beside this client's other calls."""
+        await self.connect()
+        assert self._writer is not None
+        request_id = next(self._ids)
+        queue: asyncio.Queue[dict[str, Any] | ClientError] = asyncio.Queue()
+        self._streams[request_id] = queue
+        try:
+            self._writer.write(_request(request_id, "subscribe", _subscribe_fields(after, events, services)))
+            await self._writer.drain()
+            while True:
+                item = await queue.get()
+                if isinstance(item, ClientError):
+                    raise item
+                if (event := _streamed(item)) is not None:
+                    yield event
+        finally:
+            self._streams.pop(request_id, None)
+
     async def _read(self, reader: asyncio.StreamReader) -> None:
         error: ClientError = ClientError("authd closed the connection")
         try:
             while line := await reader.readline():
                 reply = _decoder.decode(line)
+                if (stream := self._streams.get(reply.get("id"))) is not None:  # type: ignore[arg-type]
+                    stream.put_nowait(reply)
+                    continue
                 future = self._waiting.get(reply.get("id"))  # type: ignore[arg-type]
                 if future is not None and not future.done():
                     future.set_result(reply)
@@ -237,4 +306,6 @@ class AsyncClient(_Ops):
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(error)
+        for stream in self._streams.values():
+            stream.put_nowait(error)
         self._writer = None

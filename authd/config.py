@@ -34,6 +34,7 @@ class Limits(_Section):
     max_line: Annotated[int, msgspec.Meta(ge=256)] = 64 * 1024
     max_connections: Positive = 1024
     max_connections_per_uid: Positive = 256
+    admin_reserve: Annotated[int, msgspec.Meta(ge=0)] = 8  # of max_connections, kept for admin peers
     max_inflight: Positive = 32
     idle_timeout: Seconds = 300.0
     request_timeout: Seconds = 30.0
@@ -55,6 +56,9 @@ class Daemon(_Section):
     dump_keep: Positive = 5
     event_queue: Positive = 1000
     handler_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    event_log: bool = True  # false: events live in memory only, as before the outbox (a crash loses them)
+    event_log_max_age: Annotated[float, msgspec.Meta(gt=0)] = 7 * 86400.0
+    event_log_max_events: Annotated[int, msgspec.Meta(ge=1000)] = 1_000_000
     sweep_interval: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     limits: Limits = Limits()
 
@@ -69,6 +73,8 @@ class Clients(_Section):
     groups: list[Principal] = []
     admin_users: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
     admin_groups: list[Principal] = []
+    subscribe_users: list[Principal] = []  # may stream events (`subscribe`); admins always may
+    subscribe_groups: list[Principal] = []
 
 
 class Service(_Section):
@@ -81,6 +87,8 @@ class Service(_Section):
     session_ttl: Annotated[float, msgspec.Meta(gt=0)] = 8 * 3600.0
     idle_timeout: Seconds = 3600.0
     failure_delay: Seconds = 2.0
+    max_sessions_per_user: Positive = 100
+    session_limit: Literal["refuse", "evict_oldest"] = "evict_oldest"
 
     @property
     def pam_name(self) -> str:
@@ -140,6 +148,7 @@ def parse(text: str, source: str = "authd.toml") -> Config:
         # policy that refuses every login.
         raise ConfigError(f"{source}: no [[service]] defined; authd would refuse every login")
     _check_services(config, text, source)
+    _check_limits(config, text, source)
     return config
 
 
@@ -181,6 +190,13 @@ def _check_services(config: Config, text: str, source: str) -> None:
         for name, target in getattr(config, section).services.items():
             if target not in seen:
                 raise ConfigError(_located(f"no [[service]] named like this - at `$.{section}.services.{name}`", text, source))
+
+
+def _check_limits(config: Config, text: str, source: str) -> None:
+    limits = config.daemon.limits
+    if limits.admin_reserve >= limits.max_connections:
+        message = "must be less than `max_connections`, or no other client could connect - at `$.daemon.limits.admin_reserve`"
+        raise ConfigError(_located(message, text, source))
 
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`")

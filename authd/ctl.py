@@ -147,6 +147,38 @@ def _cache(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.cache_flush(a.user)
 
 
+def _events_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["status", "dead", "replay", "drop"], default="status")
+    p.add_argument("handler", nargs="?", help="the handler's name (required for replay and drop)")
+    p.add_argument("seqs", nargs="*", type=int, metavar="SEQ", help="only these dead letters (default: all)")
+
+
+@command("events", "events [status | dead [HANDLER] | replay HANDLER [SEQ...] | drop HANDLER [SEQ...]] (admin)",
+         _events_args)
+def _events(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    if a.action in ("replay", "drop") and a.handler is None:
+        raise SystemExit(f"authctl events {a.action}: name the handler")
+    if a.action == "status":
+        return c.call("events")
+    if a.action == "dead":
+        return c.call("events_dead", handler=a.handler)
+    return c.call(f"events_{a.action}", handler=a.handler, seqs=a.seqs or None)
+
+
+def _subscribe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--after", default="now", help="an event id, `now` (default) or `oldest`")
+    p.add_argument("--events", nargs="+", metavar="PATTERN", help="event names, e.g. 'auth.*'")
+    p.add_argument("--service", nargs="+", dest="services", metavar="SERVICE")
+
+
+@command("subscribe", "print events as JSON lines as they happen (admin or [clients] subscribe_users)",
+         _subscribe_args)
+def _subscribe(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    for event in c.subscribe(after=a.after, events=a.events, services=a.services):
+        print(event.to_json().decode(), flush=True)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.", epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .events import model as events
 from .ops import closed
 from .policy import Policy
-from .runtime import Runtime
+from .runtime import Runtime, event_retention
 from .securefs import UnsafePath
 from .server import Server
 from .sessions import Session
@@ -136,6 +136,7 @@ class Lifecycle:
         rt.cache.configure(new.config.cache)
         rt.bus.handler_timeout = new.daemon.handler_timeout  # read by the new handlers' workers
         rt.bus.queue_size = new.daemon.event_queue
+        rt.bus.outbox.retention = event_retention(new.daemon)
         rt.bus.set_handlers(list(new.handlers), retire_within=new.daemon.drain_timeout)
         self.reload_error = None
         self.restart_required = ignored
@@ -155,7 +156,8 @@ class Lifecycle:
             restart_required=self.restart_required, counters=dict(sorted(rt.counters.items())),
             connections=self.server.stats(), sessions=len(rt.sessions), session_store_error=rt.sessions.persist_error,
             pam=rt.pam.stats(),
-            lockout={"locked": sum(r.locked for r in rows), "tracked": len(rows), "storage_error": rt.lockout.storage_error},
+            lockout={"locked": sum(r.locked for r in rows), "tracked": len(rows), **rt.lockout.stats(),
+                     "storage_error": rt.lockout.storage_error},
             events=rt.bus.stats(),
         )
 

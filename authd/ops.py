@@ -64,7 +64,9 @@ async def dispatch(ctx: Context, peer: Peer, req: p.Request) -> p.Reply:
     if req.admin and not policy.is_admin(peer):
         rt.counters["admin_forbidden"] += 1
         return p.Error(error=p.FORBIDDEN, message=f"`{type(req).__name__.lower()}` is an admin op")
-    return await OPS[type(req)](ctx, peer, req)
+    reply = await OPS[type(req)](ctx, peer, req)
+    await rt.bus.durable()  # the events this request caused are in the log before it is answered
+    return reply
 
 
 def failure(code: str, message: str) -> p.Error:

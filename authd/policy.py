@@ -30,6 +30,8 @@ class Policy:
     client_gids: frozenset[int]
     admin_uids: frozenset[int]
     admin_gids: frozenset[int]
+    subscriber_uids: frozenset[int] = frozenset()
+    subscriber_gids: frozenset[int] = frozenset()
     handlers: tuple[Handler, ...] = field(default=())
 
     @property
@@ -63,6 +65,10 @@ class Policy:
             return True
         return not self.client_gids.isdisjoint(peer.groups)
 
+    def may_subscribe(self, peer: Peer) -> bool:
+        """Events name users and addresses: only admins and the listed subscribers may stream them."""
+        return self.is_admin(peer) or peer.uid in self.subscriber_uids or not self.subscriber_gids.isdisjoint(peer.groups)
+
     def is_admin(self, peer: Peer) -> bool:
         return peer.uid == os.getuid() or peer.uid in self.admin_uids or not self.admin_gids.isdisjoint(peer.groups)
 
@@ -95,6 +101,8 @@ def load(source: Path, generation: int, *, build: bool = True, state_dir: Path |
             client_gids=_gids(config.clients.groups, "clients.groups"),
             admin_uids=_uids(config.clients.admin_users, "clients.admin_users"),
             admin_gids=_gids(config.clients.admin_groups, "clients.admin_groups"),
+            subscriber_uids=_uids(config.clients.subscribe_users, "clients.subscribe_users"),
+            subscriber_gids=_gids(config.clients.subscribe_groups, "clients.subscribe_groups"),
         )
         _check_system(policy)
         handlers = build_handlers(config.handler, HandlerContext(state_dir=state_dir or policy.state_dir, base_dir=policy.base_dir))
@@ -109,7 +117,7 @@ def load(source: Path, generation: int, *, build: bool = True, state_dir: Path |
 
 def restart_only_changes(old: Policy, new: Policy) -> list[str]:
     """Settings a reload cannot apply to a running daemon; reported, never half-applied."""
-    keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file")
+    keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file", "event_log")
     changed = [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
     return changed + [f"{s}.socket" for s in ("saslauthd", "dovecot") if old.front_socket(s) != new.front_socket(s)]
 

@@ -7,11 +7,13 @@ fuzzed and unit-tested on its own and the server stays a thin loop around it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
+from . import rhost as rhosts
 from .outcome import SessionGrant
 
 RequestId = int | str | None
@@ -34,6 +36,7 @@ NOT_FOUND = "not_found"
 FORBIDDEN = "forbidden"
 SHUTTING_DOWN = "shutting_down"
 RELOAD_FAILED = "reload_failed"
+SESSION_LIMIT = "session_limit"
 
 
 class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="op"):
@@ -60,6 +63,11 @@ class Auth(Request, tag="auth"):
     rhost: Name | None = None
     ruser: Name | None = None
     open_session: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rhost is not None:
+            rhosts.parse(self.rhost)  # one spelling per host, or bad_request (authd.rhost says why)
 
     def __repr__(self) -> str:  # the password must not reach a log or traceback via repr
         return f"Auth(id={self.id!r}, user={self.user!r}, service={self.service!r}, rhost={self.rhost!r})"
@@ -176,12 +184,39 @@ def _salvage_id(line: bytes) -> RequestId:
     return request_id
 
 
+# msgspec's own wording where it is made of the schema alone: types, bounds, JSON kinds.
+_EXPECTED = re.compile(r"Expected `[\w |]+`(, got `(int|float|str|bool|null|array|object)`)?"
+                       r"( of length [<>]= \d+| [<>]=? -?\d+(\.\d+)?)?")
+_FIELD_NAMED = re.compile(r"(Object missing required field|Object contains unknown field|NUL byte in) `([^`]*)`")
+_AT = re.compile(r" - at `\$(\.[^`]*)?`$")
+_OWN_MESSAGES = frozenset({rhosts.INVALID})  # fixed texts our own validators raise: they quote nothing
+
+
 def _describe(exc: msgspec.ValidationError) -> str:
-    """msgspec names types and paths, never values; keep that and make `op` errors readable."""
+    """The path and the kind of error, never a value: the message goes to any peer, admin or not.
+
+    msgspec quotes what it was given ("Invalid enum value 'x'", "unknown field `x`"), so its
+    message is rebuilt here from a closed set of kinds; a name is kept only when it is one of
+    our own field names, whatever the client put in its place.
+    """
     text = str(exc)
-    if "Invalid value" in text and "$.op" in text or "missing required field `op`" in text:
+    at = _AT.search(text)
+    kind, path = (text[: at.start()], (at.group(1) or "")[1:]) if at else (text, "")
+    fields = _field_names()
+    if path == "op" or "`op`" in kind:
         return "unknown or missing op"
-    return text
+    if named := _FIELD_NAMED.fullmatch(kind):
+        label, name = named.groups()
+        if label == "Object contains unknown field":
+            return f"unknown field `{name}`" if name in fields else "unknown field"
+        kind = f"{label} `{name}`" if name in fields else label
+    elif not _EXPECTED.fullmatch(kind) and kind not in _OWN_MESSAGES:
+        kind = "Invalid value"
+    return f"{kind} - at `$.{path}`" if path in fields else kind
+
+
+def _field_names() -> frozenset[str]:
+    return frozenset(name for request_type in REQUEST_TYPES for name in request_type.__struct_fields__)
 
 
 class Decoder:

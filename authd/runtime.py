@@ -16,7 +16,9 @@ from . import securefs
 from .authflow import AuthCore
 from .cache import CredentialCache
 from .errors import ConfigError
+from .config import Daemon
 from .events import Event, EventBus
+from .events.outbox import FILENAME as OUTBOX_FILE, Outbox, Retention
 from .lockout import Lockout
 from .pam.pool import PamPool
 from .policy import Policy
@@ -33,7 +35,8 @@ class Runtime:
         self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout)
         self.sessions = SessionStore(policy.state_dir / "sessions.db")
         self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
-        self.bus = EventBus(queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
+        outbox = Outbox(policy.state_dir / OUTBOX_FILE if daemon.event_log else None, event_retention(daemon))
+        self.bus = EventBus(outbox, queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
         self.cache = CredentialCache(policy.config.cache)
         self.draining = asyncio.Event()
         self.core = AuthCore(
@@ -59,6 +62,10 @@ class Runtime:
                 await self.draining.wait()
         except TimeoutError:
             pass
+
+
+def event_retention(daemon: Daemon) -> Retention:
+    return Retention(max_age=daemon.event_log_max_age, max_events=daemon.event_log_max_events)
 
 
 def prepare_state_dir(policy: Policy) -> None:

@@ -85,11 +85,16 @@ class Session(msgspec.Struct, gc=False):
                              self.expires_at)
 
 
+class SessionLimitReached(Exception):
+    """The user already holds the service's `max_sessions_per_user` live sessions, and it refuses more."""
+
+
 class SessionStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._by_hash: dict[bytes, Session] = {}
         self._by_id: dict[str, Session] = {}
+        self._by_owner: dict[tuple[str, str], dict[str, Session]] = {}  # (user, service) -> its sessions
         self._db: sqlite3.Connection | None = None
         self._dirty = False  # the file may lack what memory holds: rewrite it whole when it can be
         self._retry_at = 0.0
@@ -140,6 +145,26 @@ class SessionStore:
         self._write("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(session))
         return session, token
 
+    def make_room(self, *, user: str, service: str, limit: int, evict_oldest: bool) -> list[Session]:
+        """Before `create`: keep the user's live sessions of `service` below `limit`.
+
+        Returns the oldest sessions removed to make room (`evict_oldest`), or raises
+        SessionLimitReached. Expired sessions do not count; the sweeper reports those.
+        """
+        owned = self._by_owner.get((user, service))
+        if owned is None or len(owned) < limit:
+            return []
+        now = time.time()
+        live = [s for s in owned.values() if not s.expired(now)]
+        if len(live) < limit:
+            return []
+        if not evict_oldest:
+            raise SessionLimitReached
+        live.sort(key=lambda s: s.created)
+        doomed = live[: len(live) - limit + 1]
+        self._remove(doomed)
+        return doomed
+
     def lookup(self, token: str, *, touch: bool = True) -> Session | None:
         """The live session for a token; touching it pushes its idle expiry out."""
         session = self._by_hash.get(hash_token(token))
@@ -185,6 +210,7 @@ class SessionStore:
     def _add(self, session: Session) -> None:
         self._by_hash[session.token_hash] = session
         self._by_id[session.id] = session
+        self._by_owner.setdefault((session.user, session.service), {})[session.id] = session
 
     def _load(self, rows: Iterable[Row]) -> None:
         """Add persisted sessions that are still live and not already (or no longer) in memory."""
@@ -201,6 +227,9 @@ class SessionStore:
         for session in sessions:
             self._by_hash.pop(session.token_hash, None)
             self._by_id.pop(session.id, None)
+            owned = self._by_owner.get((session.user, session.service))
+            if owned is not None and owned.pop(session.id, None) is not None and not owned:
+                del self._by_owner[session.user, session.service]
         if not self._complete:
             self._gone.update(s.id for s in sessions)
         self._write("DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(s.id for s in sessions),))

@@ -140,6 +140,16 @@ def _plugin(ns: dict[str, Any], request: pytest.FixtureRequest) -> None:
     assert msgspec.json.decode(bodies[0]) == {"channel": "#auth", "text": "auth.locked_out: alice via imap from 192.0.2.7"}
 
 
+@check("def remember_login(event: Event)")
+def _receivers(ns: dict[str, Any], request: pytest.FixtureRequest) -> None:
+    receivers = ns["receivers"]
+    assert [r.fn for r in receivers._receivers] == [ns["remember_login"], ns["alert"]]
+    login = Event.create("auth.succeeded", user="alice", service="webmail", rhost="192.0.2.7")
+    assert [r.wants(login) for r in receivers._receivers] == [True, False]
+    ns["remember_login"](login)
+    asyncio.run(ns["alert"](Event.create("auth.locked_out", user="alice")))
+
+
 class _Sink(http.server.BaseHTTPRequestHandler):
     bodies: list[bytes]
 

@@ -46,7 +46,14 @@ class LastlogConfig(_Handler, tag="lastlog", frozen=True, kw_only=True):
     pass
 
 
-class WebhookConfig(_Handler, tag="webhook", frozen=True, kw_only=True):
+class _Retrying(_Handler, frozen=True, kw_only=True):
+    """Handlers whose failures may be temporary: retried with backoff for up to `max_age`."""
+
+    max_age: Annotated[float, msgspec.Meta(ge=0)] = 86400.0
+    retry_backoff: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+
+
+class WebhookConfig(_Retrying, tag="webhook", frozen=True, kw_only=True):
     url: str
     timeout: Positive = 5.0
     retries: Annotated[int, msgspec.Meta(ge=0, le=20)] = 3
@@ -63,7 +70,7 @@ class WebhookConfig(_Handler, tag="webhook", frozen=True, kw_only=True):
         return f"WebhookConfig(name={self.name!r}, url={self.url!r}, secret={shown})"
 
 
-class MailConfig(_Handler, tag="mail", frozen=True, kw_only=True):
+class MailConfig(_Retrying, tag="mail", frozen=True, kw_only=True):
     mode: Literal["welcome", "every"] = "welcome"
     host: str = "localhost"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None

@@ -19,7 +19,15 @@ Receiver = Callable[[Event], Any]
 
 
 class HandlerError(Exception):
-    """An expected failure that explains itself; logged without a traceback."""
+    """An expected failure that explains itself; logged without a traceback.
+
+    ``retry=True`` says trying again later may succeed (a receiver down, a timeout); a handler
+    with a ``max_age`` then retries the event with backoff until it is that old.
+    """
+
+    def __init__(self, message: str, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class Handler(abc.ABC):
@@ -28,7 +36,9 @@ class Handler(abc.ABC):
     Subclasses implement :meth:`handle` either as a plain method, which the bus runs in the
     handler's own thread (as it does :meth:`reopen` and :meth:`close`), or as ``async def``,
     which runs on the event loop. ``timeout`` bounds one event (None: the bus default);
-    ``queue_size`` bounds the backlog (None: the bus default).
+    ``queue_size`` bounds the in-memory backlog (None: the bus default); ``max_age`` (None: no
+    retries) is how long a retryable failure is retried, starting ``retry_backoff`` seconds
+    apart and doubling.
     """
 
     def __init__(
@@ -39,8 +49,12 @@ class Handler(abc.ABC):
         services: Iterable[str] | None = None,
         timeout: float | None = None,
         queue_size: int | None = None,
+        max_age: float | None = None,
+        retry_backoff: float = 1.0,
     ) -> None:
         self.name = name
+        self.max_age = max_age
+        self.retry_backoff = retry_backoff
         self.events = tuple(events)
         self.services = frozenset(services) if services is not None else None
         self.timeout = timeout

@@ -1,30 +1,38 @@
-"""One handler's queue and the task (and, for sync handlers, the thread) that drains it.
+"""One handler's position in the event log, its in-memory window onto it, and the task that delivers.
 
-Failures are logged and counted, overruns time out, and a full queue drops (and counts)
-instead of blocking whoever emits: whatever the handler does costs only its own events.
+Live events reach the worker in memory. When its queue is full the worker *spills*: it stops
+taking events from memory and reads them back from the outbox once it has room, so a slow
+handler costs disk, never events, and never memory beyond `queue_size`. After each event the
+worker moves its cursor in the outbox; on start it resumes from there.
+
+A handler that reports a retryable failure (`HandlerError(retry=True)`, or a timeout) and has
+a `max_age` is retried with exponential backoff, holding back its later events so their order
+holds; an event older than `max_age` becomes a dead letter and delivery moves on. Other
+failures are counted and logged, and delivery moves on at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import queue
-import threading
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
-from authd.events.handler import Handler, HandlerError, is_async
+from authd.clock import Clock
+from authd.events.handler import Handler, HandlerError
+from authd.events.invoke import Invoker, Overran
 from authd.events.loopwatch import TASK_PREFIX
 from authd.events.model import Event
+from authd.events.outbox import Outbox
 
 if TYPE_CHECKING:
     from authd.events.bus import EventBus
 
 log = structlog.get_logger("authd.events")
+
+MAX_BACKOFF = 300.0  # seconds between two tries of the same event, at most
 
 
 @dataclass
@@ -33,252 +41,219 @@ class Counters:
     failed: int = 0
     dropped: int = 0
     timed_out: int = 0
+    retried: int = 0
+    dead: int = 0  # gave up after max_age: kept as a dead letter
     blocked_loop: int = 0  # an async handler held the event loop past LoopWatch's threshold
 
     def add(self, other: Counters) -> None:
-        self.delivered += other.delivered
-        self.failed += other.failed
-        self.dropped += other.dropped
-        self.timed_out += other.timed_out
-        self.blocked_loop += other.blocked_loop
-
-
-class _HandlerThread:
-    """The one thread a sync handler runs in.
-
-    A daemon thread, because Python cannot kill a thread: one stuck in a handler must not
-    keep the process from exiting after drain.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"authd-handler:{name}", daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        future.add_done_callback(forget)
-        self._jobs.put((loop, future, fn, args))
-        return future
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, fn, args = job
-            result = error = None
-            try:
-                result = fn(*args)
-            except Exception as e:
-                error = e
-            except BaseException as e:  # SystemExit in a plugin must not stop the daemon
-                error = RuntimeError(f"handler raised {type(e).__name__}")
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:
-                return  # the loop is closed: nobody is waiting any more
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
-
-
-async def _guard(make: Callable[[], Awaitable[Any]]) -> Any:
-    try:
-        return await make()
-    except (Exception, asyncio.CancelledError):
-        raise
-    except BaseException as e:  # SystemExit/KeyboardInterrupt would tear down the loop
-        raise RuntimeError(f"handler raised {type(e).__name__}") from None
-
-
-def forget(task: asyncio.Task[Any] | asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-class _Overran(Exception):
-    """A sync handler's call outlived its timeout; it was counted as timed out when it did."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class Worker:
-    """One handler's queue and the task that drains it, in order."""
-
-    def __init__(self, bus: EventBus, handler: Handler, counters: Counters) -> None:
+    def __init__(self, bus: EventBus, handler: Handler, counters: Counters, *, after: int, durable: bool = True) -> None:
+        """Deliver `handler`'s events with sequence numbers above `after`; `durable` keeps its cursor."""
         self.bus = bus
+        self.outbox: Outbox = bus.outbox
+        self.clock: Clock = bus.clock
         self.handler = handler
         self.name = handler.name
         self.counters = counters
+        self.durable = durable
         self.limit = handler.queue_size or bus.queue_size
-        self.timeout = handler.timeout or bus.handler_timeout
-        self.is_async = is_async(handler.handle)
-        self.queue: deque[Event] = deque()
-        self.current: Event | None = None
+        self.invoker: Invoker | None = None
+        self.queue: deque[tuple[int, Event]] = deque()
+        self.position = after  # the last sequence number taken into the queue or passed over
+        self.spilled = after < self.outbox.appended  # what is beyond `position` is read from the log
+        self.current: tuple[int, Event] | None = None
+        self.retrying = False
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._thread: _HandlerThread | None = None
-        self._dropping = 0
         self.deadline: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+        self._advance(after)
 
-    def offer(self, event: Event) -> None:
+    # -- fed by the bus, on the loop --------------------------------------------------------
+
+    def offer(self, seq: int, event: Event) -> None:
+        if self.spilled or self.stopping:
+            return  # it is in the log; the worker reads it from there
         if len(self.queue) >= self.limit:
-            self.counters.dropped += 1
-            if not self._dropping:
-                log.warning(
-                    "handler queue full, dropping events", handler=self.name, queue_size=self.limit
-                )
-            self._dropping += 1
-            return
-        if self._dropping:
-            log.warning("handler queue accepting again", handler=self.name, dropped=self._dropping)
-            self._dropping = 0
-        self.queue.append(event)
+            self.spilled = True
+            log.info("handler behind; reading its events back from the log", handler=self.name, queue_size=self.limit)
+        else:
+            self.queue.append((seq, event))
+            self.position = seq
         self._wake.set()
+
+    def skip(self, seq: int) -> None:
+        """An event this handler does not want: its cursor may pass it."""
+        if not self.spilled:
+            self.position = seq
+
+    def replay(self, events: list[tuple[int, Event]]) -> None:
+        """Dead letters given another chance: delivered after what is queued, out of order."""
+        self.queue.extend(events)
+        self._wake.set()
+
+    def lag(self) -> int:
+        """Events waiting for this handler: queued, in hand, and (while it reads back from the
+        log) everything logged beyond its position, of which not all may be its own."""
+        waiting = len(self.queue) + (self.current is not None)
+        return waiting + (self.outbox.appended - self.position if self.spilled else 0)
+
+    # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         if self.task is None:
-            if not self.is_async:
-                self._thread = _HandlerThread(self.name)
-            loop = asyncio.get_running_loop()
-            self.task = loop.create_task(self._run(), name=f"{TASK_PREFIX}{self.name}")
+            self.invoker = Invoker(self.handler, self.handler.timeout or self.bus.handler_timeout, self.bus.track,
+                                   self._overran)
+            self.task = asyncio.get_running_loop().create_task(self._run(), name=f"{TASK_PREFIX}{self.name}")
             self.task.add_done_callback(self._done)
+
+    def stop(self) -> None:
+        """Deliver what is queued and what the log still holds for it, close the handler, end."""
+        self.stopping = True
+        self._wake.set()
+
+    def hand_over(self) -> int:
+        """A reload replaced this handler with one of the same name: stop after the event in
+        hand and say where the successor starts. The cursor is the successor's from now on."""
+        self.durable = False
+        self.queue.clear()
+        self.spilled = False
+        self.stop()
+        done = self.current[0] - 1 if self.current else self.position
+        return min(done, self.outbox.cursors.get(self.name, done))
+
+    def abandon(self) -> None:
+        """A removed handler's deadline passed: drop (and count) what is still queued."""
+        lost = len(self.queue) + (self.outbox.appended - self.position if self.spilled else 0)
+        self.queue.clear()
+        self.spilled = False
+        if lost:
+            self.counters.dropped += lost
+            log.warning("removed handler missed its deadline; queued events dropped", handler=self.name, dropped=lost)
+
+    def reopen(self) -> None:
+        if self.task is not None and not self.task.done() and self.invoker is not None:
+            pending = self.invoker.begin("reopen", self.handler.reopen)
+            if pending is not None:
+                self.bus.track(asyncio.ensure_future(self.invoker.finish("reopen", pending)))
 
     def _done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("handler worker crashed", handler=self.name, exc_info=task.exception())
-        self.bus._worker_done(self)
+        self.bus.worker_done(self)
 
-    def stop(self) -> None:
-        """Finish what is queued, close the handler, end."""
-        self.stopping = True
-        self._wake.set()
-
-    def abandon(self) -> None:
-        """Drop (and count) what is still queued; the event in hand finishes, then it closes."""
-        if self.queue:
-            lost = len(self.queue)
-            self.queue.clear()
-            self.counters.dropped += lost
-            log.warning(
-                "removed handler missed its deadline; queued events dropped",
-                handler=self.name,
-                dropped=lost,
-            )
-
-    def reopen(self) -> None:
-        if self.task is not None and not self.task.done():
-            pending = self._begin("reopen", self.handler.reopen)
-            if pending is not None:
-                self.bus.track(asyncio.ensure_future(self._await("reopen", pending)))
+    # -- the delivery loop ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        assert self.invoker is not None
         try:
             while True:
-                while self.queue:
+                if self.queue:
                     self.current = self.queue.popleft()
-                    await self._deliver(self.current)
+                    if not await self._deliver(*self.current):
+                        break  # stopped while retrying: the log keeps it (and `current` says so)
                     self.current = None
+                    continue
+                if self.spilled:
+                    await self._refill()
+                    continue
+                self._advance(self.position)
                 if self.stopping:
                     break
                 self._wake.clear()
                 await self._wake.wait()
-            pending = self._begin("close", self.handler.close)
+            pending = self.invoker.begin("close", self.handler.close)
             if pending is not None:
-                await self._await("close", pending)
+                await self.invoker.finish("close", pending)
         finally:
-            if self._thread is not None:
-                self._thread.stop()
+            self.invoker.stop()
 
-    async def _deliver(self, event: Event) -> None:
+    async def _refill(self) -> None:
+        """Read the next window of this handler's events from the log; leave spilling when caught up."""
+        target = self.outbox.appended
+        await self.outbox.flushed(target)
+        rows = await self.outbox.read(self.position, target, self.limit)
+        self.queue.extend((seq, e) for seq, e in rows if self.handler.accepts(e))
+        self.position = rows[-1][0] if len(rows) == self.limit else target
+        if self.position >= self.outbox.appended:
+            self.spilled = False  # nothing was emitted since `target` was read: live again
+
+    async def _deliver(self, seq: int, event: Event) -> bool:
+        """Deliver, retrying as the handler allows. False if stopped before the event was settled."""
+        attempt = 0
+        while True:
+            error = await self._attempt(event)
+            if error is None or self.handler.max_age is None:
+                self._advance(seq)
+                return True
+            age = self.clock.time() - event.time
+            if age >= self.handler.max_age:
+                self.counters.dead += 1
+                log.warning("giving up on an event; kept as a dead letter", handler=self.name, event_id=event.id,
+                            event_name=event.name, attempts=attempt + 1, error=error)
+                self.outbox.add_dead(self.name, seq, attempt + 1, error)
+                self._advance(seq)
+                return True
+            delay = min(self.handler.retry_backoff * 2**attempt, MAX_BACKOFF, self.handler.max_age - age)
+            attempt += 1
+            self.counters.retried += 1
+            if attempt == 1:
+                log.warning("handler failed; retrying with backoff", handler=self.name, event_id=event.id,
+                            error=error, max_age=self.handler.max_age)
+            if not await self._pause(delay):
+                return False
+
+    async def _attempt(self, event: Event) -> str | None:
+        """One call; the retryable failure as text, None when delivered or failed for good."""
+        assert self.invoker is not None
+        about = {"handler": self.name, "event_name": event.name, "event_id": event.id}
         try:
-            if self.is_async:
-                await self._deliver_async(event)
-            else:
-                await self._deliver_sync(event)
+            await self.invoker.call(event)
         except asyncio.CancelledError:
             raise
-        except _Overran:
-            pass  # counted and logged when it overran
+        except Overran:
+            return "timed out"  # counted when it overran
         except TimeoutError:
             self.counters.timed_out += 1
-            log.warning("handler timed out", **self._about(event), timeout=self.timeout)
+            log.warning("handler timed out", **about, timeout=self.invoker.timeout)
+            return "timed out"
         except HandlerError as e:
             self.counters.failed += 1
-            log.warning("handler failed", **self._about(event), error=str(e))
+            if e.retry:
+                return str(e)
+            log.warning("handler failed", **about, error=str(e))
         except Exception:
             self.counters.failed += 1
-            log.warning("handler raised", **self._about(event), exc_info=True)
+            log.warning("handler raised", **about, exc_info=True)
         else:
             self.counters.delivered += 1
+        return None
 
-    async def _deliver_async(self, event: Event) -> None:
-        task = asyncio.get_running_loop().create_task(
-            _guard(lambda: self.handler.handle(event)), name=f"{TASK_PREFIX}{self.name}"
-        )
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep on the bus's clock; False if the worker is told to stop meanwhile."""
+        self.retrying = True
+        sleep = asyncio.ensure_future(self.clock.sleep(seconds))
+        stop = asyncio.ensure_future(self._wait_stop())
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.timeout)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not done:
-            # Don't wait for the cancellation to land: a handler that swallows it must not
-            # stall the queue. The bus keeps the task referenced until it ends.
-            task.cancel()
-            self.bus.track(task)
-            raise TimeoutError
-        if task.cancelled():  # by the handler itself: must not end this worker
-            raise HandlerError("handler was cancelled")
-        task.result()
+            await asyncio.wait({sleep, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleep.cancel()
+            stop.cancel()
+            self.retrying = False
+        return not self.stopping
 
-    async def _deliver_sync(self, event: Event) -> None:
-        assert self._thread is not None
-        future = self._thread.submit(self.handler.handle, event)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except TimeoutError:
-            # The thread cannot be stopped: count the overrun now, and start the next event
-            # only when this call returns, so order holds and threads never pile up. Until
-            # then the queue absorbs events, and drops them (counted) once full. The event
-            # counts as timed out, never also as delivered; how the late call ended is logged.
-            self.counters.timed_out += 1
-            log.warning("handler timed out; its thread is still busy", **self._about(event), timeout=self.timeout)
-            await asyncio.wait({future})
-            error = future.exception()
-            if error is None:
-                log.info("timed-out handler call finished late", **self._about(event))
-            elif isinstance(error, HandlerError):
-                log.warning("timed-out handler call failed late", **self._about(event), error=str(error))
-            else:
-                log.warning("timed-out handler call raised late", **self._about(event), exc_info=error)
-            raise _Overran from None
+    async def _wait_stop(self) -> None:
+        while not self.stopping:
+            self._wake.clear()
+            await self._wake.wait()
 
-    def _about(self, event: Event) -> dict[str, str]:
-        return {"handler": self.name, "event_name": event.name, "event_id": event.id}
+    def _overran(self) -> None:
+        self.counters.timed_out += 1
 
-    def _begin(self, what: str, fn: Callable[[], Any]) -> Awaitable[Any] | None:
-        """Start ``reopen``/``close`` now, where ``handle`` runs: so it is ordered before
-        every event emitted after this call."""
-        if self._thread is not None:
-            return self._thread.submit(fn)
-        try:
-            result = fn()
-        except Exception:
-            log.warning(f"handler {what} failed", handler=self.name, exc_info=True)
-            return None
-        return result if inspect.isawaitable(result) else None
-
-    async def _await(self, what: str, pending: Awaitable[Any]) -> None:
-        try:
-            await asyncio.wait_for(pending, self.timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.warning(f"handler {what} failed", handler=self.name, exc_info=True)
+    def _advance(self, seq: int) -> None:
+        if self.durable:
+            self.outbox.set_cursor(self.name, seq)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import math
-import re
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -13,10 +11,7 @@ import msgspec
 from msgspec import Meta
 
 from authd.errors import ConfigError
-
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z)(?:{_LABEL}\.)*(?=[a-z]){_LABEL}\.?\Z")
-"""A DNS name whose last label is not numeric, so a mistyped address is not taken for one."""
+from authd.rhost import HOSTNAME
 
 
 class Limit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -56,6 +51,10 @@ class LockoutConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     With `progressive`, each consecutive lock of a key lasts twice as long as the one before,
     up to `max_lock_time`; a key's lock count is forgotten after a successful login (user
     scope) or once the key has stayed unlocked for `max_lock_time`.
+
+    `max_keys` bounds how many keys each scope tracks (a flood of made-up user names would
+    otherwise hold memory for every name until `interval` passes); `ipv6_prefix` is how much
+    of an IPv6 address is one rhost, since one host usually holds a whole /64.
     """
 
     user: Limit = msgspec.field(default_factory=Limit)
@@ -65,6 +64,8 @@ class LockoutConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     exempt_users: tuple[str, ...] = ()
     exempt_rhosts: tuple[str, ...] = ()
     exempt_root: bool = False
+    max_keys: Annotated[int, Meta(ge=1)] = 100_000
+    ipv6_prefix: Annotated[int, Meta(ge=1, le=128)] = 64
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_lock_time):
@@ -104,7 +105,7 @@ def _parse_rhost_pattern(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Ne
     except ValueError:
         pass
     name = entry.lower()
-    return name.rstrip(".") if _HOSTNAME.match(name) else None
+    return name.rstrip(".") if HOSTNAME.match(name) else None
 
 
 class Exemptions:
@@ -127,29 +128,16 @@ class Exemptions:
         return key in self._users
 
     def rhost(self, key: str) -> bool:
+        """Whether an address, an IPv6 network key (only if all of it is exempt) or a name is exempt."""
         if not (self._networks or self._hosts):
             return False
         try:
-            address = ipaddress.ip_address(key)
+            network = ipaddress.ip_network(key)
         except ValueError:
             return key in self._hosts
-        return any(address in network for network in self._networks)
+        return any(network.version == each.version and network.subnet_of(each) for each in self._networks)  # type: ignore[arg-type]
 
 
 def user_key(user: str) -> str:
     """Case-folded, so "Alice" and "alice" share one budget even where PAM ignores case."""
     return user.casefold()
-
-
-@functools.lru_cache(maxsize=4096)
-def rhost_key(rhost: str | None) -> str | None:
-    """Canonical address text (IPv4-mapped IPv6 unwrapped), or a lower-case host name."""
-    if not rhost:
-        return None
-    try:
-        address = ipaddress.ip_address(rhost)
-    except ValueError:
-        return rhost.lower().rstrip(".")
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return str(address)

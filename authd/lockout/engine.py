@@ -14,26 +14,27 @@ after a restart a repeated password counts once more.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 import structlog
 
-from .config import Exemptions, Limit, LockoutConfig, rhost_key, user_key
+from .. import rhost as rhosts
+from .config import Exemptions, Limit, LockoutConfig, user_key
 from .store import FailureRow, LockoutStore, LockRow, Rows
+from .table import Key, Scope, Table
 
-Scope = Literal["user", "rhost"]
 SCOPES: tuple[Scope, ...] = ("user", "rhost")
+INVALID_RHOST = "(invalid)"
+"""The one key every rhost value that names no host shares (front ends should refuse them)."""
 _SWEEP_INTERVAL = 60.0
 _MAX_DOUBLINGS = 40
+_FINGERPRINT_BYTES = 16
 
 log = structlog.get_logger("authd.lockout")
 
@@ -62,73 +63,12 @@ class LockInfo(msgspec.Struct, frozen=True, kw_only=True):
     lock_count: int
 
 
-class _Key:
-    """Counting state of one user or one rhost."""
-
-    __slots__ = ("scope", "key", "failures", "strikes", "since", "until", "in_flight", "waiters")
-
-    def __init__(self, scope: Scope, key: str) -> None:
-        self.scope = scope
-        self.key = key
-        self.failures: deque[tuple[float, bytes | None]] = deque()
-        self.strikes = 0
-        self.since = 0.0
-        self.until: float | None = None
-        self.in_flight: dict[bytes, int] = {}
-        self.waiters: dict[asyncio.Future[None], None] = {}
-
-    def locked(self, now: float) -> bool:
-        return self.strikes > 0 and (self.until is None or self.until > now)
-
-    def prune(self, cutoff: float) -> None:
-        while self.failures and self.failures[0][0] < cutoff:
-            self.failures.popleft()
-
-    def counted(self, fingerprint: bytes) -> bool:
-        return any(seen == fingerprint for _, seen in self.failures)
-
-    def slots(self) -> int:
-        """Distinct guesses in PAM: each may still add one failure."""
-        return len(self.in_flight)
-
-    def release(self, fingerprint: bytes) -> None:
-        left = self.in_flight.pop(fingerprint) - 1
-        if left:
-            self.in_flight[fingerprint] = left
-
-    def forget_lock(self) -> None:
-        self.strikes, self.since, self.until = 0, 0.0, None
-
-    def idle(self) -> bool:
-        return not (self.failures or self.strikes or self.in_flight or self.waiters)
-
-    async def changed(self) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self.waiters[future] = None
-        try:
-            await future
-        finally:
-            self.waiters.pop(future, None)
-
-    def wake(self) -> None:
-        for future in self.waiters:
-            if not future.done():
-                future.set_result(None)
-
-    def refusal(self, now: float) -> Locked:
-        retry = None if self.until is None else max(1, math.ceil(self.until - now))
-        return Locked(
-            scope=self.scope, key=self.key, locked_at=self.since, until=self.until,
-            retry_after=retry, lock_count=self.strikes,
-        )
-
-
 class Attempt:
     """Leave to ask PAM once. Resolve it with finish() or cancel(); later calls are no-ops."""
 
     __slots__ = ("user", "_fingerprint", "_held", "_done")
 
-    def __init__(self, user: str, fingerprint: bytes, held: list[_Key]) -> None:
+    def __init__(self, user: str, fingerprint: bytes, held: list[Key]) -> None:
         self.user = user
         self._fingerprint = fingerprint
         self._held = held
@@ -142,7 +82,8 @@ class Lockout:
     """Counts failed logins per user and per rhost, and refuses locked keys before PAM.
 
     Use from the event loop thread only. State is mirrored to SQLite at `db_path` and
-    survives restarts; configure() swaps limits on reload and keeps all state.
+    survives restarts; configure() swaps limits on reload and keeps all state. Each scope
+    tracks at most `max_keys` keys (see `table`).
     """
 
     def __init__(
@@ -150,10 +91,12 @@ class Lockout:
     ) -> None:
         self._clock = clock
         self._secret = os.urandom(32)
-        self._keys: dict[tuple[Scope, str], _Key] = {}
+        self._tables = {scope: Table(scope, config.max_keys, self._evicted) for scope in SCOPES}
         self._next_sweep = 0.0
-        self.configure(config)
+        self._refused_full = 0
+        self._full_logged: dict[Scope, float] = {}
         self._store = LockoutStore(db_path, snapshot=self._rows, merge=self._merge)
+        self.configure(config)
         self._store.open()
 
     @property
@@ -165,49 +108,62 @@ class Lockout:
         """Why state is currently not being persisted (for `status`), or None."""
         return self._store.error
 
+    def stats(self) -> dict[str, int]:
+        """Keys held in memory, keys evicted to stay under `max_keys`, attempts refused for want of room."""
+        return {
+            "keys": sum(len(table) for table in self._tables.values()),
+            "evicted": sum(table.evicted for table in self._tables.values()),
+            "refused_full": self._refused_full,
+        }
+
     def configure(self, config: LockoutConfig) -> None:
-        """Apply new limits and exemptions; counters and locks are kept."""
+        """Apply new limits and exemptions; counters and locks are kept (down to a lowered cap)."""
         self._config = config
         self._exempt = Exemptions(config)
-        for key in self._keys.values():
-            key.wake()
+        now = self._clock()
+        for table in self._tables.values():
+            table.cap = config.max_keys
+            table.trim(now)
+            for key in table:
+                key.wake()
 
     async def begin(self, user: str, rhost: str | None, password: str) -> Attempt | Locked:
         """Reserve the right to try `password` with PAM, or say which lock refuses it.
 
         Waits while the remaining budget is held by attempts still in PAM. Cancelling the
         caller while it waits is safe: nothing is reserved until this returns an Attempt.
+        A key the table has no room for is refused as if locked, with `lock_count` 0.
         """
-        ukey, rkey = user_key(user), rhost_key(rhost)
+        ukey = user_key(user)
         fingerprint = self._fingerprint(ukey, password)
         del password
         while True:
             now = self._clock()
             if now >= self._next_sweep:
                 self._sweep(now)
-            keys = self._enforced(ukey, rkey)
-            refusal = _longest(key.refusal(now) for key, _ in keys if key.locked(now))
+            scopes = self._enforced(ukey, rhost)
+            found = [(table, table.get(name), name, limit) for table, name, limit in scopes]
+            refusal = _longest(_refusal(key, now) for _, key, _, _ in found if key is not None and key.locked(now))
             if refusal is not None:
                 return refusal
-            reserve, blocked = [], None
-            for key, limit in keys:
-                key.prune(now - limit.interval)
-                if key.counted(fingerprint):
-                    continue
-                if fingerprint in key.in_flight:  # the same guess shares its slot: it can count only once
-                    reserve.append(key)
-                    continue
-                if len(key.failures) + key.slots() >= limit.max_failures:
-                    blocked = key, limit
-                    break
-                reserve.append(key)
+            reserve: list[tuple[Table, Key | None, str]] = []
+            blocked = None
+            for table, key, name, limit in found:
+                if key is not None:
+                    key.prune(now - limit.interval)
+                    if key.counted(fingerprint):
+                        continue
+                    # the same guess already in PAM shares its slot: it can count only once
+                    if not key.holds(fingerprint) and len(key.failures) + key.slots() >= limit.max_failures:
+                        blocked = key, limit
+                        break
+                reserve.append((table, key, name))
             if blocked is None:
-                for key in reserve:
-                    key.in_flight[fingerprint] = key.in_flight.get(fingerprint, 0) + 1
-                return Attempt(ukey, fingerprint, reserve)
+                return self._reserve(ukey, fingerprint, reserve, now)
             key, limit = blocked
             if key.in_flight:
                 await key.changed()
+                self._settle(key, self._clock())
             else:
                 self._lock(key, limit, now)
 
@@ -222,9 +178,9 @@ class Lockout:
             key.release(fingerprint)
         locks = []
         if success:
-            user = self._keys.get(("user", attempt.user))
+            user = self._tables["user"].get(attempt.user)
             if user is not None and (user.failures or user.strikes):
-                self._reset(user)
+                self._reset(user, now)
         else:
             for key in attempt._held:
                 limit = self._limit(key.scope)
@@ -239,6 +195,7 @@ class Lockout:
                     locks.append(self._lock(key, limit, now))
         for key in attempt._held:
             key.wake()
+            self._settle(key, now)
         return tuple(locks)
 
     def cancel(self, attempt: Attempt) -> None:
@@ -246,39 +203,46 @@ class Lockout:
         if attempt._done:
             return
         attempt._done = True
+        now = self._clock()
         for key in attempt._held:
             key.release(attempt._fingerprint)
             key.wake()
+            self._settle(key, now)
 
     def lockouts(self) -> list[LockInfo]:
         """Current locks and failure counters of every enforced key, sorted by scope and key."""
         now = self._clock()
         rows = []
-        for key in sorted(self._keys.values(), key=lambda key: (SCOPES.index(key.scope), key.key)):
-            scope, name, limit = key.scope, key.key, self._limit(key.scope)
-            if not self._is_enforced(scope, name):
-                continue
-            key.prune(now - limit.interval)
-            locked = key.locked(now)
-            if not (key.failures or locked):
-                continue
-            lock = key.refusal(now) if locked else None
-            rows.append(LockInfo(
-                scope=scope, key=name, failures=len(key.failures), locked=locked,
-                locked_at=lock.locked_at if lock else None, until=lock.until if lock else None,
-                retry_after=lock.retry_after if lock else None, lock_count=key.strikes,
-            ))
+        for scope in SCOPES:
+            limit = self._limit(scope)
+            for key in sorted(self._tables[scope], key=lambda key: key.key):
+                if not self._is_enforced(scope, key.key):
+                    continue
+                key.prune(now - limit.interval)
+                locked = key.locked(now)
+                if not (key.failures or locked):
+                    continue
+                lock = _refusal(key, now) if locked else None
+                rows.append(LockInfo(
+                    scope=scope, key=key.key, failures=len(key.failures), locked=locked,
+                    locked_at=lock.locked_at if lock else None, until=lock.until if lock else None,
+                    retry_after=lock.retry_after if lock else None, lock_count=key.strikes,
+                ))
         return rows
 
     def unlock(self, name: str, scope: Scope | None = None) -> bool:
-        """Clear failures, lock and lock count of a user or rhost. False if there was nothing."""
+        """Clear failures, lock and lock count of a user or rhost. False if there was nothing.
+
+        An rhost is found by any address in its key (`2001:db8::5` clears `2001:db8::/64`) or
+        by the key as `lockouts` lists it.
+        """
         cleared = False
+        now = self._clock()
         for each in (scope,) if scope else SCOPES:
-            canonical = user_key(name) if each == "user" else rhost_key(name)
-            key = self._keys.get((each, canonical)) if canonical else None
+            key = self._tables[each].get(user_key(name) if each == "user" else self._listed_rhost(name))
             if key is not None and (key.failures or key.strikes):
-                self._reset(key)
-                log.info("lockout cleared", scope=each, key=canonical)
+                self._reset(key, now)
+                log.info("lockout cleared", scope=each, key=key.key)
                 cleared = True
         return cleared
 
@@ -288,7 +252,7 @@ class Lockout:
     def _fingerprint(self, ukey: str, password: str) -> bytes:
         user = ukey.encode("utf-8", "surrogatepass")
         message = len(user).to_bytes(4, "big") + user + password.encode("utf-8", "surrogatepass")
-        return hmac.digest(self._secret, message, "sha256")
+        return hmac.digest(self._secret, message, "sha256")[:_FINGERPRINT_BYTES]
 
     def _limit(self, scope: Scope) -> Limit:
         return self._config.user if scope == "user" else self._config.rhost
@@ -298,18 +262,63 @@ class Lockout:
             return False
         return not (self._exempt.user(name) if scope == "user" else self._exempt.rhost(name))
 
-    def _enforced(self, ukey: str, rkey: str | None) -> list[tuple[_Key, Limit]]:
-        keys = []
-        names: tuple[tuple[Scope, str | None], ...] = (("user", ukey), ("rhost", rkey))
-        for scope, name in names:
-            if name is not None and self._is_enforced(scope, name):
-                key = self._keys.get((scope, name))
-                if key is None:
-                    key = self._keys[scope, name] = _Key(scope, name)
-                keys.append((key, self._limit(scope)))
-        return keys
+    def _rhost_key(self, rhost: str | None) -> tuple[str | None, str | None]:
+        """(the key an rhost counts under, the host itself for exemptions); (None, None) without one."""
+        if not rhost:
+            return None, None
+        try:
+            host = rhosts.parse(rhost)
+        except ValueError:
+            return INVALID_RHOST, None
+        return rhosts.key(host, self._config.ipv6_prefix), str(host)
 
-    def _lock(self, key: _Key, limit: Limit, now: float) -> Locked:
+    def _listed_rhost(self, name: str) -> str:
+        try:
+            return rhosts.key(rhosts.parse(name), self._config.ipv6_prefix)
+        except ValueError:
+            return name  # a key as `lockouts` lists it: an IPv6 network, or INVALID_RHOST
+
+    def _enforced(self, ukey: str, rhost: str | None) -> list[tuple[Table, str, Limit]]:
+        scopes = []
+        if self._is_enforced("user", ukey):
+            scopes.append((self._tables["user"], ukey, self._config.user))
+        rkey, host = self._rhost_key(rhost)
+        if rkey is not None and self._config.rhost.enabled and not (host and self._exempt.rhost(host)):
+            scopes.append((self._tables["rhost"], rkey, self._config.rhost))
+        return scopes
+
+    def _reserve(
+        self, ukey: str, fingerprint: bytes, reserve: list[tuple[Table, Key | None, str]], now: float
+    ) -> Attempt | Locked:
+        """Admit the keys not tracked yet, then take a slot in each; refuse if one has no room."""
+        for table, key, name in reserve:
+            if key is None and not table.has_room(now):
+                return self._full(table, name, now)  # before any admission evicts: a refusal changes nothing
+        held = [key or table.admit(name) for table, key, name in reserve]
+        for key in held:
+            key.reserve(fingerprint)
+            self._settle(key, now)
+        return Attempt(ukey, fingerprint, held)
+
+    def _full(self, table: Table, name: str, now: float) -> Locked:
+        """Refuse a key the table has no room for, as if it were locked for the scope's lock_time."""
+        self._refused_full += 1
+        if now >= self._full_logged.get(table.scope, 0.0):
+            self._full_logged[table.scope] = now + _SWEEP_INTERVAL
+            log.warning("lockout table full of locked keys; refusing untracked ones", scope=table.scope,
+                        max_keys=table.cap, refused=self._refused_full)
+        limit = self._limit(table.scope)
+        until = None if limit.permanent else now + limit.lock_time
+        retry = None if until is None else max(1, math.ceil(until - now))
+        return Locked(scope=table.scope, key=name, locked_at=now, until=until, retry_after=retry, lock_count=0)
+
+    def _settle(self, key: Key, now: float) -> None:
+        self._tables[key.scope].settle(key, now)
+
+    def _evicted(self, key: Key) -> None:
+        self._store.clear(key.scope, key.key)
+
+    def _lock(self, key: Key, limit: Limit, now: float) -> Locked:
         config = self._config
         if key.until is not None and now >= key.until + config.max_lock_time:
             key.strikes = 0
@@ -326,52 +335,69 @@ class Lockout:
         key.failures.clear()
         self._store.set_lock(key.scope, key.key, key.since, key.until, key.strikes)
         key.wake()
-        return key.refusal(now)
+        self._settle(key, now)
+        return _refusal(key, now)
 
-    def _reset(self, key: _Key) -> None:
+    def _reset(self, key: Key, now: float) -> None:
         key.failures.clear()
         key.forget_lock()
         self._store.clear(key.scope, key.key)
         key.wake()
+        self._settle(key, now)
 
     def _sweep(self, now: float) -> None:
         """Forget what no longer matters, in memory and on disk, about once a minute."""
         self._next_sweep = now + _SWEEP_INTERVAL
         forget_before = now - self._config.max_lock_time
-        for ident, key in list(self._keys.items()):
-            key.prune(now - self._limit(key.scope).interval)
-            if key.strikes and key.until is not None and key.until < forget_before:
-                key.forget_lock()
-            if key.idle():
-                del self._keys[ident]
+        for scope, table in self._tables.items():
+            cutoff = now - self._limit(scope).interval
+            for key in table:
+                key.prune(cutoff)
+                if key.strikes and key.until is not None and key.until < forget_before:
+                    key.forget_lock()
+                table.settle(key, now)
+            table.trim(now)  # persisted state is loaded past the cap: evicting then would write mid-load
         cutoffs: dict[str, float] = {scope: now - self._limit(scope).interval for scope in SCOPES}
         self._store.purge(cutoffs, forget_before)
 
     def _rows(self) -> Rows:
         failures: list[FailureRow] = []
         locks: list[LockRow] = []
-        for key in self._keys.values():
-            failures.extend((key.scope, key.key, at) for at, _ in key.failures)
-            if key.strikes:
-                locks.append((key.scope, key.key, key.since, key.until, key.strikes))
+        for table in self._tables.values():
+            for key in table:
+                failures.extend((key.scope, key.key, at) for at, _ in key.failures)
+                if key.strikes:
+                    locks.append((key.scope, key.key, key.since, key.until, key.strikes))
         return failures, locks
 
     def _merge(self, rows: Rows) -> None:
         """Fold persisted state into memory (at start, or when storage comes back)."""
         failures, locks = rows
-        touched = set()
+        touched: set[Key] = set()
         for scope, name, at in failures:
             if scope in SCOPES:
-                key = self._keys.setdefault((scope, name), _Key(scope, name))
+                key = self._tables[scope].setdefault(name)
                 key.failures.append((at, None))
                 touched.add(key)
         for key in touched:
-            key.failures = deque(sorted(key.failures, key=lambda failure: failure[0]))
+            key.failures.sort(key=lambda failure: failure[0])
         for scope, name, since, until, strikes in locks:
             if scope in SCOPES:
-                key = self._keys.setdefault((scope, name), _Key(scope, name))
+                key = self._tables[scope].setdefault(name)
                 if (strikes, _end(until)) > (key.strikes, _end(key.until)):
                     key.strikes, key.since, key.until = strikes, since, until
+                touched.add(key)
+        now = self._clock()
+        for key in touched:
+            self._settle(key, now)
+
+
+def _refusal(key: Key, now: float) -> Locked:
+    retry = None if key.until is None else max(1, math.ceil(key.until - now))
+    return Locked(
+        scope=key.scope, key=key.key, locked_at=key.since, until=key.until,
+        retry_after=retry, lock_count=key.strikes,
+    )
 
 
 def _end(until: float | None) -> float:

@@ -28,6 +28,7 @@ FIFTH_FIELD_WAIT = 0.02  # a 4-field client has sent all it will: give a 5-field
 class Saslauthd:
     name = "saslauthd"
     busy = codec.no("too many connections")
+    forbidden = codec.no("this uid/gid may not use authd")
 
     def __init__(self, core: AuthCore) -> None:
         self.core = core

@@ -95,6 +95,30 @@ async def test_lockout_refuses_before_pam_and_lifts_with_the_clock(tmp_path: Pat
     assert isinstance(await h.auth(), Granted)
 
 
+@run
+async def test_session_limit_refuse_is_said_only_after_the_password(tmp_path: Path) -> None:
+    h = Harness(tmp_path, '[[service]]\nname = "login"\nmax_sessions_per_user = 2\nsession_limit = "refuse"\n')
+    for _ in range(2):
+        assert isinstance(await h.auth(open_session=True), Granted)
+    assert await h.auth(password="wrong", open_session=True) == Denied(code="auth_failed")
+    assert await h.auth(open_session=True) == Denied(code="session_limit")
+    assert isinstance(await h.auth(), Granted), "a login without a session is not limited"
+    assert len(h.sessions.list("alice")) == 2 and h.counters["auth:session_limit"] == 1
+
+
+@run
+async def test_session_limit_evict_oldest_reports_the_evicted_session(tmp_path: Path) -> None:
+    h = Harness(tmp_path, '[[service]]\nname = "login"\nmax_sessions_per_user = 1\n')
+    first = await h.auth(open_session=True, rhost="192.0.2.1")
+    h.events.clear()
+    second = await h.auth(open_session=True, rhost="192.0.2.2")
+    assert isinstance(first, Granted) and isinstance(second, Granted) and first.session and second.session
+    assert h.names() == ["session.closed", "auth.succeeded", "session.opened"]
+    closed = h.events[0]
+    assert (closed.session_id, closed.reason, closed.rhost, closed.pid) == (first.session.id, "evicted", "192.0.2.1", PEER.pid)
+    assert h.sessions.lookup(first.session.token) is None and h.sessions.lookup(second.session.token) is not None
+
+
 def test_request_repr_hides_the_password() -> None:
     from authd.outcome import AuthRequest
 

@@ -162,7 +162,7 @@ def test_slow_and_hanging_handlers_block_nothing_and_time_out() -> None:
         await eventually(lambda: timed_out("slow") >= 1 and timed_out("hangs") >= 1)
         with capture_logs() as logs:
             undelivered = await bus.close(0.5)
-        late = {r["handler"]: r["undelivered"] for r in logs if r["event"] == "handler missed the deadline"}
+        late = {r["handler"]: r["undelivered"] for r in logs if r["event"] == "handler has undelivered events; delivered after restart"}
         assert late["hangs"] == 3  # one stuck in its thread, two queued behind it
         assert undelivered == sum(late.values()) >= 3
         stats = bus.stats()["handlers"]
@@ -191,7 +191,7 @@ def test_async_handlers_fall_back_to_the_bus_timeout() -> None:
     run(main())
 
 
-def test_full_queue_drops_and_counts_without_blocking() -> None:
+def test_a_full_queue_spills_to_the_log_and_loses_nothing() -> None:
     gate = threading.Event()
     got: list[str] = []
     got_small: list[str] = []
@@ -205,21 +205,21 @@ def test_full_queue_drops_and_counts_without_blocking() -> None:
         bus.set_handlers([fn(gated), fn(lambda e: got_small.append(e.id), name="small", queue_size=2)])
         sent = [ev() for _ in range(20)]
         with capture_logs() as logs:
-            for event in sent:  # before start(): everything queues, nothing runs yet
+            for event in sent:  # before start(): nothing runs yet
                 bus.emit(event)
         stats = bus.stats()
         assert stats["handlers"]["gated"] == {
-            "delivered": 0, "failed": 0, "dropped": 15, "timed_out": 0, "blocked_loop": 0, "queued": 5,
+            "delivered": 0, "failed": 0, "dropped": 0, "timed_out": 0, "retried": 0, "dead": 0, "blocked_loop": 0,
+            "queued": 5, "lag": 20,
         }  # fmt: skip
-        assert stats["handlers"]["small"]["dropped"] == 18
-        assert stats["totals"]["dropped"] == 33 and stats["totals"]["queued"] == 7
-        full = [r for r in logs if r["event"] == "handler queue full, dropping events"]
-        assert sorted(r["handler"] for r in full) == ["gated", "small"]  # logged once, not per drop
+        assert stats["handlers"]["small"]["queued"] == 2 and stats["totals"]["dropped"] == 0
+        behind = [r for r in logs if r["event"] == "handler behind; reading its events back from the log"]
+        assert sorted(r["handler"] for r in behind) == ["gated", "small"]  # logged once, not per event
         await bus.start()
         gate.set()
         assert await bus.close(20) == 0
-        assert got == [e.id for e in sent[:5]] and got_small == [e.id for e in sent[:2]]
-        assert bus.stats()["totals"]["delivered"] == 7
+        assert got == got_small == [e.id for e in sent]
+        assert bus.stats()["totals"]["delivered"] == 40
 
     try:
         run(main())
@@ -288,6 +288,32 @@ def test_set_handlers_swaps_and_old_handlers_finish_their_queue() -> None:
         gate.set()
 
 
+def test_a_reloaded_handler_takes_over_where_its_predecessor_was() -> None:
+    gate = threading.Event()
+
+    async def main() -> None:
+        bus = EventBus()
+        old, new = Recorder("webhook", gate), Recorder("webhook")
+        bus.set_handlers([old])
+        await bus.start()
+        sent = [ev() for _ in range(4)]
+        for event in sent:
+            bus.emit(event)
+        await eventually(lambda: bus.worker("webhook").current is not None)  # the first is in hand
+        bus.set_handlers([new])
+        await eventually(lambda: len(new.got) == 4)  # from the old one's cursor: the one in hand again
+        gate.set()
+        await eventually(lambda: old.closed)
+        assert old.got == [sent[0].id] and new.got == [e.id for e in sent]  # at least once: one twice
+        assert bus.stats()["handlers"]["webhook"]["delivered"] == 5
+        assert await bus.close(5) == 0
+
+    try:
+        run(main())
+    finally:
+        gate.set()
+
+
 def test_a_removed_handler_gets_a_deadline_for_its_queue() -> None:
     gate = threading.Event()
 
@@ -297,16 +323,15 @@ def test_a_removed_handler_gets_a_deadline_for_its_queue() -> None:
         await bus.start()
         for _ in range(4):
             bus.emit(ev())
-        await asyncio.sleep(0.05)  # the first event is in hand, three wait
+        await eventually(lambda: bus.worker("webhook").current is not None)  # one in hand, three wait
         with capture_logs() as logs:
-            bus.set_handlers([Recorder("webhook")], retire_within=0.1)
+            bus.set_handlers([Recorder("audit")], retire_within=0.1)
             await eventually(lambda: bus.stats()["handlers"]["webhook"]["dropped"] == 3)
         gate.set()
-        await eventually(lambda: bus.stats()["handlers"]["webhook"]["delivered"] == 1)
-        assert bus.stats()["handlers"]["webhook"] == {
-            "delivered": 1, "failed": 0, "dropped": 3, "timed_out": 0, "blocked_loop": 0, "queued": 0,
-        }  # fmt: skip
+        await eventually(lambda: "webhook" not in bus.stats()["handlers"])
+        assert bus.stats()["totals"]["delivered"] == 1 and bus.stats()["totals"]["dropped"] == 3
         assert [e["dropped"] for e in logs if e["event"].startswith("removed handler")] == [3]
+        assert "webhook" not in bus.outbox.cursors  # a removed handler holds nothing back
         assert await bus.close(5) == 0
 
     try:
@@ -411,21 +436,17 @@ def test_a_sync_handler_that_overruns_counts_once_and_its_late_error_is_logged()
 
 def test_an_async_handler_that_blocks_the_loop_is_named_and_counted() -> None:
     async def blocks(event: Event) -> None:
-        time.sleep(0.5)  # the mistake under test: a blocking call in an async handler
-
-    async def polite(event: Event) -> None:
-        await asyncio.sleep(0)
+        time.sleep(1.0)  # the mistake under test: a blocking call in an async handler
 
     async def main() -> None:
-        bus = EventBus(block_threshold=0.1)
-        bus.set_handlers([fn(blocks), fn(polite)])
+        bus = EventBus(block_threshold=0.2)
+        bus.set_handlers([fn(blocks)])
         await bus.start()
         with capture_logs() as logs:
             bus.emit(ev())
-            await eventually(lambda: bus.stats()["handlers"]["blocks"]["blocked_loop"] == 1)
+            await eventually(lambda: bus.stats()["handlers"]["blocks"]["blocked_loop"] >= 1)
             assert await bus.close(20) == 0
         warned = [r for r in logs if r["event"].startswith("an async handler blocked the event loop")]
-        assert [r["handler"] for r in warned] == ["blocks"] and warned[0]["seconds"] >= 0.4
-        assert bus.stats()["handlers"]["polite"]["blocked_loop"] == 0
+        assert any(r["handler"] == "blocks" and r["seconds"] >= 0.2 for r in warned)  # the threshold, at least
 
     run(main())

@@ -18,6 +18,7 @@ def test_defaults_are_safe_and_explicit() -> None:
     assert not config.progressive
     assert not config.exempt_root
     assert config.exempt_users == () and config.exempt_rhosts == ()
+    assert config.max_keys == 100_000 and config.ipv6_prefix == 64
 
 
 def test_full_table_from_toml() -> None:
@@ -69,6 +70,10 @@ def test_permanent_lock_needs_explicit_flag() -> None:
             r"^lockout: user\.lock_time is longer than max_lock_time",
         ),
         ({"exempt_root": "yes"}, r"^lockout\.exempt_root: Expected `bool`"),
+        ({"max_keys": 0}, r"^lockout\.max_keys: Expected `int` >= 1"),
+        ({"max_keys": 1.5}, r"^lockout\.max_keys: Expected `int`"),
+        ({"ipv6_prefix": 0}, r"^lockout\.ipv6_prefix: Expected `int` >= 1"),
+        ({"ipv6_prefix": 129}, r"^lockout\.ipv6_prefix: Expected `int` <= 128"),
     ],
 )
 def test_invalid_tables_name_the_key_path(table: dict[str, object], message: str) -> None:

@@ -18,18 +18,10 @@ from hypothesis import strategies as st
 
 from authd.lockout import Attempt, Locked, Lockout, LockoutConfig
 
-from .helpers import config
+from .helpers import Clock, config
 
 USERS = ["alice", "bob"]
 PASSWORDS = ["p0", "p1", "p2", "p3", "p4"]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -159,8 +159,13 @@ class MailHandler(Handler):
                 smtp.send_message(message, to_addrs=[recipient])
         except TimeoutError:
             raise
+        except smtplib.SMTPResponseException as e:  # 4xx is temporary, 5xx final (RFC 5321)
+            raise HandlerError(f"SMTP via {self.host}:{self.port}: {e}", retry=e.smtp_code < 500) from None
+        except smtplib.SMTPRecipientsRefused as e:
+            temporary = all(code < 500 for code, _ in e.recipients.values())
+            raise HandlerError(f"SMTP via {self.host}:{self.port}: recipient refused", retry=temporary) from None
         except (smtplib.SMTPException, OSError) as e:
-            raise HandlerError(f"SMTP via {self.host}:{self.port}: {e}") from None
+            raise HandlerError(f"SMTP via {self.host}:{self.port}: {e}", retry=True) from None
 
 
 def _check_template(where: str, key: str, template: str) -> None:
@@ -209,5 +214,7 @@ def build(cfg: MailConfig, ctx: HandlerContext, where: str, **base: Any) -> Mail
         body=cfg.body,
         smtp_timeout=cfg.timeout,
         welcome_db=ctx.state_dir / FILENAME,
+        max_age=cfg.max_age,
+        retry_backoff=cfg.retry_backoff,
         **base,
     )

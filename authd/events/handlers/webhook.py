@@ -72,11 +72,11 @@ class WebhookHandler(Handler):
                     return
                 problem = f"HTTP {status}"
                 if status < 500 and status != 429:
-                    break
+                    raise HandlerError(f"POST to {self.netloc} refused: {problem}")  # final: no retry
             if attempt <= self.retries:
                 await asyncio.sleep(delay)
                 delay *= 2
-        raise HandlerError(f"POST to {self.netloc} failed after {attempt} attempt(s): {problem}")
+        raise HandlerError(f"POST to {self.netloc} failed after {attempt} attempt(s): {problem}", retry=True)
 
     def _request(self, event: Event) -> bytes:
         body = event.to_json()
@@ -159,5 +159,7 @@ def build(cfg: WebhookConfig, ctx: HandlerContext, where: str, **base: Any) -> W
         attempt_timeout=cfg.timeout,
         retries=cfg.retries,
         backoff=cfg.backoff,
+        max_age=cfg.max_age,
+        retry_backoff=cfg.retry_backoff,
         **base,
     )

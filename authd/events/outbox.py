@@ -1,0 +1,368 @@
+"""The outbox: every event is written to SQLite before the reply that caused it leaves.
+
+Events get a sequence number when emitted and are committed in batches by one writer thread
+(group commit: however many requests emit at once, one transaction). A request that emitted
+events waits, before its reply is sent, until they are committed (`durable`), so an answered
+request's events survive `kill -9`. WAL with `synchronous=NORMAL` keeps a commit in the
+kernel's page cache: that outlives the process, not the machine (`synchronous = "full"` for
+power loss, at the cost of an fsync per batch).
+
+Each handler has a cursor (the last sequence number it is done with); on start, a handler
+delivers from its cursor, so what was undelivered at a crash is delivered after it: at least
+once, de-duplicated by the event `id`. Events that exhausted their retries are kept per handler
+as dead letters until replayed or dropped. Retention is bounded by age and count; what is
+pruned before every handler saw it is counted and logged.
+
+All database work happens in the writer thread, never on the event loop. If the database
+fails (disk full, read-only), events keep flowing in memory and replies are not held back:
+the failure is logged and shown in `status`, and writing resumes when it clears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+
+from authd import sqlitefile
+from authd.clock import SYSTEM, Clock
+from authd.events.model import Event
+
+log = structlog.get_logger("authd.events")
+
+T = TypeVar("T")
+FILENAME = "events.db"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, time REAL NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS events_id ON events (id);
+CREATE TABLE IF NOT EXISTS cursors (handler TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead (handler TEXT NOT NULL, seq INTEGER NOT NULL, attempts INTEGER NOT NULL,
+                                 error TEXT NOT NULL, time REAL NOT NULL, PRIMARY KEY (handler, seq));
+"""
+_decode = msgspec.json.Decoder(Event).decode
+_emitted: contextvars.ContextVar[int] = contextvars.ContextVar("authd_emitted", default=0)
+PRUNE_EVERY = 5.0  # seconds between retention passes
+RETRY_WRITE = 1.0  # seconds between attempts to write to a failing log
+MAX_UNWRITTEN = 100_000  # events held for a failing log; older ones are given up (counted)
+
+
+@dataclass(frozen=True)
+class Retention:
+    max_age: float = 7 * 86400.0  # events older than this are pruned, delivered or not
+    max_events: int = 1_000_000  # and the oldest beyond this many
+
+
+@dataclass
+class _Batch:
+    events: list[tuple[int, Event]] = field(default_factory=list)
+    cursors: dict[str, int] = field(default_factory=dict)
+    dead: list[tuple[str, int, int, str, float]] = field(default_factory=list)
+    jobs: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None]] = field(default_factory=list)
+
+    def busy(self) -> bool:
+        return bool(self.events or self.cursors or self.dead or self.jobs)
+
+
+class Outbox:
+    def __init__(self, path: Path | None, retention: Retention = Retention(), *, clock: Clock = SYSTEM) -> None:
+        """`path` None keeps the log in memory (tests, and `check-config`): same code, no file."""
+        self.path = path
+        self.retention = retention
+        self.clock = clock
+        self.appended = 0  # highest sequence number handed out
+        self.committed = 0  # highest one written (or given up on: see `storage_error`)
+        self.cursors: dict[str, int] = {}
+        self.storage_error: str | None = None
+        self.pruned_undelivered = 0
+        self.unwritten_dropped = 0
+        self._pending = _Batch()
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+        self._closing = False
+        self._last_prune = time.monotonic()
+        self._retry_at = 0.0
+
+    # -- on the event loop ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the log and learn where it ends and every handler's cursor (at start-up).
+
+        A log that cannot be opened (permissions, a broken disk) must not stop the daemon:
+        events then live in memory only, and `status` says so.
+        """
+        if self._db is not None:
+            return
+        try:
+            self._db = self._connect()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("event log cannot be opened; events are kept in memory only", path=str(self.path), error=str(exc))
+            self.storage_error = str(exc)
+            self.path = None
+            self._db = self._connect()
+        (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+        self.appended = self.committed = last
+        self.cursors = dict(self._db.execute("SELECT handler, seq FROM cursors"))
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the writer: what was appended before is written first."""
+        self.open()
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="authd-outbox", daemon=True)
+        self._thread.start()
+
+    def append(self, event: Event) -> int:
+        """Give the event its sequence number and queue it for the next commit."""
+        self.appended += 1
+        with self._cond:
+            self._pending.events.append((self.appended, event))
+            self._cond.notify()
+        _emitted.set(self.appended)
+        return self.appended
+
+    async def durable(self) -> None:
+        """Wait until the events this task emitted are committed (a no-op when it emitted none)."""
+        await self.flushed(_emitted.get())
+
+    async def flushed(self, target: int) -> None:
+        """Wait until everything up to sequence number `target` is committed."""
+        if target <= self.committed or self._loop is None:
+            return
+        future = self._loop.create_future()
+        self._waiters.append((target, future))
+        await future
+
+    def set_cursor(self, handler: str, seq: int) -> None:
+        """`handler` is done with everything up to `seq`; written with the next batch."""
+        if self.cursors.get(handler, -1) >= seq:
+            return
+        self.cursors[handler] = seq
+        with self._cond:
+            self._pending.cursors[handler] = seq
+            self._cond.notify()
+
+    def add_dead(self, handler: str, seq: int, attempts: int, error: str) -> None:
+        with self._cond:
+            self._pending.dead.append((handler, seq, attempts, error, self.clock.time()))
+            self._cond.notify()
+
+    def forget(self, handler: str) -> None:
+        """A handler left the configuration: its cursor no longer holds events back."""
+        self.cursors.pop(handler, None)
+        self._submit(lambda db: db.execute("DELETE FROM cursors WHERE handler = ?", (handler,)))
+
+    async def dead_letters(self, handler: str | None = None) -> list[dict[str, Any]]:
+        rows = await self.run(lambda db: db.execute(
+            "SELECT d.handler, d.seq, d.attempts, d.error, d.time, e.body FROM dead d JOIN events e USING (seq)"
+            " WHERE ? IS NULL OR d.handler = ? ORDER BY d.handler, d.seq", (handler, handler),
+        ).fetchall())
+        return [{"handler": h, "seq": seq, "attempts": attempts, "error": error, "time": when,
+                 "event": msgspec.json.decode(body)} for h, seq, attempts, error, when, body in rows]
+
+    async def take_dead(self, handler: str, seqs: list[int] | None) -> list[tuple[int, Event]]:
+        """Remove dead letters of `handler` (all, or those `seqs`) and return their events."""
+        def take(db: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            with db:
+                rows = db.execute("SELECT d.seq, e.body FROM dead d JOIN events e USING (seq) WHERE d.handler = ?"
+                                  " ORDER BY d.seq", (handler,)).fetchall()
+                rows = [r for r in rows if seqs is None or r[0] in seqs]
+                db.executemany("DELETE FROM dead WHERE handler = ? AND seq = ?", [(handler, seq) for seq, _ in rows])
+            return rows
+        return [(seq, _decode(body)) for seq, body in await self.run(take)]
+
+    def _submit(self, job: Callable[[sqlite3.Connection], Any]) -> None:
+        """Run `job` with the next batch; nobody waits for it (a failure is logged)."""
+        with self._cond:
+            self._pending.jobs.append((job, None))
+            self._cond.notify()
+
+    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `job(db)` in the writer thread, after what is pending now is written."""
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        with self._cond:
+            self._pending.jobs.append((job, future))
+            self._cond.notify()
+        return await future
+
+    async def read(self, after: int, upto: int, limit: int) -> list[tuple[int, Event]]:
+        """Committed events with `after < seq <= upto`, oldest first, at most `limit`."""
+        rows = await self.run(lambda db: db.execute(
+            "SELECT seq, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (after, upto, limit),
+        ).fetchall())
+        return [(seq, _decode(body)) for seq, body in rows]
+
+    async def seq_of(self, event_id: str) -> int | None:
+        row = await self.run(lambda db: db.execute("SELECT seq FROM events WHERE id = ?", (event_id,)).fetchone())
+        return row[0] if row else None
+
+    async def first_seq(self) -> int:
+        (first,) = await self.run(lambda db: db.execute("SELECT coalesce(min(seq), 0) FROM events").fetchone())
+        return first
+
+    async def close(self) -> None:
+        """Write what is pending, then stop the writer and close the file."""
+        if self._thread is None:
+            return
+        await self.run(lambda db: None)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"last_seq": self.appended, "storage_error": self.storage_error,
+                "pruned_undelivered": self.pruned_undelivered, "unwritten_dropped": self.unwritten_dropped}
+
+    def _settle(self, committed: int) -> None:
+        self.committed = max(self.committed, committed)
+        still = []
+        for target, future in self._waiters:
+            if target <= self.committed:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still.append((target, future))
+        self._waiters = still
+
+    # -- in the writer thread ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path is None:
+            db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            db.executescript(_SCHEMA)
+            return db
+        try:
+            return sqlitefile.connect(self.path, _SCHEMA, isolation_level=None, check_same_thread=False)
+        except sqlitefile.Corrupt as exc:
+            aside = sqlitefile.move_aside(self.path)
+            log.error("event log was corrupt; moved aside, starting a new one", path=str(self.path), moved_to=str(aside),
+                      error=str(exc))
+            return sqlitefile.connect(self.path, _SCHEMA, isolation_level=None, check_same_thread=False)
+
+    def _run(self) -> None:
+        assert self._db is not None and self._loop is not None
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    if self._closing or (self._pending.busy() and now >= self._retry_at) or self._prune_due(now):
+                        break
+                    self._cond.wait(max(self._retry_at - now, 0.01) if self._pending.busy() else PRUNE_EVERY)
+                batch, self._pending = self._pending, _Batch()
+            if self._closing and not batch.busy():
+                self._db.close()
+                return
+            if batch.busy():
+                self._write(batch)
+            if self._prune_due(time.monotonic()):
+                self._prune()
+
+    def _write(self, batch: _Batch) -> None:
+        assert self._db is not None and self._loop is not None
+        upto = batch.events[-1][0] if batch.events else 0
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT OR REPLACE INTO events (seq, id, time, body) VALUES (?, ?, ?, ?)",
+                                     [(seq, e.id, e.time, e.to_json()) for seq, e in batch.events])
+                self._db.executemany("INSERT OR REPLACE INTO cursors (handler, seq) VALUES (?, ?)", batch.cursors.items())
+                self._db.executemany("INSERT OR REPLACE INTO dead (handler, seq, attempts, error, time) VALUES (?, ?, ?, ?, ?)",
+                                     batch.dead)
+            self._healthy()
+        except sqlite3.Error as exc:
+            # Replies must not wait on a broken disk: they go out, the events are delivered from
+            # memory, and the batch is written when the disk is back (the newest MAX_UNWRITTEN).
+            self._failed(exc, len(batch.events))
+            with self._cond:
+                unwritten = batch.events + self._pending.events
+                self.unwritten_dropped += max(0, len(unwritten) - MAX_UNWRITTEN)
+                self._pending.events = unwritten[-MAX_UNWRITTEN:]
+                self._pending.cursors = {**batch.cursors, **self._pending.cursors}
+                self._pending.dead = batch.dead + self._pending.dead
+            self._retry_at = time.monotonic() + RETRY_WRITE
+        if upto:
+            self._call(self._settle, upto)
+        for job, future in batch.jobs:
+            try:
+                result = job(self._db)
+            except Exception as exc:  # reported to the awaiting coroutine, never lost
+                if future is None:
+                    log.error("event log job failed", exc_info=True)
+                else:
+                    self._call(_fail, future, exc)
+            else:
+                if future is not None:
+                    self._call(_resolve, future, result)
+
+    def _prune(self) -> None:
+        assert self._db is not None
+        self._last_prune = time.monotonic()
+        retention = self.retention
+        try:
+            with self._db:
+                (count,) = self._db.execute("SELECT count(*) FROM events").fetchone()
+                cutoff_seq = self._db.execute(
+                    "SELECT coalesce(max(seq), 0) FROM events WHERE time < ?", (self.clock.time() - retention.max_age,)
+                ).fetchone()[0]
+                if count > retention.max_events:
+                    (nth,) = self._db.execute("SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?",
+                                              (count - retention.max_events - 1,)).fetchone()
+                    cutoff_seq = max(cutoff_seq, nth)
+                if not cutoff_seq:
+                    return
+                slowest = min(self.cursors.values(), default=cutoff_seq)
+                (lost,) = self._db.execute("SELECT count(*) FROM events WHERE seq > ? AND seq <= ?",
+                                           (slowest, cutoff_seq)).fetchone()
+                self._db.execute("DELETE FROM events WHERE seq <= ? AND seq NOT IN (SELECT seq FROM dead)", (cutoff_seq,))
+                self._db.execute("DELETE FROM dead WHERE time < ?", (self.clock.time() - retention.max_age,))
+        except sqlite3.Error as exc:
+            self._failed(exc, 0)
+            return
+        if lost:
+            self.pruned_undelivered += lost
+            log.warning("events pruned before every handler delivered them", pruned_undelivered=lost,
+                        max_age=retention.max_age, max_events=retention.max_events)
+
+    def _prune_due(self, now: float) -> bool:
+        return now - self._last_prune >= PRUNE_EVERY
+
+    def _healthy(self) -> None:
+        if self.storage_error is not None and self.path is not None:  # not the in-memory fallback
+            log.info("event log writable again", path=str(self.path))
+            self.storage_error = None
+
+    def _failed(self, exc: sqlite3.Error, events: int) -> None:
+        if self.storage_error is None:
+            log.error("event log not writable; events are delivered from memory only", path=str(self.path),
+                      error=str(exc), events=events)
+        self.storage_error = str(exc)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,32 @@
+"""A clock the test drives: `sleep` returns when `advance` has moved time past its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class ManualClock:
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now  # events made with Event.create are "now"
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, future))
+        await future
+
+    @property
+    def sleeping(self) -> int:
+        return sum(not f.done() for _, f in self._sleepers)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [(t, f) for t, f in self._sleepers if t <= self.now]
+        self._sleepers = [(t, f) for t, f in self._sleepers if t > self.now]
+        for _, future in due:
+            if not future.done():
+                future.set_result(None)

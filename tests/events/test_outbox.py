@@ -1,0 +1,291 @@
+"""The outbox: events committed before replies, cursors across restarts, retries, dead letters, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from authd.events import AUTH_FAILED, AUTH_SUCCEEDED, Event, EventBus, Handler, HandlerError
+from authd.events.outbox import Outbox, Retention
+
+from ..clock import ManualClock
+from .conftest import eventually, run
+
+
+class Flaky(Handler):
+    """Fails retryably while `down` is set; records what it delivered."""
+
+    def __init__(self, name: str = "webhook", *, max_age: float | None = 3600.0, **options: Any) -> None:
+        super().__init__(name=name, max_age=max_age, retry_backoff=1.0, **options)
+        self.down = True
+        self.calls = 0
+        self.got: list[str] = []
+
+    async def handle(self, event: Event) -> None:
+        self.calls += 1
+        if self.down:
+            raise HandlerError("receiver down", retry=True)
+        self.got.append(event.id)
+
+
+class Gated(Handler):
+    """Delivers one event per `allow`; the next one waits in its thread."""
+
+    def __init__(self, name: str, permits: threading.Semaphore) -> None:
+        super().__init__(name=name)
+        self.permits = permits
+        self.got: list[str] = []
+
+    def handle(self, event: Event) -> None:
+        self.permits.acquire()
+        self.got.append(event.id)
+
+
+def committed_ids(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT id FROM events ORDER BY seq")]
+
+
+def test_an_event_is_committed_before_durable_returns(tmp_path: Path) -> None:
+    async def main() -> None:
+        bus = EventBus(Outbox(tmp_path / "events.db"))
+        await bus.start()
+
+        async def request() -> Event:
+            event = Event.create(AUTH_SUCCEEDED, user="alice")
+            bus.emit(event)
+            await bus.durable()
+            return event
+
+        events = await asyncio.gather(*(request() for _ in range(50)))
+        assert set(committed_ids(tmp_path / "events.db")) == {e.id for e in events}
+        await bus.close(5)
+
+    run(main())
+
+
+def test_a_request_that_emitted_nothing_does_not_wait() -> None:
+    async def main() -> None:
+        bus = EventBus()
+        await bus.start()
+        bus.emit(Event.create(AUTH_FAILED))  # another task's event, not yet committed
+
+        async def quiet() -> None:
+            await bus.durable()
+
+        await asyncio.wait_for(asyncio.create_task(quiet()), 0.001)  # no commit awaited at all
+        await bus.close(5)
+
+    run(main())
+
+
+def test_undelivered_events_are_delivered_after_a_restart_exactly_from_the_cursor(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    permits = threading.Semaphore(4)  # four are delivered, the fifth blocks in its thread
+    sent = [Event.create(AUTH_SUCCEEDED, user=f"u{i}") for i in range(10)]
+
+    async def first() -> None:
+        bus = EventBus(Outbox(path))
+        slow = Gated("audit", permits)
+        bus.set_handlers([slow])
+        await bus.start()
+        for event in sent:
+            bus.emit(event)
+        await eventually(lambda: len(slow.got) == 4)
+        with capture_logs() as logs:
+            assert await bus.close(0.2) == 6
+        assert [r["undelivered"] for r in logs if r["event"] == "events not delivered at close"] == [6]
+
+    async def second() -> list[str]:
+        bus = EventBus(Outbox(path))
+        resumed = Gated("audit", threading.Semaphore(100))
+        bus.set_handlers([resumed])
+        await bus.start()
+        await eventually(lambda: len(resumed.got) == 6)
+        assert await bus.close(5) == 0
+        return resumed.got
+
+    run(first())
+    permits.release()  # let the stuck thread of the first bus end
+    assert run(second()) == [e.id for e in sent[4:]]
+
+
+def test_a_new_handler_starts_with_the_next_event_and_a_removed_ones_cursor_is_forgotten(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+
+    async def main() -> None:
+        bus = EventBus(Outbox(path))
+        await bus.start()
+        bus.emit(Event.create(AUTH_SUCCEEDED))
+        late = Flaky("late")
+        late.down = False
+        bus.set_handlers([late])
+        bus.emit(Event.create(AUTH_FAILED))
+        await eventually(lambda: late.got)
+        assert [await bus.outbox.seq_of(i) for i in late.got] == [2]
+        bus.set_handlers([])
+        await eventually(lambda: "late" not in bus.outbox.cursors)
+        await bus.close(5)
+
+    run(main())
+
+
+def test_retryable_failures_back_off_hold_later_events_and_succeed_in_order() -> None:
+    clock = ManualClock()
+
+    async def main() -> None:
+        bus = EventBus(clock=clock)
+        hook = Flaky()
+        bus.set_handlers([hook])
+        await bus.start()
+        sent = [Event.create(AUTH_SUCCEEDED, user=f"u{i}") for i in range(3)]
+        for event in sent:
+            bus.emit(event)
+        delays = []
+        for attempt in range(5):  # 1, 2, 4, 8, 16 seconds apart
+            await eventually(lambda: clock.sleeping == 1)
+            waited = min(t for t, f in clock._sleepers if not f.done()) - clock.now
+            delays.append(waited)
+            assert hook.got == []
+            hook.down = attempt < 4  # the receiver is back for the sixth try
+            clock.advance(waited)
+        assert delays == [1.0, 2.0, 4.0, 8.0, 16.0]
+        await eventually(lambda: len(hook.got) == 3)
+        assert hook.got == [e.id for e in sent]
+        counters = bus.stats()["handlers"]["webhook"]
+        assert counters["retried"] == 5 and counters["delivered"] == 3 and counters["dead"] == 0
+        assert await bus.close(5) == 0
+
+    run(main())
+
+
+def test_an_event_older_than_max_age_becomes_a_dead_letter_and_can_be_replayed() -> None:
+    clock = ManualClock()
+
+    async def main() -> None:
+        bus = EventBus(clock=clock)
+        hook = Flaky(max_age=10.0)
+        bus.set_handlers([hook])
+        await bus.start()
+        old = Event(name=AUTH_SUCCEEDED, id="a" * 32, time=clock.now, user="alice")
+        bus.emit(old)
+        with capture_logs() as logs:
+            for _ in range(10):
+                if bus.stats()["handlers"]["webhook"]["dead"]:
+                    break
+                await eventually(lambda: clock.sleeping == 1 or bus.stats()["handlers"]["webhook"]["dead"])
+                clock.advance(8.0)
+            await eventually(lambda: bus.stats()["handlers"]["webhook"]["dead"] == 1)
+        assert [r["event_id"] for r in logs if r["event"] == "giving up on an event; kept as a dead letter"] == [old.id]
+        await eventually(lambda: bus.outbox.cursors.get("webhook") == 1)
+        (dead,) = await bus.outbox.dead_letters()
+        assert dead["handler"] == "webhook" and dead["event"]["id"] == old.id and dead["error"] == "receiver down"
+        hook.down = False
+        replayed = await bus.outbox.take_dead("webhook", None)
+        bus.worker("webhook").replay(replayed)
+        await eventually(lambda: hook.got == [old.id])
+        assert await bus.outbox.dead_letters() == []
+        assert await bus.close(5) == 0
+
+    run(main())
+
+
+def test_a_final_failure_is_not_retried() -> None:
+    class Refuses(Flaky):
+        async def handle(self, event: Event) -> None:
+            self.calls += 1
+            raise HandlerError("HTTP 404")
+
+    async def main() -> None:
+        bus = EventBus(clock=ManualClock())
+        hook = Refuses()
+        bus.set_handlers([hook])
+        await bus.start()
+        bus.emit(Event.create(AUTH_SUCCEEDED))
+        bus.emit(Event.create(AUTH_SUCCEEDED))
+        await eventually(lambda: hook.calls == 2)
+        assert bus.stats()["handlers"]["webhook"]["failed"] == 2 and bus.stats()["handlers"]["webhook"]["retried"] == 0
+        assert await bus.close(5) == 0
+
+    run(main())
+
+
+def test_stopping_while_retrying_leaves_the_event_in_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+
+    async def first() -> None:
+        bus = EventBus(Outbox(path), clock=ManualClock())
+        bus.set_handlers([Flaky()])
+        await bus.start()
+        bus.emit(Event.create(AUTH_SUCCEEDED, user="alice"))
+        await eventually(lambda: bus.stats()["handlers"]["webhook"]["retried"] == 1)
+        assert await bus.close(5) == 1
+
+    async def second() -> list[str]:
+        bus = EventBus(Outbox(path))
+        hook = Flaky()
+        hook.down = False
+        bus.set_handlers([hook])
+        await bus.start()
+        await eventually(lambda: hook.got)
+        assert await bus.close(5) == 0
+        return hook.got
+
+    run(first())
+    assert len(run(second())) == 1
+
+
+def test_retention_prunes_by_count_and_counts_what_was_never_delivered(tmp_path: Path) -> None:
+    permits = threading.Semaphore(0)
+
+    async def main() -> None:
+        outbox = Outbox(tmp_path / "events.db", Retention(max_age=3600.0, max_events=1000))
+        bus = EventBus(outbox, queue_size=10)
+        stuck = Gated("audit", permits)
+        bus.set_handlers([stuck])
+        await bus.start()
+        for i in range(1500):
+            bus.emit(Event.create(AUTH_SUCCEEDED, user=f"u{i}"))
+        with capture_logs() as logs:
+            await outbox.run(lambda db: outbox._prune())
+        (row,) = [r for r in logs if r["event"] == "events pruned before every handler delivered them"]
+        assert row["pruned_undelivered"] == 500 and outbox.stats()["pruned_undelivered"] == 500
+        assert await outbox.run(lambda db: db.execute("SELECT count(*) FROM events").fetchone()[0]) == 1000
+        await bus.close(0.1)
+
+    try:
+        run(main())
+    finally:
+        permits.release(2000)
+
+
+def test_an_unwritable_log_never_holds_a_reply_back(tmp_path: Path) -> None:
+    (tmp_path / "events.db").mkdir()  # not a file: the log cannot be opened
+
+    async def main() -> None:
+        outbox = Outbox(tmp_path / "events.db")
+        with capture_logs() as logs:
+            bus = EventBus(outbox)
+        assert outbox.storage_error and any(r["event"].startswith("event log cannot be opened") for r in logs)
+        got: list[str] = []
+
+        async def audit(event: Event) -> None:
+            got.append(event.id)
+
+        from authd.events import FunctionHandler
+
+        bus.set_handlers([FunctionHandler(audit, name="audit")])
+        await bus.start()
+        event = Event.create(AUTH_SUCCEEDED)
+        bus.emit(event)
+        await bus.durable()
+        await eventually(lambda: got == [event.id])
+        assert bus.stats()["log"]["storage_error"]
+        await bus.close(5)
+
+    run(main())
