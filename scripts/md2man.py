@@ -66,15 +66,20 @@ def cells(row: str) -> list[str]:
 
 
 def table(rows: list[str]) -> list[str]:
-    """A pipe table as tbl input; the last column (the prose) wraps in a text block."""
+    """A pipe table as tbl input; the last column (the prose) and long phrases wrap in text blocks."""
     header, body = cells(rows[0]), [cells(r) for r in rows[2:]]
     last = len(header) - 1
     formats = [" ".join("lb" for _ in header), " ".join("lx" if i == last else "l" for i in range(len(header))) + "."]
     out = [".TS", "allbox tab(\t);", *formats, "\t".join(inline(c) for c in header)]
     for row in body:
         row = (row + [""] * len(header))[: len(header)]
-        out.append("\t".join(f"T{{\n{line_safe(inline(c))}\nT}}" for c in row))
+        out.append("\t".join(_cell(c, wrap=i == last or " " in c and len(c) > 30) for i, c in enumerate(row)))
     return out + [".TE"]
+
+
+def _cell(text: str, *, wrap: bool) -> str:
+    """A text block wraps (prose); a plain cell (a key, a value) sets its column's width."""
+    return f"T{{\n{line_safe(inline(text))}\nT}}" if wrap else inline(text)
 
 
 def render(name: str, section: str, sources: list[Path]) -> str:
