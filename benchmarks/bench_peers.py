@@ -14,7 +14,7 @@ so that a noisy neighbour hits every target alike:
 
 - ``permit``: pam_permit, i.e. the daemons' own cost per request; ``unix``: Debian's
   common-auth/common-account around pam_unix with a yescrypt hash. Targets: the raw PAM loop
-  (W processes calling pam_authenticate+pam_acct_mgmt back to back), saslauthd ``-a pam -n 5``,
+  (one process per CPU calling pam_authenticate+pam_acct_mgmt back to back), saslauthd ``-a pam -n 5``,
   authd's saslauthd socket, Dovecot auth (``passdb pam``), authd's Dovecot socket, authd's
   native protocol.
 - ``cache``: the pam_unix stack with saslauthd ``-c`` against authd with ``[cache]`` on
@@ -131,7 +131,8 @@ class Authd(AuthdProcess):
         super().__init__(root, env)
         self.mux = root / "mux"
         self.dovecot = root / "dovecot"
-        text = policy(socket=self.socket, workers=workers, service=SERVICES["permit"], pam_service=SERVICES["permit"])
+        text = policy(socket=self.socket, workers=workers or os.cpu_count() or 2, service=SERVICES["permit"],
+                      pam_service=SERVICES["permit"])
         text += f'\n[[service]]\nname = "{SERVICES["unix"]}"\npam_service = "{SERVICES["unix"]}"\nfailure_delay = 0.0\n'
         text += f'\n[saslauthd]\nsocket = "{self.mux}"\n\n[dovecot]\nsocket = "{self.dovecot}"\n'
         if cache:
@@ -183,7 +184,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--conns", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="authd's PAM workers and raw-loop processes")
+    parser.add_argument("--workers", type=int, default=0, help="authd's PAM workers (default: authd's own, one per CPU)")
     parser.add_argument("--stacks", default=",".join(STACKS))
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
@@ -199,7 +200,7 @@ def main() -> int:
     with scratch_dir("authd-peers-", keep=args.keep) as root, system_pam_services(pam), local_user(USER, PASSWORD):
         os.chmod(root, 0o755)
         binary = build_loadgen(root)
-        print(f"{args.conns} connections, {args.rounds} rounds of {args.seconds:g} s, authd workers = {args.workers}, "
+        print(f"{args.conns} connections, {args.rounds} rounds of {args.seconds:g} s, authd workers = {args.workers or os.cpu_count()}, "
               f"saslauthd -n 5; CPU/req = the serving processes' CPU; others = cores used by other processes")
         with Saslauthd(root / "sasl") as sasl, Dovecot(root / "dovecot") as dovecot, \
                 Authd(root / "authd", args.workers, cache=False) as authd:
@@ -210,7 +211,7 @@ def main() -> int:
                 service = SERVICES[stack]
                 cred = (USER, PASSWORD, service)
                 targets = [
-                    raw_target(root, service, args.workers, [sasl.pid]),
+                    raw_target(root, service, os.cpu_count() or 2, [sasl.pid]),
                     Target("saslauthd -a pam -n 5", load.window(sasl.pid, "sasl", sasl.socket, *cred)),
                     Target("authd saslauthd socket", load.window(authd.pid, "sasl", authd.mux, *cred)),
                     Target("Dovecot auth (passdb pam)", load.window(dovecot.pid, "dovecot", dovecot.socket, *cred)),
