@@ -276,11 +276,16 @@ class Outbox:
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT OR REPLACE INTO events (seq, id, time, body) VALUES (?, ?, ?, ?)",
-                                     [(seq, e.id, e.time, e.to_json()) for seq, e in batch.events])
-                self._db.executemany("INSERT OR REPLACE INTO cursors (handler, seq) VALUES (?, ?)", batch.cursors.items())
-                self._db.executemany("INSERT OR REPLACE INTO dead (handler, seq, attempts, error, time) VALUES (?, ?, ?, ?, ?)",
-                                     batch.dead)
+                # only the statements with rows: an empty executemany still costs its preparation
+                if batch.events:
+                    self._db.executemany("INSERT OR REPLACE INTO events (seq, id, time, body) VALUES (?, ?, ?, ?)",
+                                         [(seq, e.id, e.time, e.to_json()) for seq, e in batch.events])
+                if batch.cursors:
+                    self._db.executemany("INSERT OR REPLACE INTO cursors (handler, seq) VALUES (?, ?)",
+                                         batch.cursors.items())
+                if batch.dead:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO dead (handler, seq, attempts, error, time) VALUES (?, ?, ?, ?, ?)", batch.dead)
             self._healthy()
         except sqlite3.Error as exc:
             # Replies must not wait on a broken disk: they go out, the events are delivered from
