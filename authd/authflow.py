@@ -19,13 +19,15 @@ import structlog
 from .cache import CredentialCache
 from .events import model as events
 from .events.model import Event
-from .lockout import Locked, Lockout
+from .lockout import Locked
+from .metrics import Decisions
 from .outcome import AuthRequest, Denied, Granted, Outcome, SessionGrant
 from .pam.binding import PamResult
 from .peer import Peer
 from .policy import Policy
 from .protocol import AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, SESSION_LIMIT, UNAVAILABLE
-from .sessions import SessionLimitReached, SessionStore
+from .sessions import SessionLimitReached
+from .stores import LockoutStore, SessionStore, StoreUnavailable
 
 log = structlog.get_logger("authd.auth")
 
@@ -45,12 +47,13 @@ class AuthCore:
         *,
         policy: Callable[[], Policy],
         pam: Pam,
-        lockout: Lockout,
+        lockout: LockoutStore,
         sessions: SessionStore,
         emit: Callable[[Event], None],
         counters: Counter[str],
         delay: Callable[[float], Awaitable[None]],
         cache: CredentialCache,
+        decisions: Decisions | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policy = policy
@@ -61,6 +64,7 @@ class AuthCore:
         self._counters = counters
         self._delay = delay
         self._cache = cache
+        self._decisions = decisions or Decisions()
         self._clock = clock
 
     async def decide(self, peer: Peer, req: AuthRequest) -> Outcome:
@@ -72,18 +76,29 @@ class AuthCore:
         def emit(name: str, **fields: object) -> None:
             self._emit(Event.create(name, **who, **fields))
 
+        def decided(result: str) -> float:
+            """The one place an outcome is counted and timed (for metrics), before any failure delay.
+            Labelled by the policy's service name, never the client's string for a service it lacks."""
+            latency = self._clock() - started
+            self._counters[f"auth:{result}"] += 1
+            self._decisions.observe(req.service if req.service in policy.services else "", req.protocol, result, latency)
+            return latency
+
         def failed(code: str, retry_after: int | None = None) -> Denied:
-            self._counters[f"auth:{code}"] += 1
+            latency = decided(code)
             log.warning("auth failed", user=req.user, service=req.service, rhost=req.rhost or "-", error=code,
                         protocol=req.protocol)
-            emit(events.AUTH_FAILED, reason=code, latency=self._clock() - started, generation=policy.generation)
+            emit(events.AUTH_FAILED, reason=code, latency=latency, generation=policy.generation)
             return Denied(code=code, retry_after=retry_after)
 
         service = policy.services.get(req.service)
         if service is None:
             return failed(NOT_AUTHORIZED)
 
-        attempt = await self._lockout.begin(req.user, req.rhost, req.password)
+        try:
+            attempt = await self._lockout.begin(req.user, req.rhost, req.password)
+        except StoreUnavailable:  # [store] on_store_error = "closed": no budget, no PAM
+            return failed(UNAVAILABLE)
         if isinstance(attempt, Locked):
             denied = failed(LOCKED_OUT, attempt.retry_after)
             await self._delay(service.failure_delay)
@@ -91,13 +106,13 @@ class AuthCore:
         try:
             result, cached = await self._verify(service.name, service.pam_name, req)
         except BaseException:
-            self._lockout.cancel(attempt)
+            await self._lockout.cancel(attempt)
             raise
         if result.outcome == UNAVAILABLE:
-            self._lockout.cancel(attempt)
+            await self._lockout.cancel(attempt)
             log.error("pam unavailable", service=service.pam_name, stage=result.stage, detail=result.detail)
             return failed(UNAVAILABLE)
-        for locked in self._lockout.finish(attempt, success=result.outcome != AUTH_FAILED):
+        for locked in await self._lockout.finish(attempt, success=result.outcome != AUTH_FAILED):
             if locked.scope == "user":
                 self._cache.flush(req.user)
             log.warning("lockout", scope=locked.scope, user=req.user, rhost=req.rhost or "-", retry_after=locked.retry_after)
@@ -116,26 +131,30 @@ class AuthCore:
             return failed(NOT_AUTHORIZED)
         if req.open_session:  # max_sessions_per_user: after the password, like any authorization
             try:
-                evicted = self._sessions.make_room(user=req.user, service=service.name,
+                evicted = await self._sessions.make_room(user=req.user, service=service.name,
                                                    limit=service.max_sessions_per_user,
                                                    evict_oldest=service.session_limit == "evict_oldest")
             except SessionLimitReached:
                 return failed(SESSION_LIMIT)
+            except StoreUnavailable:
+                return failed(UNAVAILABLE)
             for old in evicted:
                 self._emit(Event.create(events.SESSION_CLOSED, **{**who, "rhost": old.rhost}, session_id=old.id,
                                         reason="evicted"))
 
-        self._counters["auth:ok"] += 1
-        latency = self._clock() - started
+        latency = decided("ok")
         log.info("auth succeeded", user=req.user, service=req.service, rhost=req.rhost or "-", protocol=req.protocol,
                  cached=cached or None)
         if not req.open_session:
             emit(events.AUTH_SUCCEEDED, latency=latency, generation=policy.generation, cached=cached or None)
             return Granted(user=req.user, groups=groups, cached=cached)
-        session, token = self._sessions.create(
-            user=req.user, groups=groups, service=service.name, rhost=req.rhost,
-            ttl=service.session_ttl, idle_timeout=service.idle_timeout,
-        )
+        try:
+            session, token = await self._sessions.create(
+                user=req.user, groups=groups, service=service.name, rhost=req.rhost,
+                ttl=service.session_ttl, idle_timeout=service.idle_timeout,
+            )
+        except StoreUnavailable:
+            return failed(UNAVAILABLE)
         emit(events.AUTH_SUCCEEDED, latency=latency, session_id=session.id, generation=policy.generation,
              cached=cached or None)
         emit(events.SESSION_OPENED, session_id=session.id)

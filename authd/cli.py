@@ -17,6 +17,7 @@ from .events import model as events
 from .hardening import no_core_dumps
 from .dovecot.listener import Dovecot
 from .lifecycle import Lifecycle
+from .metrics.server import MetricsServer
 from .ops import Context
 from .runtime import Runtime, prepare_state_dir
 from .saslauthd.listener import Saslauthd
@@ -91,6 +92,7 @@ async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
     rt = Runtime(policy)
     server = Server(rt)
     lifecycle = Lifecycle(rt, server)
+    metrics = MetricsServer(rt, lifecycle)
     lifecycle.install_signal_handlers()
     await rt.start()
     try:
@@ -102,13 +104,18 @@ async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
             path = policy.front_socket(front.name)
             if sock is not None or path is not None:
                 await server.listen(front, path, sock)
+        await metrics.listen()
     except BaseException:
+        server.stop_accepting()
         await rt.pam.close(0)
         raise
     rt.emit(events.DAEMON_STARTED, generation=policy.generation)
     structlog.get_logger("authd").info("ready", pid=os.getpid(), generation=policy.generation, socket=str(policy.socket_path))
     ready(None)
-    return await lifecycle.run()
+    try:
+        return await lifecycle.run()
+    finally:
+        metrics.close()  # after the drain: a scrape can watch it
 
 
 def serve_daemonized(path: Path, pidfile: Path | None) -> int:

@@ -120,6 +120,9 @@ class _Ops(abc.ABC):
     def reload(self) -> Any:
         return self.call("reload")
 
+    def metrics(self) -> Any:
+        return self.call("metrics")
+
     def lockouts(self) -> Any:
         return self.call("lockouts")
 

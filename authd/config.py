@@ -19,7 +19,9 @@ from .cache import CacheConfig
 from .errors import ConfigError
 from .events.config import HandlerConfig
 from .lockout import LockoutConfig
+from .metrics import MetricsConfig
 from .securefs import resolve as resolve
+from .stores.config import StoreConfig
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -34,6 +36,7 @@ class Limits(_Section):
     max_line: Annotated[int, msgspec.Meta(ge=256)] = 64 * 1024
     max_connections: Positive = 1024
     max_connections_per_uid: Positive = 256
+    admin_reserve: Annotated[int, msgspec.Meta(ge=0)] = 8  # of max_connections, kept for admin peers
     max_inflight: Positive = 32
     idle_timeout: Seconds = 300.0
     request_timeout: Seconds = 30.0
@@ -124,6 +127,8 @@ class Config(_Section):
     saslauthd: Saslauthd = Saslauthd()
     dovecot: Dovecot = Dovecot()
     cache: CacheConfig = CacheConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    store: StoreConfig = StoreConfig()
 
 
 def parse(text: str, source: str = "authd.toml") -> Config:
@@ -147,6 +152,7 @@ def parse(text: str, source: str = "authd.toml") -> Config:
         # policy that refuses every login.
         raise ConfigError(f"{source}: no [[service]] defined; authd would refuse every login")
     _check_services(config, text, source)
+    _check_limits(config, text, source)
     return config
 
 
@@ -188,6 +194,13 @@ def _check_services(config: Config, text: str, source: str) -> None:
         for name, target in getattr(config, section).services.items():
             if target not in seen:
                 raise ConfigError(_located(f"no [[service]] named like this - at `$.{section}.services.{name}`", text, source))
+
+
+def _check_limits(config: Config, text: str, source: str) -> None:
+    limits = config.daemon.limits
+    if limits.admin_reserve >= limits.max_connections:
+        message = "must be less than `max_connections`, or no other client could connect - at `$.daemon.limits.admin_reserve`"
+        raise ConfigError(_located(message, text, source))
 
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`")

@@ -11,7 +11,7 @@ from typing import Any
 
 from .client import Client, ClientError, ReplyError, default_socket
 
-Command = Callable[[Client, argparse.Namespace], dict[str, Any]]
+Command = Callable[[Client, argparse.Namespace], dict[str, Any] | str]  # a str is printed as it is
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
 
 
@@ -83,6 +83,11 @@ def _status(c: Client, a: argparse.Namespace) -> dict[str, Any]:
 @command("reload", "reload authd.toml now; exits non-zero with the error if it is invalid (admin)")
 def _reload(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.reload()
+
+
+@command("metrics", "the Prometheus metrics, as a scrape of [metrics] listen would show them (admin)")
+def _metrics(c: Client, a: argparse.Namespace) -> str:
+    return str(c.metrics()["text"])
 
 
 @command("lockouts", "current locks and failure counters (admin)")
@@ -166,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    result.pop("id", None)
     try:
-        print(json.dumps(result, indent=2))
+        if isinstance(result, str):
+            print(result, end="")
+        else:
+            result.pop("id", None)
+            print(json.dumps(result, indent=2))
     except BrokenPipeError:  # `authctl status | head`
         sys.stderr.close()
     return 0

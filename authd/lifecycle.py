@@ -26,13 +26,12 @@ from .policy import Policy
 from .runtime import Runtime, event_retention
 from .securefs import UnsafePath
 from .server import Server
-from .sessions import Session
+from .stores import StoreUnavailable
 
 log = structlog.get_logger("authd.lifecycle")
 
 STARTING, READY, RELOADING, DRAINING, STOPPED = "starting", "ready", "reloading", "draining", "stopped"
 RELOAD, DUMP, STATUS, DRAIN = "reload", "dump", "status", "drain"
-SWEEP_SLICE = 10_000  # sessions checked per event-loop turn by the expiry sweep
 _INTENTS = {signal.SIGHUP: RELOAD, signal.SIGUSR1: DUMP, signal.SIGUSR2: STATUS, signal.SIGTERM: DRAIN, signal.SIGINT: DRAIN}
 
 
@@ -148,7 +147,6 @@ class Lifecycle:
 
     def status(self) -> p.StatusReply:
         rt = self.rt
-        rows = rt.lockout.lockouts()
         return p.StatusReply(
             server="authd", version=__version__, protocol=PROTOCOL_VERSION, state=self.state, pid=os.getpid(),
             uptime=round(time.time() - self.started_at, 3), generation=rt.policy.generation,
@@ -156,16 +154,15 @@ class Lifecycle:
             restart_required=self.restart_required, counters=dict(sorted(rt.counters.items())),
             connections=self.server.stats(), sessions=len(rt.sessions), session_store_error=rt.sessions.persist_error,
             pam=rt.pam.stats(),
-            lockout={"locked": sum(r.locked for r in rows), "tracked": len(rows), **rt.lockout.stats(),
-                     "storage_error": rt.lockout.storage_error},
-            events=rt.bus.stats(),
+            lockout={**rt.lockout.stats(), "storage_error": rt.lockout.storage_error},
+            events=rt.bus.stats(), store=rt.sessions.state(),
         )
 
     async def dump(self) -> None:
         started = time.monotonic()
         state_dir = self.rt.boot_policy.state_dir
         try:
-            path, by_service = await dump_sessions(self.rt.sessions.all(), state_dir, self.rt.policy.daemon.dump_keep, os.getpid())
+            path, by_service = await dump_sessions(await self.rt.sessions.all(), state_dir, self.rt.policy.daemon.dump_keep, os.getpid())
         except (OSError, UnsafePath) as exc:
             log.error("session dump failed", error=str(exc))
             return
@@ -196,27 +193,21 @@ class Lifecycle:
         await rt.pam.close(max(0.0, deadline - loop.time()) if not forced else 0.0)
         rt.emit(events.DAEMON_STOPPED, reason="forced" if forced else "drained")
         undelivered = await rt.bus.close(max(0.5, deadline - loop.time()))
-        rt.sessions.close()
-        rt.lockout.close()
+        await rt.sessions.close()
+        await rt.lockout.close()
         self.state = STOPPED
         log.info("stopped", forced=forced, undelivered_events=undelivered)
         return 1 if forced else 0
 
     async def _sweep_sessions(self) -> None:
-        """Expire sessions in the background so `session.closed(expired)` is emitted on time.
-
-        The table is checked a slice per loop turn: a million sessions take a quarter of a
-        second to check, which in one go would stall every request for that long.
-        """
+        """Expire sessions in the background so `session.closed(expired)` is emitted on time
+        (by one host of a fleet: the store hands each expired session to one sweeper)."""
         while True:
             await asyncio.sleep(self.rt.policy.daemon.sweep_interval)
-            now = time.time()
-            table = self.rt.sessions.all()
-            due: list[Session] = []
-            for start in range(0, len(table), SWEEP_SLICE):
-                due += [s for s in table[start : start + SWEEP_SLICE] if s.expired(now)]
-                await asyncio.sleep(0)
-            closed(self.rt, self.rt.sessions.expire(now, due), "expired")
+            try:
+                closed(self.rt, await self.rt.sessions.sweep(time.time()), "expired")
+            except StoreUnavailable:
+                pass  # the store's state (and the fault) shows in `status`; the next sweep retries
 
     async def _watchdog(self, interval: float) -> None:
         """Pinged from the loop itself: a wedged loop stops the pings and systemd restarts us."""

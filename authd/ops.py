@@ -17,17 +17,17 @@ import msgspec
 from . import PROTOCOL_VERSION, __version__, protocol as p
 from .errors import ConfigError
 from .events import lastlog_lookup, model as events
+from .metrics.collector import Observed, render
 from .outcome import MESSAGES, AuthRequest, Denied
 from .peer import Peer
 from .policy import Policy
 from .runtime import Runtime
 from .sessions import Session
+from .stores import StoreUnavailable
 
 
-class Control(Interface):
-    """What ops may ask of the lifecycle (`authd.lifecycle.Lifecycle`)."""
-
-    restart_required: list[str]
+class Control(Observed, Interface):
+    """What ops may ask of the lifecycle (`authd.lifecycle.Lifecycle`); `metrics` reads `Observed`."""
 
     async def reload(self) -> Policy: ...
 
@@ -64,7 +64,11 @@ async def dispatch(ctx: Context, peer: Peer, req: p.Request) -> p.Reply:
     if req.admin and not policy.is_admin(peer):
         rt.counters["admin_forbidden"] += 1
         return p.Error(error=p.FORBIDDEN, message=f"`{type(req).__name__.lower()}` is an admin op")
-    reply = await OPS[type(req)](ctx, peer, req)
+    try:
+        reply = await OPS[type(req)](ctx, peer, req)
+    except StoreUnavailable:  # never "invalid_session": an app would log its user out
+        rt.counters["store_unavailable"] += 1
+        return p.Error(error=p.UNAVAILABLE, message="the session/lockout store is unavailable; nothing was read or changed")
     await rt.bus.durable()  # the events this request caused are in the log before it is answered
     return reply
 
@@ -90,7 +94,7 @@ async def hello(ctx: Context, peer: Peer, req: p.Hello) -> p.Reply:
 
 @op(p.SessionInfo)
 async def session(ctx: Context, peer: Peer, req: p.SessionInfo) -> p.Reply:
-    found = ctx.rt.sessions.lookup(req.token)
+    found = await ctx.rt.sessions.lookup(req.token)
     if found is None:
         return failure(p.INVALID_SESSION, "no such session, or it expired")
     return p.SessionReply(session=found.public())
@@ -98,7 +102,7 @@ async def session(ctx: Context, peer: Peer, req: p.SessionInfo) -> p.Reply:
 
 @op(p.Logout)
 async def logout(ctx: Context, peer: Peer, req: p.Logout) -> p.Reply:
-    found = ctx.rt.sessions.remove_token(req.token)
+    found = await ctx.rt.sessions.remove_token(req.token)
     if found is None:
         return failure(p.INVALID_SESSION, "no such session, or it expired")
     closed(ctx.rt, [found], "logout", peer)
@@ -107,14 +111,14 @@ async def logout(ctx: Context, peer: Peer, req: p.Logout) -> p.Reply:
 
 @op(p.Sessions)
 async def sessions(ctx: Context, peer: Peer, req: p.Sessions) -> p.Reply:
-    return p.SessionsReply(sessions=[s.public() for s in ctx.rt.sessions.list(req.user)])
+    return p.SessionsReply(sessions=[s.public() for s in await ctx.rt.sessions.list(req.user)])
 
 
 @op(p.Revoke)
 async def revoke(ctx: Context, peer: Peer, req: p.Revoke) -> p.Reply:
     if req.session_id is None and req.user is None:
         return failure(p.BAD_REQUEST, "revoke needs `session_id` or `user`")
-    gone = ctx.rt.sessions.revoke(session_id=req.session_id, user=req.user)
+    gone = await ctx.rt.sessions.revoke(session_id=req.session_id, user=req.user)
     for user in {s.user for s in gone} | ({req.user} if req.user else set()):
         ctx.rt.cache.flush(user)
     closed(ctx.rt, gone, "revoked", peer)
@@ -135,9 +139,14 @@ async def reload(ctx: Context, peer: Peer, req: p.Reload) -> p.Reply:
     return p.ReloadReply(generation=new.generation, restart_required=ctx.control.restart_required)
 
 
+@op(p.Metrics)
+async def metrics(ctx: Context, peer: Peer, req: p.Metrics) -> p.Reply:
+    return p.MetricsReply(text=render(ctx.rt, ctx.control)[0].decode())
+
+
 @op(p.Lockouts)
 async def lockouts(ctx: Context, peer: Peer, req: p.Lockouts) -> p.Reply:
-    rows = msgspec.to_builtins(ctx.rt.lockout.lockouts())
+    rows = msgspec.to_builtins(await ctx.rt.lockout.lockouts())
     return p.LockoutsReply(lockouts=rows, storage_error=ctx.rt.lockout.storage_error)
 
 
@@ -145,7 +154,7 @@ async def lockouts(ctx: Context, peer: Peer, req: p.Lockouts) -> p.Reply:
 async def unlock(ctx: Context, peer: Peer, req: p.Unlock) -> p.Reply:
     if req.scope != "rhost":
         ctx.rt.cache.flush(req.key)
-    if not ctx.rt.lockout.unlock(req.key, req.scope):
+    if not await ctx.rt.lockout.unlock(req.key, req.scope):
         return failure(p.NOT_FOUND, "nothing recorded for that user or rhost")
     return p.UnlockReply(unlocked=req.key)
 
@@ -166,5 +175,7 @@ async def cache_flush(ctx: Context, peer: Peer, req: p.CacheFlush) -> p.Reply:
 def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = None) -> None:
     """Emit `session.closed` for sessions that ended (logout, revoke, the expiry sweeper)."""
     who = {"pid": peer.pid, "uid": peer.uid, "gid": peer.gid} if peer else {}
+    if gone:
+        rt.counters[f"sessions_closed:{reason}"] += len(gone)
     for s in gone:
         rt.emit(events.SESSION_CLOSED, user=s.user, service=s.service, rhost=s.rhost, session_id=s.id, reason=reason, **who)

@@ -17,6 +17,7 @@ from typing import Any
 from . import config as cfg
 from .errors import ConfigError
 from .events import Handler, HandlerContext, build_handlers
+from .metrics.config import restart_only_changes as metrics_restart_only
 from .peer import Peer
 
 
@@ -119,7 +120,8 @@ def restart_only_changes(old: Policy, new: Policy) -> list[str]:
     """Settings a reload cannot apply to a running daemon; reported, never half-applied."""
     keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file", "event_log")
     changed = [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
-    return changed + [f"{s}.socket" for s in ("saslauthd", "dovecot") if old.front_socket(s) != new.front_socket(s)]
+    changed += [f"{s}.socket" for s in ("saslauthd", "dovecot") if old.front_socket(s) != new.front_socket(s)]
+    return changed + metrics_restart_only(old.config.metrics, new.config.metrics, old.base_dir, new.base_dir)
 
 
 def _same_path(old: Policy, new: Policy, key: str) -> bool:
@@ -156,6 +158,8 @@ def _check_system(policy: Policy) -> None:
             raise ConfigError(f"service[{i}].pam_service: no PAM service file {service.pam_name!r} in {', '.join(map(str, pam_dirs()))}")
     if policy.daemon.socket_group is not None:
         _gids([policy.daemon.socket_group], "daemon.socket_group")
+    if policy.config.metrics.socket_group is not None:
+        _gids([policy.config.metrics.socket_group], "metrics.socket_group")
 
 
 def pam_dirs() -> list[Path]:

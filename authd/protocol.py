@@ -7,6 +7,7 @@ fuzzed and unit-tested on its own and the server stays a thin loop around it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -99,6 +100,10 @@ class Reload(Request, tag="reload"):
     admin = True
 
 
+class Metrics(Request, tag="metrics"):
+    admin = True
+
+
 class Lockouts(Request, tag="lockouts"):
     admin = True
 
@@ -119,8 +124,8 @@ class CacheFlush(Request, tag="cache_flush"):
     user: Name | None = None
 
 
-REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Lockouts, Unlock, Lastlog,
-                                      CacheFlush]
+REQUEST_TYPES: list[type[Request]] = [Hello, Auth, SessionInfo, Logout, Sessions, Revoke, Status, Reload, Metrics, Lockouts, Unlock,
+                                      Lastlog, CacheFlush]
 
 
 def register(request_type: type[Request]) -> None:
@@ -183,12 +188,39 @@ def _salvage_id(line: bytes) -> RequestId:
     return request_id
 
 
+# msgspec's own wording where it is made of the schema alone: types, bounds, JSON kinds.
+_EXPECTED = re.compile(r"Expected `[\w |]+`(, got `(int|float|str|bool|null|array|object)`)?"
+                       r"( of length [<>]= \d+| [<>]=? -?\d+(\.\d+)?)?")
+_FIELD_NAMED = re.compile(r"(Object missing required field|Object contains unknown field|NUL byte in) `([^`]*)`")
+_AT = re.compile(r" - at `\$(\.[^`]*)?`$")
+_OWN_MESSAGES = frozenset({rhosts.INVALID})  # fixed texts our own validators raise: they quote nothing
+
+
 def _describe(exc: msgspec.ValidationError) -> str:
-    """msgspec names types and paths, never values; keep that and make `op` errors readable."""
+    """The path and the kind of error, never a value: the message goes to any peer, admin or not.
+
+    msgspec quotes what it was given ("Invalid enum value 'x'", "unknown field `x`"), so its
+    message is rebuilt here from a closed set of kinds; a name is kept only when it is one of
+    our own field names, whatever the client put in its place.
+    """
     text = str(exc)
-    if "Invalid value" in text and "$.op" in text or "missing required field `op`" in text:
+    at = _AT.search(text)
+    kind, path = (text[: at.start()], (at.group(1) or "")[1:]) if at else (text, "")
+    fields = _field_names()
+    if path == "op" or "`op`" in kind:
         return "unknown or missing op"
-    return text
+    if named := _FIELD_NAMED.fullmatch(kind):
+        label, name = named.groups()
+        if label == "Object contains unknown field":
+            return f"unknown field `{name}`" if name in fields else "unknown field"
+        kind = f"{label} `{name}`" if name in fields else label
+    elif not _EXPECTED.fullmatch(kind) and kind not in _OWN_MESSAGES:
+        kind = "Invalid value"
+    return f"{kind} - at `$.{path}`" if path in fields else kind
+
+
+def _field_names() -> frozenset[str]:
+    return frozenset(name for request_type in REQUEST_TYPES for name in request_type.__struct_fields__)
 
 
 class Decoder:
@@ -300,11 +332,16 @@ class StatusReply(Reply):
     pam: dict[str, int]
     lockout: dict[str, Any]
     events: dict[str, Any]
+    store: dict[str, Any] | None = None  # the session/lockout backend and its state
 
 
 class ReloadReply(Reply):
     generation: int
     restart_required: list[str]
+
+
+class MetricsReply(Reply):
+    text: str
 
 
 class LockoutsReply(Reply):
@@ -327,7 +364,7 @@ class CacheFlushReply(Reply):
 REPLY_TYPES: dict[str, type[Reply]] = {
     "hello": HelloReply, "auth": AuthReply, "session": SessionReply, "logout": LogoutReply,
     "sessions": SessionsReply, "revoke": RevokeReply, "status": StatusReply, "reload": ReloadReply,
-    "lockouts": LockoutsReply, "unlock": UnlockReply, "lastlog": LastlogReply, "cache_flush": CacheFlushReply,
+    "metrics": MetricsReply, "lockouts": LockoutsReply, "unlock": UnlockReply, "lastlog": LastlogReply, "cache_flush": CacheFlushReply,
 }  # fmt: skip
 
 

@@ -19,10 +19,10 @@ from .errors import ConfigError
 from .config import Daemon
 from .events import Event, EventBus
 from .events.outbox import FILENAME as OUTBOX_FILE, Outbox, Retention
-from .lockout import Lockout
+from .metrics import Decisions
 from .pam.pool import PamPool
 from .policy import Policy
-from .sessions import SessionStore
+from .stores import build as build_stores
 
 
 class Runtime:
@@ -33,19 +33,19 @@ class Runtime:
         daemon = policy.daemon
         prepare_state_dir(policy)
         self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout)
-        self.sessions = SessionStore(policy.state_dir / "sessions.db")
-        self.lockout = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
+        self.sessions, self.lockout = build_stores(policy)
         outbox = Outbox(policy.state_dir / OUTBOX_FILE if daemon.event_log else None, event_retention(daemon))
         self.bus = EventBus(outbox, queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
         self.cache = CredentialCache(policy.config.cache)
+        self.decisions = Decisions()  # auth latency by service, protocol and result, for metrics
         self.draining = asyncio.Event()
         self.core = AuthCore(
             policy=lambda: self.policy, pam=self.pam, lockout=self.lockout, sessions=self.sessions,
-            emit=self.bus.emit, counters=self.counters, delay=self.delay, cache=self.cache,
+            emit=self.bus.emit, counters=self.counters, delay=self.delay, cache=self.cache, decisions=self.decisions,
         )
 
     async def start(self) -> None:
-        self.sessions.open()
+        await self.sessions.start()
         await self.bus.start()
         self.bus.set_handlers(list(self.policy.handlers))
         await self.pam.start()

@@ -123,7 +123,7 @@ def open_file(path: Path, flags: int, mode: int = 0o600, what: str = "") -> int:
     label = f"{what}: {path}" if what else str(path)
     try:  # O_NONBLOCK: a planted FIFO must not hang the daemon on open
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
-    except OSError as exc:
+    except OSError:
         if os.path.islink(path):
             raise _link(label) from None
         raise

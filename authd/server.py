@@ -2,6 +2,8 @@
 
 Each request runs as its own task, so replies leave in completion order: a failed login
 waiting out its delay never holds up the requests behind it on the same connection.
+Who may hold a connection is decided at accept, from the peer's credentials, before it
+takes a slot; a drain answers every line a client managed to write (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class FrontEnd(Protocol):
 
     name: str
     busy: bytes  # the reply to a connection refused by the limits (b"": just close)
+    forbidden: bytes  # the reply to a peer that [clients] does not allow (b"": just close)
 
     def connection(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    peer: Peer) -> Connection: ...
@@ -64,6 +67,8 @@ class Server:
         self._servers: list[asyncio.AbstractServer] = []
         self._owned_paths: list[Path] = []
         self.drain_started: float | None = None
+        self._finishing = False  # past the drain's grace: every connection stops taking input once idle
+        self._released = asyncio.Event()  # set whenever a connection gives its slot back
 
     async def listen(self, front: FrontEnd, path: Path | None, inherited: socket.socket | None = None) -> None:
         """Serve `front` on a socket systemd passed in, or else bind our own at `path`."""
@@ -80,24 +85,7 @@ class Server:
 
     def _bind(self, path: Path, key: str) -> socket.socket:
         daemon = self.rt.policy.daemon
-        try:  # whoever may write the directory could swap the socket for their own
-            securefs.make_dir(path.parent, key, 0o755)
-        except OSError as exc:
-            raise AuthdError(f"{key}: cannot use {path.parent}: {exc.strerror}") from None
-        _remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o777 & ~daemon.socket_mode)
-        try:
-            sock.bind(str(path))
-        except OSError as exc:
-            sock.close()
-            raise AuthdError(f"cannot bind {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, daemon.socket_mode)
-        if daemon.socket_group is not None:
-            os.chown(path, -1, grp.getgrnam(daemon.socket_group).gr_gid)
-        sock.listen(socket.SOMAXCONN)
+        sock = bind_unix(path, key, daemon.socket_mode, daemon.socket_group)
         self._owned_paths.append(path)
         return sock
 
@@ -111,14 +99,17 @@ class Server:
         self._owned_paths.clear()
 
     async def drain(self) -> None:
-        """Answer what was received, then close every connection. The caller bounds the wait."""
+        """Serve what arrives within the grace, then drain every connection (`Connection.drain`)
+        and wait until each has written its last reply and closed. The caller bounds the wait."""
         self.drain_started = time.monotonic()
         self.stop_accepting()
         await asyncio.sleep(DRAIN_GRACE)
+        self._finishing = True
         for conn in list(self.connections):
-            conn.close_when_idle()
-        while self.connections:
-            await asyncio.sleep(0.01)
+            conn.drain()
+        while self.open:
+            self._released.clear()
+            await self._released.wait()
 
     def abort(self) -> None:
         for conn in list(self.connections):
@@ -128,26 +119,50 @@ class Server:
         return self.drain_started is None or time.monotonic() - self.drain_started < DRAIN_GRACE
 
     async def _accept(self, front: FrontEnd, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        limits = self.rt.policy.daemon.limits
         try:
             peer = Peer.of(writer.get_extra_info("socket"))
         except OSError:
             writer.transport.abort()
             return
+        self.rt.counters["connections_total"] += 1
+        if (refused := self.refusal(peer)) is not None:
+            await self.refuse(reader, writer, front.forbidden if refused == p.CLIENT_FORBIDDEN else front.busy)
+            return
+        await self.serve(front.connection(self, reader, writer, peer))
+
+    def refusal(self, peer: Peer) -> str | None:
+        """The error code that turns `peer` away at accept, before it takes a slot, or None.
+
+        A peer `[clients]` forbids never holds a connection, so forbidden uids cannot use up
+        `max_connections`. Non-admins leave `admin_reserve` slots free: during a flood of
+        allowed connections an admin can still connect to `status` and `revoke`.
+        """
+        policy = self.rt.policy
+        limits = policy.daemon.limits
         counters = self.rt.counters
-        counters["connections_total"] += 1
-        if self.open >= limits.max_connections or self.per_uid[peer.uid] >= limits.max_connections_per_uid:
+        if not policy.is_client(peer):
+            counters["connections_refused_forbidden"] += 1
+            if self.sometimes("forbidden"):
+                log.warning("peer not allowed by [clients]; refusing", **peer.log_fields())
+            return p.CLIENT_FORBIDDEN
+        cap = limits.max_connections - (0 if policy.is_admin(peer) else limits.admin_reserve)
+        if self.open >= cap or self.per_uid[peer.uid] >= limits.max_connections_per_uid:
             counters["connections_refused_busy"] += 1
             if self.sometimes("busy"):
                 log.warning("connection limit reached; refusing", open=self.open, max_connections=limits.max_connections,
-                            uid_open=self.per_uid[peer.uid], max_connections_per_uid=limits.max_connections_per_uid,
-                            **peer.log_fields())
-            await self._refuse(reader, writer, limits, front.busy)
-            return
-        conn = front.connection(self, reader, writer, peer)
+                            admin_reserve=limits.admin_reserve, uid_open=self.per_uid[peer.uid],
+                            max_connections_per_uid=limits.max_connections_per_uid, **peer.log_fields())
+            return p.BUSY
+        return None
+
+    async def serve(self, conn: Connection) -> None:
+        """Run an admitted connection in its slot until it is closed and its replies are read."""
+        uid = conn.peer.uid
         self.connections.add(conn)
         self.open += 1
-        self.per_uid[peer.uid] += 1
+        self.per_uid[uid] += 1
+        if self._finishing:  # accepted just before the listener closed
+            conn.drain()
         try:
             await conn.run()
         finally:
@@ -156,19 +171,20 @@ class Server:
                 await conn.linger()
             finally:
                 self.open -= 1
-                self.per_uid[peer.uid] -= 1
-                if not self.per_uid[peer.uid]:
-                    del self.per_uid[peer.uid]
+                self.per_uid[uid] -= 1
+                if not self.per_uid[uid]:
+                    del self.per_uid[uid]
+                self._released.set()
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits,
-                      busy: bytes) -> None:
-        """Answer `busy`, then let the client finish writing its first request before closing.
+    async def refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes) -> None:
+        """Send the refusal, then let the client finish writing its first request before closing.
 
         Closing at once fails a client's write (EPIPE) that races the close, and many clients
-        then never read the reply. At most `max_connections` refusals wait like this at a time.
+        then never read the reply. At most `max_connections` refusals (busy and forbidden
+        alike) wait like this at a time; the rest are closed right after the reply.
         """
-        writer.write(busy)
-        if self.refusing >= limits.max_connections:
+        writer.write(reply)
+        if self.refusing >= self.rt.policy.daemon.limits.max_connections:
             writer.close()
             return
         self.refusing += 1
@@ -210,7 +226,8 @@ class Connection(abc.ABC):
         self.inflight: set[asyncio.Task[None]] = set()
         self.decoder = self.make_decoder(self.rt.policy.daemon.limits)
         self._partial_since: float | None = None
-        self._closing = False
+        self._closing = False  # stop reading (a front end's protocol error); replies in flight still go out
+        self._draining = False
         self.read_closed = asyncio.Event()  # the client sent EOF or the read loop ended
 
     @abc.abstractmethod
@@ -243,6 +260,7 @@ class Connection(abc.ABC):
             self.writer.close()
 
     async def _read_loop(self) -> None:
+        """Until EOF (the client's, or the one `drain` arranges after the last line it took) or `_closing`."""
         counters = self.rt.counters
         while not self._closing:
             limits = self.rt.policy.daemon.limits
@@ -315,8 +333,8 @@ class Connection(abc.ABC):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
-        if not self.inflight and self._closing:
-            self.writer.close()
+        if not self.inflight and self._draining:
+            self._stop_input()
 
     def send(self, data: bytes) -> None:
         """Queue a reply; a client that left more than `write_buffer` unread is cut off instead.
@@ -351,10 +369,28 @@ class Connection(abc.ABC):
         except (ConnectionError, OSError):
             pass
 
-    def close_when_idle(self) -> None:
-        self._closing = True
+    def drain(self) -> None:
+        """Close without losing a request: once nothing is in flight, take no more input,
+        answer every line already received (`shutting_down`), then close.
+
+        Lines that arrive meanwhile are read and answered, however many. `_stop_input` is
+        what makes the end race-free: see there.
+        """
+        self._draining = True
         if not self.inflight:
-            self.writer.close()
+            self._stop_input()
+
+    def _stop_input(self) -> None:
+        """shutdown(SHUT_RD): from this instant the client's writes fail (EPIPE), never vanish.
+
+        On a Linux Unix stream socket the kernel queues a write into our receive queue or
+        refuses it, atomically with this call, so there is no window in which a line is taken
+        and then dropped. What was queued before is still read: the read loop answers it and
+        then sees EOF, and the connection closes with nothing unread (a close with unread
+        input would reset the client's connection instead of giving it EOF).
+        """
+        with contextlib.suppress(OSError):
+            self.writer.get_extra_info("socket").shutdown(socket.SHUT_RD)
 
 
 class Native:
@@ -362,6 +398,7 @@ class Native:
 
     name = "native"
     busy = p.error(None, p.BUSY, "too many connections")
+    forbidden = p.error(None, p.CLIENT_FORBIDDEN, "this uid/gid may not use authd")
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -439,6 +476,31 @@ def _raise_fd_limit(limits: Limits) -> None:
     if target < wanted:
         log.warning("descriptor limit is below max_connections; raise LimitNOFILE", nofile=target,
                     max_connections=limits.max_connections)
+
+
+def bind_unix(path: Path, key: str, mode: int, group: str | None) -> socket.socket:
+    """A listening Unix socket at `path` with `mode` and `group` from the start (no window
+    in which it has the umask's mode), replacing a stale socket file left by a crash.
+    `key` names the setting in errors."""
+    try:  # whoever may write the directory could swap the socket for their own
+        securefs.make_dir(path.parent, key, 0o755)
+    except OSError as exc:
+        raise AuthdError(f"{key}: cannot use {path.parent}: {exc.strerror}") from None
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise AuthdError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    sock.listen(socket.SOMAXCONN)
+    return sock
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -22,7 +22,6 @@ figures and asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -44,6 +43,7 @@ from .harness import (
     CpuMeter,
     cpu_note,
     ms,
+    overhead_parser,
     percentile,
     policy,
     scratch_dir,
@@ -231,14 +231,9 @@ def report(phases: list[Phase], idle: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_abuse", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=15.0, help="per phase (default 15)")
+    parser = overhead_parser("bench_abuse", __doc__, seconds=15.0)
     parser.add_argument("--idle", type=int, default=1000, help="idle connections held in phase 2")
     parser.add_argument("--flood", type=int, default=2000, help="concurrent flood connections in phase 3")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--stack", choices=["matrix", "unix"], default="matrix",
-                        help="matrix: pam_matrix, daemon overhead only (default); unix: pam_unix + yescrypt")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
     lift_fd_limit(args.idle + 256)
 

@@ -7,6 +7,7 @@ line), the same latency summaries. Each benchmark keeps its own load and its own
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -213,6 +214,17 @@ def percentile(values: Sequence[float], q: float, *, rank: Callable[[float], int
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, rank(q / 100 * len(ordered)) - 1))]
+
+
+def overhead_parser(module: str, doc: str, seconds: float) -> argparse.ArgumentParser:
+    """The options of a benchmark that measures authd's own overhead: pam_matrix by default."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=seconds, help=f"per phase (default {seconds:g})")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--stack", choices=["matrix", "unix"], default="matrix",
+                        help="matrix: pam_matrix, daemon overhead only (default); unix: pam_unix + yescrypt")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    return parser
 
 
 def ms(seconds: float) -> str:

@@ -241,36 +241,69 @@ def raw_connect(path: Path) -> socket.socket:
     return sock
 
 
+class as_uid:
+    """Run `fn` in a forked child that dropped to `uid` (and gid `uid`); `with` gives its JSON
+    result. The child lives until the block exits, so sockets `fn` keeps referenced stay open
+    that long. An exception in the child comes back as {"error": "..."}. Nest them LIFO (an
+    ExitStack): a child holds copies of the pipes of those forked before it."""
+
+    def __init__(self, uid: int, fn: Callable[[], Any]) -> None:
+        self.uid = uid
+        self.fn = fn
+
+    def __enter__(self) -> Any:
+        out_r, out_w = os.pipe()
+        self.hold_r, self.hold_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                os.close(out_r)
+                os.close(self.hold_w)
+                os.setgroups([])
+                os.setgid(self.uid)
+                os.setuid(self.uid)
+                try:
+                    result = self.fn()
+                except Exception as exc:
+                    result = {"error": repr(exc)}
+                os.write(out_w, json.dumps(result).encode())
+                os.close(out_w)
+                os.read(self.hold_r, 1)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(out_w)
+        os.close(self.hold_r)
+        data = b""
+        while chunk := os.read(out_r, 65536):
+            data += chunk
+        os.close(out_r)
+        return json.loads(data)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.hold_w)
+        os.waitpid(self.pid, 0)
+
+
 def as_nobody(path: Path, request: bytes) -> bytes:
     """Send `request` from a child that dropped to uid/gid nobody; all it got before the close."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+
+    def exchange() -> str:
+        sock = raw_connect(path)
+        sock.settimeout(5)
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
         try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            sock = raw_connect(path)
-            sock.settimeout(5)
-            sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            try:
-                while chunk := sock.recv(65536):
-                    data += chunk
-            except OSError:
-                pass
-            os.write(write_fd, data)
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    data = b""
-    while chunk := os.read(read_fd, 65536):
-        data += chunk
-    os.close(read_fd)
-    os.waitpid(pid, 0)
-    return data
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+        return data.decode("latin-1")
+
+    with as_uid(65534, exchange) as got:
+        return got.encode("latin-1")
 
 
 def read_replies(sock: socket.socket, count: int) -> list[dict[str, Any]]:

@@ -80,10 +80,10 @@ def test_client_forbidden_for_other_uid(make_daemon: Callable[..., Daemon]) -> N
     d = make_daemon(base=_only_root_clients()).start()
     assert d.auth("alice")["ok"], "root may"
     reply = _as_nobody(d.socket, b'{"id":1,"op":"auth","user":"alice","password":"x","service":"login"}\n')
-    assert reply["id"] == 1 and reply["error"] == "client_forbidden"
+    assert reply["id"] is None and reply["error"] == "client_forbidden", "refused at accept, before any request"
     reply = _as_nobody(d.socket, b'{"id":2,"op":"status"}\n')
     assert reply["error"] == "client_forbidden"
-    assert d.call("status")["counters"]["client_forbidden"] == 2
+    assert d.call("status")["counters"]["connections_refused_forbidden"] == 2
 
 
 def test_admin_ops_need_admin(make_daemon: Callable[..., Daemon]) -> None:

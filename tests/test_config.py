@@ -69,6 +69,13 @@ def test_toml_syntax_error_has_line() -> None:
     assert "line 1" in message
 
 
+@pytest.mark.parametrize(("limits", "line"), [("max_connections = 8\n", 1), ("max_connections = 20\nadmin_reserve = 20\n", 3)])
+def test_admin_reserve_must_leave_room_for_other_clients(limits: str, line: int) -> None:
+    message = error_of(f"[daemon.limits]\n{limits}\n[[service]]\nname = \"a\"\n")
+    assert message.startswith(f"authd.toml:{line}: daemon.limits.admin_reserve: must be less than `max_connections`"), message
+    assert config.parse('[daemon.limits]\nmax_connections = 8\nadmin_reserve = 0\n[[service]]\nname = "a"\n')
+
+
 def test_duplicate_service_rejected() -> None:
     assert "duplicate service" in error_of('[[service]]\nname = "a"\n[[service]]\nname = "a"\n')
 

@@ -41,7 +41,9 @@ def test_incomplete_line_waits() -> None:
         (b"{not json", None, "malformed JSON"),
         (b'{"id":7,"op":"frobnicate"}', 7, "unknown or missing op"),
         (b'{"id":7}', 7, "unknown or missing op"),
-        (b'{"id":8,"op":"hello","extra":1}', 8, "unknown field `extra`"),
+        (b'{"id":8,"op":"hello","extra":1}', 8, "unknown field"),
+        (b'{"id":8,"op":"hello","token":"t"}', 8, "unknown field `token`"),
+        (b'{"id":8,"op":"unlock","key":"k","scope":"host"}', 8, "Invalid value - at `$.scope`"),
         (b'{"id":9,"op":"auth","user":"a\\u0000b","password":"x","service":"s"}', 9, "NUL byte in `user`"),
         (b'{"id":true,"op":"hello"}', None, "Expected `int | str`"),
         (b"[1,2]", None, "Expected `object`"),
@@ -60,6 +62,51 @@ def test_error_messages_never_echo_values() -> None:
     line = json.dumps({"id": 1, "op": "auth", "user": "u", "password": 5, "service": CANARY}).encode()
     (err,) = feed_all(line + b"\n")
     assert isinstance(err, p.ProtocolError) and CANARY not in err.message
+
+
+WINDOW = 5  # a run of this many characters of a client's string may not appear in a message
+_SCHEMA_TEXT = " ".join([
+    *(name for t in p.REQUEST_TYPES for name in t.__struct_fields__),
+    "Expected `int | str`, got `float` `bool` `null` `array` `object` of length <= 256 >= 1 4096",
+    "Object missing required field Object contains unknown field NUL byte in Invalid value - at `$.",
+    "unknown or missing op malformed JSON",
+])
+
+
+def _own_words(text: str) -> bool:
+    """True if some WINDOW-long run of `text` is our own schema wording (so cannot prove a leak)."""
+    return any(text[i : i + WINDOW] in _SCHEMA_TEXT for i in range(len(text) - WINDOW + 1))
+
+
+_hostile = st.text(min_size=WINDOW, max_size=300).filter(lambda s: not _own_words(s))
+_ops = st.sampled_from(["hello", "auth", "session", "logout", "sessions", "revoke", "status", "unlock", "lastlog"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(op=st.one_of(_ops, _hostile), fields=st.dictionaries(
+    st.one_of(st.sampled_from(["id", "user", "password", "service", "rhost", "token", "scope", "key", "open_session"]), _hostile),
+    st.one_of(_hostile, _hostile.map(lambda s: s + "\0"), _hostile.map(lambda s: s * 20), st.integers(), st.none(),
+              st.lists(_hostile, max_size=2), st.dictionaries(_hostile, _hostile, max_size=2)),
+    max_size=6))
+def test_no_message_quotes_a_client_string(op: str, fields: dict[str, object]) -> None:
+    """Issue 8 defect 9: whatever a client puts where, the message is built from path and kind only."""
+    obj = {"op": op, **fields}
+    (item,) = feed_all(json.dumps(obj).encode() + b"\n", max_line=1 << 20, chunk=1 << 20)
+    if isinstance(item, p.Request):
+        return
+    strings = [s for s in _strings(obj) if len(s) >= WINDOW and not _own_words(s)]
+    leaked = [s[i : i + WINDOW] for s in strings for i in range(len(s) - WINDOW + 1) if s[i : i + WINDOW] in item.message]
+    assert not leaked, (item.message, leaked[:3])
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def test_repr_of_auth_hides_password() -> None:

@@ -33,6 +33,7 @@ _CODES = {"unavailable": "temp_fail", "account_expired": "user_disabled", "passw
 class Dovecot:
     name = "dovecot"
     busy = b""  # a refused client sees the connection close, as with a Dovecot at its limit
+    forbidden = b""  # nothing to answer before a request: the connection closes
 
     def __init__(self, core: AuthCore) -> None:
         self.core = core

@@ -14,27 +14,24 @@ after a restart a repeated password counts once more.
 
 from __future__ import annotations
 
-import hmac
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import msgspec
 import structlog
 
-from .. import rhost as rhosts
+from . import scopes
 from .config import Exemptions, Limit, LockoutConfig, user_key
+from .scopes import SCOPES
 from .store import FailureRow, LockoutStore, LockRow, Rows
 from .table import Key, Scope, Table
 
-SCOPES: tuple[Scope, ...] = ("user", "rhost")
-INVALID_RHOST = "(invalid)"
-"""The one key every rhost value that names no host shares (front ends should refuse them)."""
 _SWEEP_INTERVAL = 60.0
 _MAX_DOUBLINGS = 40
-_FINGERPRINT_BYTES = 16
 
 log = structlog.get_logger("authd.lockout")
 
@@ -95,6 +92,7 @@ class Lockout:
         self._next_sweep = 0.0
         self._refused_full = 0
         self._full_logged: dict[Scope, float] = {}
+        self.locks_imposed: Counter[Scope] = Counter()  # for metrics
         self._store = LockoutStore(db_path, snapshot=self._rows, merge=self._merge)
         self.configure(config)
         self._store.open()
@@ -230,6 +228,12 @@ class Lockout:
                 ))
         return rows
 
+    def census(self) -> dict[Scope, tuple[int, int]]:
+        """Keys held in memory and keys locked now, per scope: one pass without sorting or
+        pruning, cheap enough for every metrics scrape (`lockouts()` is for people)."""
+        now = self._clock()
+        return {scope: (len(table), sum(key.locked(now) for key in table)) for scope, table in self._tables.items()}
+
     def unlock(self, name: str, scope: Scope | None = None) -> bool:
         """Clear failures, lock and lock count of a user or rhost. False if there was nothing.
 
@@ -250,42 +254,19 @@ class Lockout:
         self._store.close()
 
     def _fingerprint(self, ukey: str, password: str) -> bytes:
-        user = ukey.encode("utf-8", "surrogatepass")
-        message = len(user).to_bytes(4, "big") + user + password.encode("utf-8", "surrogatepass")
-        return hmac.digest(self._secret, message, "sha256")[:_FINGERPRINT_BYTES]
+        return scopes.fingerprint(self._secret, ukey, password)
 
     def _limit(self, scope: Scope) -> Limit:
-        return self._config.user if scope == "user" else self._config.rhost
+        return scopes.limit(self._config, scope)
 
     def _is_enforced(self, scope: Scope, name: str) -> bool:
-        if not self._limit(scope).enabled:
-            return False
-        return not (self._exempt.user(name) if scope == "user" else self._exempt.rhost(name))
-
-    def _rhost_key(self, rhost: str | None) -> tuple[str | None, str | None]:
-        """(the key an rhost counts under, the host itself for exemptions); (None, None) without one."""
-        if not rhost:
-            return None, None
-        try:
-            host = rhosts.parse(rhost)
-        except ValueError:
-            return INVALID_RHOST, None
-        return rhosts.key(host, self._config.ipv6_prefix), str(host)
+        return scopes.is_enforced(self._config, self._exempt, scope, name)
 
     def _listed_rhost(self, name: str) -> str:
-        try:
-            return rhosts.key(rhosts.parse(name), self._config.ipv6_prefix)
-        except ValueError:
-            return name  # a key as `lockouts` lists it: an IPv6 network, or INVALID_RHOST
+        return scopes.listed_rhost(name, self._config.ipv6_prefix)
 
     def _enforced(self, ukey: str, rhost: str | None) -> list[tuple[Table, str, Limit]]:
-        scopes = []
-        if self._is_enforced("user", ukey):
-            scopes.append((self._tables["user"], ukey, self._config.user))
-        rkey, host = self._rhost_key(rhost)
-        if rkey is not None and self._config.rhost.enabled and not (host and self._exempt.rhost(host)):
-            scopes.append((self._tables["rhost"], rkey, self._config.rhost))
-        return scopes
+        return [(self._tables[scope], name, limit) for scope, name, limit in scopes.enforced(self._config, self._exempt, ukey, rhost)]
 
     def _reserve(
         self, ukey: str, fingerprint: bytes, reserve: list[tuple[Table, Key | None, str]], now: float
@@ -324,6 +305,7 @@ class Lockout:
             key.strikes = 0
         key.strikes += 1
         key.since = now
+        self.locks_imposed[key.scope] += 1
         if limit.permanent:
             key.until = None
         else:

@@ -26,6 +26,7 @@ log = structlog.get_logger("authd.saslauthd")
 class Saslauthd:
     name = "saslauthd"
     busy = codec.no("too many connections")
+    forbidden = codec.no("this uid/gid may not use authd")
 
     def __init__(self, core: AuthCore) -> None:
         self.core = core

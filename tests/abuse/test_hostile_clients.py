@@ -17,7 +17,7 @@ from itertools import cycle
 
 import pytest
 
-from ..daemon import ClientLoop, Daemon, raw_connect, read_replies, wait_for
+from ..daemon import ClientLoop, Daemon, as_uid, raw_connect, read_replies, wait_for
 from .helpers import counters, open_fds, rss_bytes, with_limits
 
 HELLO = b'{"id":1,"op":"hello"}\n'
@@ -169,7 +169,7 @@ def test_connection_flood_gets_busy_while_others_are_served(make_daemon: Callabl
 
 def test_per_uid_cap_keeps_other_users_served(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(base=with_limits(max_connections=100, max_connections_per_uid=5, idle_timeout=30.0)).start()
-    with ClientLoop(d, pause=NORMAL) as normal, _as_nobody(lambda: _hold_connections(d, 20)) as result:
+    with ClientLoop(d, pause=NORMAL) as normal, as_uid(65534, lambda: _hold_connections(d, 20)) as result:
         assert result == {"accepted": 5, "busy": 15}
         assert d.call("hello")["ok"], "root can still connect"
     assert counters(d)["connections_refused_busy"] == 15
@@ -181,43 +181,6 @@ def _hold_connections(d: Daemon, count: int) -> dict[str, int]:
     time.sleep(0.5)
     busy = sum(_readable(s) for s in socks)
     return {"accepted": count - busy, "busy": busy}
-
-
-class _as_nobody:
-    """Run `fn` in a child that dropped to uid/gid nobody; it keeps its sockets until exit."""
-
-    def __init__(self, fn: Callable[[], dict[str, int]]) -> None:
-        self.fn = fn
-
-    def __enter__(self) -> dict[str, int]:
-        out_r, out_w = os.pipe()
-        self.hold_r, self.hold_w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 1
-            try:
-                os.close(out_r)
-                os.close(self.hold_w)
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                os.write(out_w, json.dumps(self.fn()).encode())
-                os.close(out_w)
-                os.read(self.hold_r, 1)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(out_w)
-        os.close(self.hold_r)
-        data = b""
-        while chunk := os.read(out_r, 65536):
-            data += chunk
-        os.close(out_r)
-        return json.loads(data)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.hold_w)
-        os.waitpid(self.pid, 0)
 
 
 def _readable(sock: socket.socket) -> bool:

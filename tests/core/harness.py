@@ -21,6 +21,7 @@ from authd.pam.binding import PamResult
 from authd.peer import Peer
 from authd.policy import Policy
 from authd.sessions import SessionStore
+from authd.stores.local import LocalLockout, LocalSessions
 
 PASSWORD = "correct horse"
 PEER = Peer(pid=4242, uid=1000, gid=1000, groups=frozenset({1000}))
@@ -112,7 +113,8 @@ class Harness:
         self.delays: list[float] = []
         self.counters: Counter[str] = Counter()
         self.cache = CredentialCache(self.policy.config.cache, clock=self.clock)
-        self.core = AuthCore(policy=lambda: self.policy, pam=self.pam, lockout=self.lockout, sessions=self.sessions, cache=self.cache,
+        self.core = AuthCore(policy=lambda: self.policy, pam=self.pam, lockout=LocalLockout(self.lockout), sessions=LocalSessions(self.sessions),
+                             cache=self.cache,
                              emit=self.events.append, counters=self.counters, delay=self._delay, clock=self.clock, **core)
 
     async def _delay(self, seconds: float) -> None:

@@ -447,6 +447,6 @@ def test_an_async_handler_that_blocks_the_loop_is_named_and_counted() -> None:
             await eventually(lambda: bus.stats()["handlers"]["blocks"]["blocked_loop"] >= 1)
             assert await bus.close(20) == 0
         warned = [r for r in logs if r["event"].startswith("an async handler blocked the event loop")]
-        assert any(r["handler"] == "blocks" and r["seconds"] >= 0.8 for r in warned)
+        assert any(r["handler"] == "blocks" and r["seconds"] >= 0.2 for r in warned)  # the threshold, at least
 
     run(main())

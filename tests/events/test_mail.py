@@ -88,19 +88,24 @@ def test_a_failed_send_is_retried_on_the_next_login(ctx: HandlerContext, smtp_se
     assert [m["To"] for m in messages(smtp_server)] == ["dave@example.org"]
 
 
-def test_every_mode_mails_each_event(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
-    toml = f"""
+def lockout_alert_toml(smtp: SmtpServer, subject: str, body: str) -> str:
+    return f"""
 [[handler]]
 type = "mail"
 mode = "every"
 events = ["auth.locked_out"]
-host = "{smtp_server.host}"
-port = {smtp_server.port}
+host = "{smtp.host}"
+port = {smtp.port}
 from = "authd@example.org"
 to = "security@example.org"
-subject = "{{user}} locked out ({{event}})"
-body = "Too many failures for {{user}} from {{rhost}}; session {{session_id}}."
+subject = "{subject}"
+body = "{body}"
 """
+
+
+def test_every_mode_mails_each_event(ctx: HandlerContext, smtp_server: SmtpServer) -> None:
+    toml = lockout_alert_toml(smtp_server, "{user} locked out ({event})",
+                              "Too many failures for {user} from {rhost}; session {session_id}.")
     locked = login_event(AUTH_LOCKED_OUT, {"user": "erin", "password": CANARY, "rhost": "198.51.100.9"})
     stats = deliver(ctx, toml, [locked, login("erin")])
     assert stats["mail"]["delivered"] == 1
@@ -113,18 +118,7 @@ def test_line_breaks_in_a_user_name_cannot_silence_a_lockout_alert(
     ctx: HandlerContext, smtp_server: SmtpServer
 ) -> None:
     """CR, LF, NEL or U+2028 in a client's user name or rhost used to make the header raise."""
-    toml = f"""
-[[handler]]
-type = "mail"
-mode = "every"
-events = ["auth.locked_out"]
-host = "{smtp_server.host}"
-port = {smtp_server.port}
-from = "authd@example.org"
-to = "security@example.org"
-subject = "{{user}} locked out from {{rhost}}"
-body = "{{user}} from {{rhost}}"
-"""
+    toml = lockout_alert_toml(smtp_server, "{user} locked out from {rhost}", "{user} from {rhost}")
     forged = ["eve\r\nBcc: victim@example.org", "mallory\u2028x", "trent\x85y", "zed\x1b[31m"]
     locked = [login_event(AUTH_LOCKED_OUT, {"user": u, "password": CANARY, "rhost": "a\nb"}) for u in forged]
     stats = deliver(ctx, toml, locked)

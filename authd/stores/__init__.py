@@ -1,0 +1,97 @@
+"""Where sessions and lockout state live: the interfaces the daemon uses, and the factory.
+
+The auth core, the ops and the lifecycle only see the two async protocols below; `build`
+picks the backend `[store] backend` names. "sqlite" (the default) is one host's in-memory
+tables written through to SQLite in the state dir; "redis" shares sessions and the lockout
+budget across every host pointing at the same Redis, so a fleet behaves as one authd.
+
+A backend that cannot reach its storage raises `StoreUnavailable`: callers answer
+`unavailable` (never `invalid_session`, which would log users out), and nothing is guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from ..lockout import Attempt, LockInfo, Locked, LockoutConfig
+from ..lockout.table import Scope
+from ..sessions import Session
+
+
+class StoreUnavailable(Exception):
+    """The shared store did not answer (down, slow, refusing); the request is not decided."""
+
+
+class SessionStore(Protocol):
+    """Issued sessions, by token (only its SHA-256 is kept), id and user."""
+
+    persist_error: str | None  # why state is not being kept durably right now (for `status`)
+
+    def __len__(self) -> int: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create(self, *, user: str, groups: Iterable[str], service: str, rhost: str | None, ttl: float,
+                     idle_timeout: float) -> tuple[Session, str]: ...
+
+    async def make_room(self, *, user: str, service: str, limit: int, evict_oldest: bool) -> list[Session]: ...
+
+    async def lookup(self, token: str, *, touch: bool = True) -> Session | None: ...
+
+    async def remove_token(self, token: str) -> Session | None: ...
+
+    async def revoke(self, *, session_id: str | None = None, user: str | None = None) -> list[Session]: ...
+
+    async def list(self, user: str | None = None) -> list[Session]: ...
+
+    async def all(self) -> list[Session]: ...
+
+    async def sweep(self, now: float) -> list[Session]:
+        """Remove expired sessions; each one is returned by exactly one call, fleet-wide."""
+        ...
+
+
+class LockoutStore(Protocol):
+    """Failure budgets reserved before PAM: at most `max_failures` distinct guesses reach it."""
+
+    @property
+    def config(self) -> LockoutConfig: ...
+
+    @property
+    def storage_error(self) -> str | None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def configure(self, config: LockoutConfig) -> None: ...
+
+    async def begin(self, user: str, rhost: str | None, password: str) -> Attempt | Locked: ...
+
+    async def finish(self, attempt: Attempt, success: bool) -> tuple[Locked, ...]: ...
+
+    async def cancel(self, attempt: Attempt) -> None: ...
+
+    async def lockouts(self) -> list[LockInfo]: ...
+
+    async def unlock(self, name: str, scope: Scope | None = None) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def build(policy: Any) -> tuple[SessionStore, LockoutStore]:
+    """The stores `[store]` names, built (not yet started) for `policy` (an `authd.policy.Policy`)."""
+    from ..lockout import Lockout
+    from ..sessions import SessionStore as SessionTable
+    from .local import LocalLockout, LocalSessions
+
+    config = policy.config.store
+    local = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
+    if config.backend == "sqlite":
+        return LocalSessions(SessionTable(policy.state_dir / "sessions.db")), LocalLockout(local)
+    from .redis import connect
+
+    return connect(policy, local)

@@ -1,0 +1,105 @@
+"""The single-host backend: the in-memory session table and lockout engine behind the async
+protocols. Both answer from memory and write through to SQLite in the state dir."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from ..lockout import Attempt, LockInfo, Locked, Lockout, LockoutConfig
+from ..lockout.table import Scope
+from ..sessions import Session, SessionStore
+
+SWEEP_SLICE = 10_000  # sessions checked per event-loop turn by the expiry sweep
+
+
+class LocalSessions:
+    def __init__(self, table: SessionStore) -> None:
+        self.table = table
+
+    @property
+    def persist_error(self) -> str | None:
+        return self.table.persist_error
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def state(self) -> dict[str, Any]:
+        return {"backend": "sqlite", "state": "degraded" if self.table.persist_error else "ok",
+                "error": self.table.persist_error}
+
+    async def start(self) -> None:
+        self.table.open()
+
+    async def close(self) -> None:
+        self.table.close()
+
+    async def create(self, *, user: str, groups: Iterable[str], service: str, rhost: str | None, ttl: float,
+                     idle_timeout: float) -> tuple[Session, str]:
+        return self.table.create(user=user, groups=groups, service=service, rhost=rhost, ttl=ttl, idle_timeout=idle_timeout)
+
+    async def make_room(self, *, user: str, service: str, limit: int, evict_oldest: bool) -> list[Session]:
+        return self.table.make_room(user=user, service=service, limit=limit, evict_oldest=evict_oldest)
+
+    async def lookup(self, token: str, *, touch: bool = True) -> Session | None:
+        return self.table.lookup(token, touch=touch)
+
+    async def remove_token(self, token: str) -> Session | None:
+        return self.table.remove_token(token)
+
+    async def revoke(self, *, session_id: str | None = None, user: str | None = None) -> list[Session]:
+        return self.table.revoke(session_id=session_id, user=user)
+
+    async def list(self, user: str | None = None) -> list[Session]:
+        return self.table.list(user)
+
+    async def all(self) -> list[Session]:
+        return self.table.all()
+
+    async def sweep(self, now: float) -> list[Session]:
+        """Checked a slice per loop turn: a million sessions in one go would stall every request."""
+        table = self.table.all()
+        due: list[Session] = []
+        for start in range(0, len(table), SWEEP_SLICE):
+            due += [s for s in table[start : start + SWEEP_SLICE] if s.expired(now)]
+            await asyncio.sleep(0)
+        return self.table.expire(now, due)
+
+
+class LocalLockout:
+    def __init__(self, engine: Lockout) -> None:
+        self.engine = engine
+
+    @property
+    def config(self) -> LockoutConfig:
+        return self.engine.config
+
+    @property
+    def storage_error(self) -> str | None:
+        return self.engine.storage_error
+
+    def stats(self) -> dict[str, Any]:
+        rows = self.engine.lockouts()
+        return {"locked": sum(r.locked for r in rows), "tracked": len(rows), **self.engine.stats()}
+
+    def configure(self, config: LockoutConfig) -> None:
+        self.engine.configure(config)
+
+    async def begin(self, user: str, rhost: str | None, password: str) -> Attempt | Locked:
+        return await self.engine.begin(user, rhost, password)
+
+    async def finish(self, attempt: Attempt, success: bool) -> tuple[Locked, ...]:
+        return self.engine.finish(attempt, success)
+
+    async def cancel(self, attempt: Attempt) -> None:
+        self.engine.cancel(attempt)
+
+    async def lockouts(self) -> list[LockInfo]:
+        return self.engine.lockouts()
+
+    async def unlock(self, name: str, scope: Scope | None = None) -> bool:
+        return self.engine.unlock(name, scope)
+
+    async def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,78 @@
+"""Two real authd daemons on one real redis-server behave as one authd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..daemon import Daemon, wait_for
+from .redisserver import RedisServer
+
+STORE = """
+[store]
+backend = "redis"
+url = "{url}"
+prefix = "{prefix}"
+secret_file = "{secret}"
+timeout = 1.0
+retry_interval = 0.2
+
+[lockout.user]
+max_failures = 5
+[lockout.rhost]
+max_failures = 0
+"""
+
+
+def pair(make_daemon: Callable[..., Daemon], server: RedisServer, prefix: str, tmp_path: Path) -> tuple[Daemon, Daemon]:
+    secret = tmp_path / "fleet.key"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
+    extra = STORE.format(url=server.url, prefix=prefix, secret=secret)
+    return make_daemon(extra).start(), make_daemon(extra).start()
+
+
+def test_sessions_and_lockout_are_shared_by_two_daemons(make_daemon: Callable[..., Daemon], redis_server: RedisServer,
+                                                       prefix: str, tmp_path: Path) -> None:
+    a, b = pair(make_daemon, redis_server, prefix, tmp_path)
+    token = a.auth(open_session=True)["session"]["token"]
+    assert b.call("session", token=token)["session"]["user"] == "alice"
+    b.call("logout", token=token)
+    assert a.call("session", token=token)["error"] == "invalid_session"
+    errors = []
+
+    def guesses(daemon: Daemon, start: int) -> None:
+        for i in range(start, start + 10):
+            errors.append(daemon.call("auth", user="bob", password=f"wrong-{i}", service="login").get("error"))
+
+    threads = [threading.Thread(target=guesses, args=(d, i * 10)) for i, d in enumerate((a, b, a, b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors.count("auth_failed") == 5 and errors.count("locked_out") == 35
+    refusal = b.call("auth", user="bob", password="right-or-not", service="login")
+    assert refusal["error"] == "locked_out" and refusal["retry_after"] > 0
+    assert a.call("status")["store"]["state"] == "ok"
+
+
+def test_redis_stopped_then_killed_then_restarted(make_daemon: Callable[..., Daemon], private_redis: RedisServer,
+                                                  tmp_path: Path) -> None:
+    a, b = pair(make_daemon, private_redis, "k:", tmp_path)
+    token = a.auth(open_session=True)["session"]["token"]
+    private_redis.signal(signal.SIGSTOP)
+    assert a.call("session", token=token)["error"] == "unavailable"
+    assert b.auth(open_session=False)["user"] == "alice"  # lockout falls back to the local engine
+    assert b.auth(open_session=True)["error"] == "unavailable"  # no session Redis does not hold
+    assert b.call("revoke", user="alice")["error"] == "unavailable"
+    assert a.call("status")["store"]["state"] == "down"
+    private_redis.kill()
+    assert a.call("session", token=token)["error"] == "unavailable"
+    private_redis.start()  # an empty Redis: sessions issued before are gone (no persistence here)
+    wait_for(lambda: a.call("session", token=token).get("error") == "invalid_session", what="recovery")
+    fresh = b.auth(open_session=True)["session"]["token"]
+    assert a.call("session", token=fresh)["session"]["user"] == "alice"
+    assert a.proc.poll() is None and b.proc.poll() is None  # type: ignore[union-attr]
