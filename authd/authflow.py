@@ -25,7 +25,7 @@ from .outcome import AuthRequest, Denied, Granted, Outcome, SessionGrant
 from .pam.binding import PamResult
 from .peer import Peer
 from .policy import Policy
-from .protocol import AUTH_FAILED, LOCKED_OUT, NOT_AUTHORIZED, SESSION_LIMIT, UNAVAILABLE
+from .protocol import AUTH_FAILED, BUSY, LOCKED_OUT, NOT_AUTHORIZED, SESSION_LIMIT, UNAVAILABLE
 from .sessions import SessionLimitReached
 from .stores import LockoutStore, SessionStore, StoreUnavailable
 
@@ -33,12 +33,14 @@ log = structlog.get_logger("authd.auth")
 
 
 class Pam(Protocol):
-    """What the decision needs from the PAM pool (`authd.pam.pool.PamPool`)."""
+    """What the decision needs from the PAM pool (`authd.pam.pool.PamPool`): calls wait in the
+    peer uid's queue, at most `max_queued` of them (outcome `busy` beyond)."""
 
     async def authenticate(self, service: str, user: str, password: str, rhost: str | None = None,
-                           ruser: str | None = None) -> PamResult: ...
+                           ruser: str | None = None, *, uid: int, max_queued: int) -> PamResult: ...
 
-    async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None) -> PamResult: ...
+    async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None, *,
+                      uid: int, max_queued: int) -> PamResult: ...
 
 
 class AuthCore:
@@ -104,10 +106,15 @@ class AuthCore:
             await self._delay(service.failure_delay)
             return denied
         try:
-            result, cached = await self._verify(service.name, service.pam_name, req)
+            limit = policy.daemon.limits.max_queued_per_uid
+            result, cached = await self._verify(service.name, service.pam_name, req, peer.uid, limit)
         except BaseException:
             await self._lockout.cancel(attempt)
             raise
+        if result.outcome == BUSY:  # this uid has max_queued_per_uid calls waiting for PAM: nothing was tried
+            await self._lockout.cancel(attempt)
+            self._counters["auth:busy"] += 1
+            return Denied(code=BUSY)
         if result.outcome == UNAVAILABLE:
             await self._lockout.cancel(attempt)
             log.error("pam unavailable", service=service.pam_name, stage=result.stage, detail=result.detail)
@@ -161,13 +168,17 @@ class AuthCore:
         grant = SessionGrant(id=session.id, token=token, expires_at=session.expires_at)
         return Granted(user=req.user, groups=groups, session=grant, cached=cached)
 
-    async def _verify(self, service: str, pam_service: str, req: AuthRequest) -> tuple[PamResult, bool]:
-        """PAM's verdict, and whether the cache vouched for the password instead of pam_authenticate."""
+    async def _verify(self, service: str, pam_service: str, req: AuthRequest, uid: int,
+                      max_queued: int) -> tuple[PamResult, bool]:
+        """PAM's verdict, and whether the cache vouched for the password instead of pam_authenticate.
+        The PAM call waits in `uid`'s queue (`busy` if `max_queued` already wait there)."""
         if self._cache.enabled:
             found, groups = self._cache.lookup(service, req.user, req.rhost, req.password)
             self._counters[f"cache:{found}"] += 1
             if found == "hit":
                 if self._cache.config.account_check == "cached":
                     return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=groups), True
-                return await self._pam.account(pam_service, req.user, req.rhost, req.ruser), True
-        return await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser), False
+                return await self._pam.account(pam_service, req.user, req.rhost, req.ruser, uid=uid,
+                                               max_queued=max_queued), True
+        return await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser, uid=uid,
+                                            max_queued=max_queued), False

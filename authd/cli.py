@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from . import __version__, logs, policy as policy_mod, systemd
+from . import __version__, logs, policy as policy_mod, preflight, systemd
 from .errors import AuthdError, ConfigError
 from .events import model as events
 from .hardening import no_core_dumps
@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_config(path: Path) -> int:
+    """The policy load of a start or reload, then what `serve` needs of the machine."""
     try:
         policy = policy_mod.load(path, 0, build=False)
+        preflight.check(policy)
     except ConfigError as exc:
         print(f"authd: {exc}", file=sys.stderr)
         return 1

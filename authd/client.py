@@ -34,6 +34,7 @@ from .protocol import REPLY_TYPES
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
 MAX_REPLY = 16 * 1024 * 1024
+DEFAULT_SERVICE = "login"  # what `auth` asks for when the caller names no service (authctl too)
 
 
 def default_socket() -> str:
@@ -97,7 +98,7 @@ class _Ops(abc.ABC):
     def hello(self) -> Any:
         return self.call("hello")
 
-    def auth(self, user: str, password: str, service: str, *, rhost: str | None = None,
+    def auth(self, user: str, password: str, service: str = DEFAULT_SERVICE, *, rhost: str | None = None,
              ruser: str | None = None, open_session: bool = True) -> Any:
         return self.call("auth", user=user, password=password, service=service, rhost=rhost, ruser=ruser,
                          open_session=open_session)

@@ -38,6 +38,7 @@ class Limits(_Section):
     max_connections_per_uid: Positive = 256
     admin_reserve: Annotated[int, msgspec.Meta(ge=0)] = 8  # of max_connections, kept for admin peers
     max_inflight: Positive = 32
+    max_queued_per_uid: Positive = 64
     idle_timeout: Seconds = 300.0
     request_timeout: Seconds = 30.0
     write_buffer: Annotated[int, msgspec.Meta(ge=4096)] = 1024 * 1024
@@ -136,7 +137,7 @@ def parse(text: str, source: str = "authd.toml") -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(_syntax_located(str(exc), text, source)) from None
     except ValueError:  # tomllib's int() of a number over Python's 4300-digit limit
         raise ConfigError(f"{source}: a number has too many digits") from None
     except RecursionError:
@@ -209,15 +210,42 @@ _PATH = re.compile(r" - at `\$\.?([^`]*)`")
 def _located(message: str, text: str, source: str) -> str:
     """Turn msgspec's `... - at `$.a[1].b`` into `source:LINE: a[1].b: ...`."""
     match = _PATH.search(message)
-    if not match:
+    unknown = _UNKNOWN.search(message)
+    if not match and not unknown:
         return f"{source}: {message}"
-    key_path = match.group(1)
-    if unknown := _UNKNOWN.search(message):
+    key_path = match.group(1) if match else ""  # an unknown top-level table has no `$` path
+    if unknown:
         key_path = f"{key_path}.{unknown.group(1)}" if key_path else unknown.group(1)
-    detail = message[: match.start()] + message[match.end() :]
+    detail = message[: match.start()] + message[match.end() :] if match else message
     line = find_line(text, key_path)
     where = f"{source}:{line}" if line else source
     return f"{where}: {key_path}: {detail}"
+
+
+_SYNTAX_AT = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
+
+
+def _syntax_located(message: str, text: str, source: str) -> str:
+    """tomllib's `... (at line 3, column 9)` as `source:3: daemon.socket: ... (column 9)`.
+
+    The key path is named when the line is a `key = value` line; for a broken table header
+    the line says enough.
+    """
+    match = _SYNTAX_AT.search(message)
+    if not match:
+        return f"{source}: {message}"
+    lines = text.splitlines()
+    lineno = int(match.group(1)) if match.group(1) else max(len(lines), 1)
+    detail = message[: match.start()] + (f" (column {match.group(2)})" if match.group(2) else " (at end of file)")
+    table = ""
+    for line in lines[: lineno - 1]:
+        if header := _HEADER.match(line):
+            table = header.group(2).strip()
+    key = _KEY.match(lines[lineno - 1]) if lineno <= len(lines) else None
+    if key is None:
+        return f"{source}:{lineno}: {detail}"
+    name = key.group(1).strip("\"'")
+    return f"{source}:{lineno}: {f'{table}.{name}' if table else name}: {detail}"
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\[\]#]+?)\s*\]\]?\s*(#.*)?$")
@@ -236,7 +264,12 @@ def find_line(text: str, key_path: str) -> int | None:
     best: int | None = None
     for lineno, line in enumerate(text.splitlines(), 1):
         if header := _HEADER.match(line):
-            name = ".".join(part.strip().strip("\"'") for part in header.group(2).split("."))
+            name = ""
+            parts = [part.strip().strip("\"'") for part in header.group(2).split(".")]
+            for i, part in enumerate(parts):
+                name = f"{name}.{part}" if name else part
+                if i < len(parts) - 1 and name in counts:  # [[service.x]] belongs to the last [[service]]
+                    name = f"{name}[{counts[name]}]"
             if header.group(1) == "[[":
                 counts[name] = counts.get(name, -1) + 1
                 name = f"{name}[{counts[name]}]"
@@ -246,7 +279,7 @@ def find_line(text: str, key_path: str) -> int | None:
             here = f"{table}.{name}" if table else name
         else:
             continue
-        if here == key_path:
+        if here == key_path or here.startswith(key_path + "["):
             return lineno
         if key_path.startswith((here + ".", here + "[")):
             best = lineno

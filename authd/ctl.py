@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .client import Client, ClientError, ReplyError, default_socket
+from . import __version__
+from .client import DEFAULT_SERVICE, Client, ClientError, ReplyError, default_socket
 
 Command = Callable[[Client, argparse.Namespace], dict[str, Any] | str]  # a str is printed as it is
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -25,11 +26,37 @@ def command(name: str, help: str, args: Callable[[argparse.ArgumentParser], None
     return register
 
 
+EXIT_CODES = """exit status:
+  0    authd answered ok (the reply is printed on stdout as JSON)
+  1    authd answered with an error (the reply, with its "error" code, on stderr)
+  2    nothing was asked: bad arguments, no password, or authd could not be reached
+  130  interrupted
+
+environment:
+  AUTHD_SOCKET  the socket when -s is not given (else ./authd.sock if it exists,
+                else /run/authd/authd.sock)"""
+
+
+EMPTY_PASSWORD = "empty password (read from the first line of stdin when it is not a terminal); nothing sent"
+
+
+class InputError(Exception):
+    """The command line or stdin cannot make a request; nothing was sent."""
+
+
 def read_password(prompt: str = "Password: ") -> str:
-    """No-echo prompt on a terminal; otherwise the first line of stdin."""
+    """No-echo prompt on a terminal; otherwise the first line of stdin, without its line end.
+
+    An empty password is refused here: PAM stacks differ on what they do with one (pam_unix's
+    `nullok` lets a passwordless account in), and an empty stdin is almost always a mistake.
+    """
     if sys.stdin.isatty():
-        return getpass.getpass(prompt)
-    return sys.stdin.readline().rstrip("\n")
+        password = getpass.getpass(prompt)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise InputError(EMPTY_PASSWORD)
+    return password
 
 
 @command("hello", "server name, version, protocol, policy generation")
@@ -39,7 +66,7 @@ def _hello(c: Client, a: argparse.Namespace) -> dict[str, Any]:
 
 def _auth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("user")
-    p.add_argument("--service", default="login")
+    p.add_argument("--service", default=DEFAULT_SERVICE, help=f"the [[service]] of authd.toml (default: {DEFAULT_SERVICE})")
     p.add_argument("--rhost")
     p.add_argument("--no-session", action="store_true", help="check the password only")
 
@@ -78,6 +105,11 @@ def _revoke(c: Client, a: argparse.Namespace) -> dict[str, Any]:
 @command("status", "counters, uptime, policy generation, queue depths (admin)")
 def _status(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     return c.status()
+
+
+@command("pid", "the daemon's process id, for kill(1): kill -USR1 $(authctl pid) (admin)")
+def _pid(c: Client, a: argparse.Namespace) -> str:
+    return str(c.status()["pid"])
 
 
 @command("reload", "reload authd.toml now; exits non-zero with the error if it is invalid (admin)")
@@ -153,7 +185,9 @@ def _subscribe(c: Client, a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.")
+    parser = argparse.ArgumentParser(prog="authctl", description="Talk to a running authd.", epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"authctl {__version__}")
     parser.add_argument("-s", "--socket", default=None, help=f"authd socket (default: {default_socket()})")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
@@ -166,14 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         exc.reply.pop("id", None)
         print(json.dumps(exc.reply, indent=2), file=sys.stderr)
         return 1
-    except ClientError as exc:
+    except (ClientError, InputError) as exc:
         print(f"authctl: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     try:
         if isinstance(result, str):
-            print(result, end="")
+            print(result, end="" if result.endswith("\n") else "\n")  # metrics text ends in one
         else:
             result.pop("id", None)
             print(json.dumps(result, indent=2))

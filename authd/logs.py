@@ -1,5 +1,8 @@
 """structlog set-up: JSON lines when not on a tty, a console renderer otherwise.
 
+On journald's stream (under systemd) each line starts with its sd-daemon(3) `<N>` priority,
+which journald strips and files the line under: `journalctl -p warning -u authd` works.
+
 Tracebacks are rendered without local variables (`show_locals=False`): a frame's locals may
 hold a password. Request-scoped fields (request id, peer pid/uid) come from contextvars.
 
@@ -23,7 +26,7 @@ from typing import Any, BinaryIO
 import msgspec
 import structlog
 
-from . import securefs
+from . import securefs, systemd
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -106,6 +109,8 @@ def configure(*, level: str = "info", fmt: str = "auto", path: str | None = None
     else:
         processors += console_rendering(colors=stream.isatty())
         factory = structlog.PrintLoggerFactory(stream)
+    if path is None and systemd.stderr_is_journal():
+        processors[-1] = _with_priority(processors[-1])
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -140,6 +145,20 @@ def _escape_controls(logger: Any, name: str, event_dict: dict[str, Any]) -> dict
         if isinstance(value, str) and key not in ("exception", "stack") and not value.isprintable():
             event_dict[key] = _Escaped(value)
     return event_dict
+
+
+_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "exception": 3, "critical": 2}
+
+
+def _with_priority(render: Any) -> Any:
+    """Prefix what `render` makes with the `<N>` syslog priority of the line's level."""
+
+    def prefixed(logger: Any, name: str, event_dict: dict[str, Any]) -> str | bytes:
+        prefix = f"<{_PRIORITIES.get(event_dict.get('level', ''), 6)}>"
+        line = render(logger, name, event_dict)
+        return prefix.encode() + line if isinstance(line, bytes) else prefix + line
+
+    return prefixed
 
 
 _json = msgspec.json.Encoder(enc_hook=str)

@@ -63,5 +63,6 @@ MESSAGES = {
     "not_authorized": "not authorized for this service",
     "locked_out": "too many failed logins; try again later",
     "unavailable": "authentication is unavailable; try again later",
+    "busy": "too many logins from this uid waiting; try again later",
     "session_limit": "too many sessions for this user and service; log out of one first",
 }

@@ -43,6 +43,16 @@ def notify_reloading(*lines: str) -> bool:
     return notify("RELOADING=1", f"MONOTONIC_USEC={usec}", *lines)
 
 
+def stderr_is_journal() -> bool:
+    """True when fd 2 is journald's stream: $JOURNAL_STREAM names its device:inode (systemd.exec(5))."""
+    try:
+        device, inode = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def watchdog_interval() -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None if no watchdog is armed."""
     try:

@@ -213,6 +213,16 @@ def under_flood(authd: Authd, stack: PamStack, concurrency: int, seconds: float)
     return phase
 
 
+def print_details(phase: Phase) -> None:
+    """The lines under a phase's figures: its errors, its note, and a warning if neighbours were busy."""
+    if phase.errors:
+        print(f"    errors: {dict(phase.errors)}")
+    if phase.note:
+        print(f"    {phase.note}")
+    if phase.cores[1] > NOISY:
+        print(f"    (other processes used {phase.cores[1]:.2f} cores: this phase's figures are suspect)")
+
+
 def report(phases: list[Phase], idle: int) -> None:
     base = percentile(phases[0].latencies, 99)
     print(f"{'phase':<24} {'logins':>7} {'p50':>9} {'p99':>9} {'p99 ratio':>10} {'RSS':>8} {'fds':>6}  cores (ours, others)")
@@ -220,12 +230,7 @@ def report(phases: list[Phase], idle: int) -> None:
         p99 = percentile(phase.latencies, 99)
         print(f"{phase.name:<24} {len(phase.latencies):>7} {ms(percentile(phase.latencies, 50)):>9} {ms(p99):>9} "
               f"{p99 / base:>9.2f}x {phase.rss / 2**20:>6.1f}Mi {phase.fds:>6}  {cpu_note(phase.cores)}")
-        if phase.errors:
-            print(f"    errors: {dict(phase.errors)}")
-        if phase.note:
-            print(f"    {phase.note}")
-        if phase.cores[1] > NOISY:
-            print(f"    (other processes used {phase.cores[1]:.2f} cores: this phase's figures are suspect)")
+        print_details(phase)
     quiet, held = phases[0], phases[1]
     print(f"memory per idle connection: {(held.rss - quiet.rss) / idle / 1024:.1f} KiB")
 

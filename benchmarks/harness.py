@@ -30,18 +30,18 @@ NOISY = 0.15  # cores used by other processes during a phase above which figures
 def policy(
     *, socket: Path | str, pam_service: str, workers: int, service: str = "bench", state_dir: str = "state",
     log_level: str = "info", failure_delay: float = 0.0, daemon: str = "", service_extra: str = "",
-    exempt_users: Sequence[str] = (),
+    exempt_users: Sequence[str] = (), socket_mode: int = 0o600,
 ) -> str:
     """An authd policy with one service that every local user may call and root administers.
 
     ``daemon`` is TOML added to ``[daemon]`` (sub-tables such as ``[daemon.limits]`` too),
     ``service_extra`` to the service; ``exempt_users`` are kept out of lockout, so that every
-    wrong password really reaches PAM.
+    wrong password really reaches PAM. ``socket_mode`` 0o666 lets other local uids connect.
     """
     text = f"""\
 [daemon]
 socket = "{socket}"
-socket_mode = 0o600
+socket_mode = 0o{socket_mode:o}
 state_dir = "{state_dir}"
 workers = {workers}
 log_level = "{log_level}"

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,13 @@ def test_example_policy_is_valid() -> None:
     parsed = config.load(ROOT / "authd.toml")
     assert [s.name for s in parsed.service] == ["login"]
     assert parsed.service[0].pam_name == "login"
+
+
+def test_packaged_policy_is_valid() -> None:
+    """/etc/authd/authd.toml of the Debian package (the system stage checks it on a real host)."""
+    parsed = config.load(ROOT / "debian" / "authd.toml")
+    assert parsed.daemon.state_dir == "/var/lib/authd" and parsed.daemon.socket == "/run/authd/authd.sock"
+    assert all(Path(h.path).is_absolute() for h in parsed.handler if getattr(h, "path", None))
 
 
 def test_defaults_are_safe() -> None:
@@ -58,15 +66,30 @@ def test_nested_table_error_line() -> None:
     assert message.startswith("authd.toml:4: daemon.limits.max_line:"), message
 
 
+def test_queue_bound_per_uid_is_validated() -> None:
+    assert config.parse('[[service]]\nname = "x"\n').daemon.limits.max_queued_per_uid == 64
+    message = error_of("[daemon.limits]\nmax_queued_per_uid = 0\n")
+    assert message.startswith("authd.toml:2: daemon.limits.max_queued_per_uid:"), message
+    assert "daemon.limits.max_queued_per_uid" in error_of('[daemon.limits]\nmax_queued_per_uid = "lots"\n')
+
+
 def test_missing_required_field_points_at_table() -> None:
     message = error_of('[[service]]\nname = "a"\n[[service]]\npam_service = "x"\n')
     assert message.startswith("authd.toml:3: service[1]:"), message
     assert "name" in message
 
 
-def test_toml_syntax_error_has_line() -> None:
-    message = error_of("[daemon\nsocket = 1\n")
-    assert "line 1" in message
+def test_toml_syntax_error_has_file_line_and_key() -> None:
+    assert error_of("[daemon\nsocket = 1\n").startswith("authd.toml:1: Expected ']'")
+    message = error_of('[[service]]\nname = "a"\n\n[daemon]\nsocket = \n')
+    assert message.startswith("authd.toml:5: daemon.socket: Invalid value (column 10)"), message
+    assert error_of("x = [1,\n").startswith("authd.toml:1: x: "), "an error at the end of the file"
+
+
+def test_unknown_tables_name_path_and_line() -> None:
+    assert error_of('[[service]]\nname = "a"\n\n[deamon]\nworkers = 1\n').startswith("authd.toml:4: deamon: ")
+    message = error_of('[[service]]\nname = "a"\n[[service]]\nname = "b"\n[[service.extra]]\nx = 1\n')
+    assert message.startswith("authd.toml:5: service[1].extra: "), message
 
 
 @pytest.mark.parametrize(("limits", "line"), [("max_connections = 8\n", 1), ("max_connections = 20\nadmin_reserve = 20\n", 3)])
@@ -109,6 +132,31 @@ def test_check_config_rejects_missing_pam_service_and_group(tmp_path: Path) -> N
     result = subprocess.run([sys.executable, "-m", "authd", "check-config", "-c", str(path)], capture_output=True,
                             text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 1 and "service[0].allow_groups[0]" in result.stderr
+
+
+def _check_and_serve(path: Path) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    run = [sys.executable, "-m", "authd"]
+    check = subprocess.run([*run, "check-config", "-c", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    serve = subprocess.run([*run, "serve", "-c", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return check, serve
+
+
+@pytest.mark.parametrize(("setting", "prepare", "says"), [
+    ('state_dir = "state"', lambda d: (d / "state").mkdir(mode=0o777) or (d / "state").chmod(0o777),
+     ":2: daemon.state_dir: "),
+    ('log_file = "no-such-dir/authd.log"', lambda d: None, ":2: daemon.log_file: cannot open"),
+    ('socket = "taken"', lambda d: (d / "taken").write_text(""), ":2: daemon.socket: "),
+    ('socket = "shared/authd.sock"', lambda d: (d / "shared").mkdir() or (d / "shared").chmod(0o777), ":2: daemon.socket: "),
+], ids=["state_dir_writable_by_others", "log_dir_missing", "socket_path_not_a_socket", "socket_dir_writable_by_others"])
+def test_check_config_refuses_what_serve_refuses(tmp_path: Path, setting: str, prepare: Callable[[Path], object],
+                                                 says: str) -> None:
+    """`check-config` saying ok must mean `serve` starts: each of serve's start-up checks, both ways."""
+    path = tmp_path / "authd.toml"
+    path.write_text(f'[daemon]\n{setting}\n\n[[service]]\nname = "login"\n')
+    prepare(tmp_path)
+    check, serve = _check_and_serve(path)
+    assert check.returncode == 1 and f"{path}{says}" in check.stderr, check.stderr
+    assert serve.returncode == 1, serve.stderr
 
 
 @settings(max_examples=300, deadline=None)

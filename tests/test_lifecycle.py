@@ -42,7 +42,7 @@ def test_hup_applies_new_policy_and_keeps_sessions(daemon: Daemon) -> None:
 @pytest.mark.parametrize(
     ("breakage", "expected"),
     [
-        ("[[service]\nname = 'x'\n", "line"),
+        ("[[service]\nname = 'x'\n", "Expected ']]'"),
         ("bogus_key = 1\n", "service[0].bogus_key"),
         ('allow_groups = ["no-such-group-zz"]\n', "service[0].allow_groups[0]"),
     ],

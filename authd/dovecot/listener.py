@@ -26,7 +26,7 @@ from . import codec
 log = structlog.get_logger("authd.dovecot")
 
 # Dovecot's FAIL codes for what a client may act on; others (auth_failed, locked_out) carry none.
-_CODES = {"unavailable": "temp_fail", "account_expired": "user_disabled", "password_expired": "pass_expired",
+_CODES = {"unavailable": "temp_fail", "busy": "temp_fail", "account_expired": "user_disabled", "password_expired": "pass_expired",
           "not_authorized": "authz_fail"}
 
 

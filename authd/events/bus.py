@@ -93,7 +93,7 @@ class EventBus:
         """Swap the configured handlers.
 
         A handler whose name was configured before takes over where its predecessor is (the
-        old one stops after the event in hand); a new name starts with the next event, except
+        old one stops after the event in hand, which the new one waits for, up to its timeout); a new name starts with the next event, except
         at start-up, where each handler resumes from its cursor in the log. A removed handler
         finishes its backlog and closes; with ``retire_within``, what it has not delivered by
         then is dropped and counted, so reloads while a receiver is down cannot pile up workers.
@@ -109,7 +109,7 @@ class EventBus:
                 after = self.outbox.cursors[handler.name]
             else:
                 after = self.outbox.appended
-            self._configured.append(self._worker(handler, after=after, durable=True))
+            self._configured.append(self._worker(handler, after=after, durable=True, predecessor=predecessor))
         self._refresh()
         for w in old.values():
             self._retire(w)
@@ -130,7 +130,7 @@ class EventBus:
         if worker in self._subscribers:
             self._subscribers.remove(worker)
             self._refresh()
-            worker.hand_over()  # stop after the event in hand; nothing queued is delivered
+            worker.unsubscribe()
 
     async def start(self) -> None:
         """Start the log's writer and the workers; events emitted before this wait in the log."""
@@ -212,9 +212,9 @@ class EventBus:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _worker(self, handler: Handler, *, after: int, durable: bool) -> Worker:
+    def _worker(self, handler: Handler, *, after: int, durable: bool, predecessor: Worker | None = None) -> Worker:
         counters = self._counters.setdefault(handler.name, Counters()) if durable else Counters()
-        worker = Worker(self, handler, counters, after=after, durable=durable)
+        worker = Worker(self, handler, counters, after=after, durable=durable, predecessor=predecessor)
         if self._loop is not None:
             worker.start()
         return worker

@@ -51,8 +51,10 @@ class Counters:
 
 
 class Worker:
-    def __init__(self, bus: EventBus, handler: Handler, counters: Counters, *, after: int, durable: bool = True) -> None:
-        """Deliver `handler`'s events with sequence numbers above `after`; `durable` keeps its cursor."""
+    def __init__(self, bus: EventBus, handler: Handler, counters: Counters, *, after: int, durable: bool = True,
+                 predecessor: Worker | None = None) -> None:
+        """Deliver `handler`'s events with sequence numbers above `after`; `durable` keeps its cursor;
+        a `predecessor` of the same name (a reload) is given time to settle the event it holds."""
         self.bus = bus
         self.outbox: Outbox = bus.outbox
         self.clock: Clock = bus.clock
@@ -71,6 +73,7 @@ class Worker:
         self.task: asyncio.Task[None] | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
+        self._predecessor = predecessor
         self._advance(after)
 
     # -- fed by the bus, on the loop --------------------------------------------------------
@@ -118,13 +121,21 @@ class Worker:
 
     def hand_over(self) -> int:
         """A reload replaced this handler with one of the same name: stop after the event in
-        hand and say where the successor starts. The cursor is the successor's from now on."""
+        hand and say where the successor starts at the latest (it waits to see if the event in
+        hand is settled: `_take_over`)."""
+        self.queue.clear()
+        self.spilled = False
+        done = self.current[0] - 1 if self.current else self.position
+        self.position = min(done, self.outbox.cursors.get(self.name, done))  # never past what it settles
+        self.stop()
+        return self.position
+
+    def unsubscribe(self) -> None:
+        """A client's stream ended: stop after the event in hand; nothing more is delivered."""
         self.durable = False
         self.queue.clear()
         self.spilled = False
         self.stop()
-        done = self.current[0] - 1 if self.current else self.position
-        return min(done, self.outbox.cursors.get(self.name, done))
 
     def abandon(self) -> None:
         """A removed handler's deadline passed: drop (and count) what is still queued."""
@@ -148,9 +159,26 @@ class Worker:
 
     # -- the delivery loop ------------------------------------------------------------------
 
+    async def _take_over(self, predecessor: Worker) -> None:
+        """Wait (up to the handler's timeout) for the predecessor to settle its event in hand, so
+        that a reload does not deliver it twice; past that, it may (at least once)."""
+        if predecessor.task is not None and not predecessor.task.done():
+            await asyncio.wait({predecessor.task}, timeout=self.handler.timeout or self.bus.handler_timeout)
+        if predecessor.task is None or not predecessor.task.done():
+            predecessor.durable = False  # still stuck: its late verdict must not move our cursor
+            return
+        done = self.outbox.cursors.get(self.name, self.position)
+        while self.queue and self.queue[0][0] <= done:
+            self.queue.popleft()
+        if self.spilled:
+            self.position = max(self.position, done)
+
     async def _run(self) -> None:
         assert self.invoker is not None
         try:
+            if self._predecessor is not None:
+                await self._take_over(self._predecessor)
+                self._predecessor = None
             while True:
                 if self.queue:
                     self.current = self.queue.popleft()

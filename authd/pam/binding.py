@@ -17,7 +17,7 @@ from typing import Final, Literal
 import msgspec
 
 Outcome = Literal[
-    "ok", "auth_failed", "account_expired", "password_expired", "not_authorized", "unavailable"
+    "ok", "auth_failed", "account_expired", "password_expired", "not_authorized", "unavailable", "busy"
 ]
 Stage = Literal["start", "authenticate", "acct_mgmt", "worker"]
 
@@ -71,7 +71,8 @@ class PamResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     """How one PAM transaction ended; never carries the password.
 
     ``pam_code`` is libpam's return code, or -1 when PAM never answered (stage ``"worker"``:
-    the pool's worker died, timed out or was shut down). ``fail_delay`` is the failure delay
+    the pool's worker died, timed out or was shut down, or, outcome ``busy``, the caller's uid
+    had too many calls waiting). ``fail_delay`` is the failure delay
     PAM asked for, in seconds, for the caller to apply; ``detail`` is pam_strerror's text.
     """
 

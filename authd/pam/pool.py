@@ -5,13 +5,13 @@ PAM is blocking C that may crash, hang, call exit() or leak, so it runs in child
 one ``unavailable`` result. A call is one frame out and one frame back on a socketpair.
 Children are reaped through pidfds on the event loop (no SIGCHLD handler, no watcher threads,
 no pid-reuse races), and are spawned from the loop thread because PR_SET_PDEATHSIG is tied to
-the thread that forked them.
+the thread that forked them. Callers waiting for a worker queue per peer uid and are served in
+turn (``authd.pam.fairqueue``), so one local user's flood cannot hold everyone else's logins.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import signal
 import socket
@@ -26,6 +26,7 @@ import structlog
 
 from authd.errors import AuthdError
 from authd.pam.binding import PamResult, validate
+from authd.pam.fairqueue import FairQueue
 from authd.pam.worker import HEADER, MAX_FRAME, frame
 
 log = structlog.get_logger("authd.pam.pool")
@@ -47,6 +48,10 @@ class _WorkerLost(Exception):
 
 class _CallTimeout(Exception):
     """The worker did not answer in time."""
+
+
+class _QueueFull(Exception):
+    """The caller's uid already has as many calls waiting as it may."""
 
 
 class _Worker(asyncio.Protocol):
@@ -148,9 +153,11 @@ def _expire(reply: asyncio.Future[bytes]) -> None:
 
 
 class PamPool:
-    """Runs ``binding.authenticate`` in ``size`` worker processes; callers beyond that queue FIFO.
+    """Runs ``binding.authenticate`` in ``size`` worker processes; callers beyond that queue.
 
-    ``authenticate`` never raises for PAM or worker trouble: a worker that dies or exceeds
+    Waiting callers queue per ``uid`` (the peer's), FIFO within a uid, and free workers go to
+    the uids in turn; a uid that already has ``max_queued`` calls waiting gets ``busy`` at
+    once. ``authenticate`` never raises for PAM or worker trouble: a worker that dies or exceeds
     ``timeout`` costs that one call an ``unavailable`` result (stage ``"worker"``) and is
     replaced in the background. Waiting for a free worker is bounded by ``timeout`` too.
     Workers retire after ``max_calls`` calls. ``env`` is layered over ``os.environ`` for the
@@ -177,7 +184,7 @@ class PamPool:
         self._all: set[_Worker] = set()  # every child not yet reaped
         self._workers: set[_Worker] = set()  # in service: idle or busy
         self._idle: list[_Worker] = []  # LIFO: hot workers stay hot
-        self._waiters: collections.deque[asyncio.Future[_Worker | None]] = collections.deque()
+        self._waiters: FairQueue[int | None, asyncio.Future[_Worker | None]] = FairQueue()
         self._spawners: set[asyncio.Task[None]] = set()
         self._spawn_lock = asyncio.Lock()
         self._inflight = 0
@@ -185,7 +192,7 @@ class PamPool:
         self._closing = False
         self._closed = False
         self._counts = dict.fromkeys(
-            ("calls", "crashed", "timed_out", "recycled", "spawned", "spawn_failed"), 0
+            ("calls", "crashed", "timed_out", "recycled", "spawned", "spawn_failed", "refused_busy"), 0
         )
 
     async def start(self) -> None:
@@ -207,29 +214,48 @@ class PamPool:
         password: str,
         rhost: str | None = None,
         ruser: str | None = None,
+        *,
+        uid: int | None = None,
+        max_queued: int | None = None,
     ) -> PamResult:
-        """Authenticate in a worker. Raises only ValueError/TypeError, for unusable arguments."""
+        """Authenticate in a worker, waiting in ``uid``'s queue if none is free; outcome
+        ``busy`` if ``uid`` already has ``max_queued`` calls waiting (None: no bound).
+        Raises only ValueError/TypeError, for unusable arguments."""
         validate(service, user, password, rhost, ruser)
-        return await self._submit((service, user, password, rhost, ruser))
+        return await self._submit((service, user, password, rhost, ruser), uid, max_queued)
 
-    async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None) -> PamResult:
-        """Only the account phase (pam_acct_mgmt) in a worker: for a credential-cache hit."""
+    async def account(
+        self,
+        service: str,
+        user: str,
+        rhost: str | None = None,
+        ruser: str | None = None,
+        *,
+        uid: int | None = None,
+        max_queued: int | None = None,
+    ) -> PamResult:
+        """Only the account phase (pam_acct_mgmt) in a worker: for a credential-cache hit.
+        Queued like ``authenticate``."""
         validate(service, user, "", rhost, ruser)
-        return await self._submit((service, user, "", rhost, ruser, True))
+        return await self._submit((service, user, "", rhost, ruser, True), uid, max_queued)
 
-    async def _submit(self, fields: tuple[str | None | bool, ...]) -> PamResult:
+    async def _submit(self, fields: tuple[str | None | bool, ...], uid: int | None, max_queued: int | None) -> PamResult:
         if self._closed or (self._closing and not self._workers):
             return _unavailable("PAM pool is closed")
         self._inflight += 1
         try:
-            return await self._call(fields)
+            return await self._call(fields, uid, max_queued)
         finally:
             self._inflight -= 1
             if self._quiet is not None and self._inflight == 0 and not self._quiet.done():
                 self._quiet.set_result(None)
 
-    async def _call(self, fields: tuple[str | None | bool, ...]) -> PamResult:
-        worker = await self._acquire()
+    async def _call(self, fields: tuple[str | None | bool, ...], uid: int | None, max_queued: int | None) -> PamResult:
+        try:
+            worker = await self._acquire(uid, max_queued)
+        except _QueueFull:
+            self._counts["refused_busy"] += 1
+            return PamResult(outcome="busy", pam_code=-1, stage="worker", detail="too many calls waiting for this uid")
         if worker is None:
             return _unavailable("PAM pool is closed" if self._closed else "no PAM worker free")
         lost: DropReason | None = "cancelled"
@@ -254,11 +280,12 @@ class PamPool:
                     self._release(worker)
         return result
 
-    async def _acquire(self) -> _Worker | None:
+    async def _acquire(self, uid: int | None, max_queued: int | None) -> _Worker | None:
         if self._idle and not self._waiters:
             return self._idle.pop()
         waiter: asyncio.Future[_Worker | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if not self._waiters.push(uid, waiter, max_queued):
+            raise _QueueFull
         try:
             async with asyncio.timeout(self.timeout):
                 return await waiter
@@ -266,18 +293,18 @@ class PamPool:
             if waiter.done() and not waiter.cancelled():
                 if (worker := waiter.result()) is not None:
                     self._release(worker)  # handed over just as we gave up: pass it on
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
+            else:
+                self._waiters.remove(uid, waiter)
             if isinstance(exc, TimeoutError):
                 return None
             raise
 
     def _release(self, worker: _Worker) -> None:
-        """Give a healthy worker to the longest waiter, else park it (retire it if closing)."""
+        """Give a healthy worker to the next waiter in turn, else park it (retire it if closing)."""
         if worker not in self._workers:
             return
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter = self._waiters.pop()
             if not waiter.done():
                 waiter.set_result(worker)
                 return
@@ -412,7 +439,7 @@ class PamPool:
         self._workers.clear()
         self._idle.clear()
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter = self._waiters.pop()
             if not waiter.done():
                 waiter.set_result(None)
 
@@ -427,6 +454,7 @@ class PamPool:
             "idle": idle,
             "busy": len(self._workers) - idle,
             "waiting": len(self._waiters),
+            "waiting_uids": self._waiters.keys(),
             **self._counts,
         }
 

@@ -11,7 +11,7 @@ A backend that cannot reach its storage raises `StoreUnavailable`: callers answe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from ..lockout import Attempt, LockInfo, Locked, LockoutConfig
@@ -66,6 +66,13 @@ class LockoutStore(Protocol):
     def storage_error(self) -> str | None: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    def census(self) -> dict[Scope, tuple[int, int]]:
+        """Keys held and keys locked now, per scope, in this process (cheap: for every scrape)."""
+        ...
+
+    @property
+    def locks_imposed(self) -> Mapping[Scope, int]: ...
 
     def configure(self, config: LockoutConfig) -> None: ...
 

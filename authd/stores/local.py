@@ -4,7 +4,7 @@ protocols. Both answer from memory and write through to SQLite in the state dir.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..lockout import Attempt, LockInfo, Locked, Lockout, LockoutConfig
@@ -80,8 +80,16 @@ class LocalLockout:
         return self.engine.storage_error
 
     def stats(self) -> dict[str, Any]:
-        rows = self.engine.lockouts()
-        return {"locked": sum(r.locked for r in rows), "tracked": len(rows), **self.engine.stats()}
+        census = self.engine.census().values()
+        return {"locked": sum(locked for _, locked in census), "tracked": sum(keys for keys, _ in census),
+                **self.engine.stats()}
+
+    def census(self) -> dict[Scope, tuple[int, int]]:
+        return self.engine.census()
+
+    @property
+    def locks_imposed(self) -> Mapping[Scope, int]:
+        return self.engine.locks_imposed
 
     def configure(self, config: LockoutConfig) -> None:
         self.engine.configure(config)

@@ -29,7 +29,12 @@ def ctl(daemon: Daemon, *args: str, stdin: str | None = None) -> subprocess.Comp
 
 
 def ctl_as_nobody(daemon: Daemon, *args: str) -> tuple[int, str]:
-    """authctl's code in a forked child running as uid/gid nobody (who cannot exec root's python)."""
+    """authctl's code in a forked child running as uid/gid nobody (who cannot exec root's python).
+
+    Imported before the fork: nobody may not be able to read the checkout (root's 0700 home).
+    """
+    from authd import ctl as authctl
+
     with tempfile.TemporaryFile() as out:
         pid = os.fork()
         if pid == 0:
@@ -39,8 +44,6 @@ def ctl_as_nobody(daemon: Daemon, *args: str) -> tuple[int, str]:
                 os.setgroups([])
                 os.setgid(65534)
                 os.setuid(65534)
-                from authd import ctl as authctl
-
                 code = authctl.main(["-s", str(daemon.socket), *args])
             finally:
                 sys.stdout.flush()

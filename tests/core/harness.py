@@ -59,29 +59,40 @@ class FakePam:
     """Implements the pool's interface (`authenticate`, `account`) over a dict of passwords.
 
     `account_result` is what the account phase answers; `unavailable` makes every call fail
-    as a dead worker would. Calls are recorded (never their passwords).
+    as a dead worker would, `busy` as a full queue of the caller's uid would. Calls are
+    recorded (never their passwords), with the queue they asked for in `queues`.
     """
 
     users: dict[str, str] = field(default_factory=lambda: {"alice": PASSWORD, "bob": PASSWORD})
     groups: tuple[str, ...] = ("staff",)
     account_result: str = "ok"
     unavailable: bool = False
+    busy: bool = False
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
+    queues: list[tuple[int, int]] = field(default_factory=list)
 
     async def authenticate(self, service: str, user: str, password: str, rhost: str | None = None,
-                           ruser: str | None = None) -> PamResult:
+                           ruser: str | None = None, *, uid: int, max_queued: int) -> PamResult:
         self.calls.append(("authenticate", user, rhost))
-        if self.unavailable:
-            return PamResult(outcome="unavailable", pam_code=-1, stage="worker", detail="gone")
+        self.queues.append((uid, max_queued))
+        if failed := self._worker_trouble():
+            return failed
         if self.users.get(user) != password:
             return PamResult(outcome="auth_failed", pam_code=7, stage="authenticate", fail_delay=0.5)
         return self._account(user)
 
-    async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None) -> PamResult:
+    async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None, *,
+                      uid: int, max_queued: int) -> PamResult:
         self.calls.append(("account", user, rhost))
+        self.queues.append((uid, max_queued))
+        return self._worker_trouble() or self._account(user)
+
+    def _worker_trouble(self) -> PamResult | None:
+        if self.busy:
+            return PamResult(outcome="busy", pam_code=-1, stage="worker", detail="queue full")
         if self.unavailable:
             return PamResult(outcome="unavailable", pam_code=-1, stage="worker", detail="gone")
-        return self._account(user)
+        return None
 
     def _account(self, user: str) -> PamResult:
         if self.account_result != "ok":

@@ -79,6 +79,22 @@ async def test_unavailable_pam_does_not_count_toward_lockout(tmp_path: Path) -> 
 
 
 @run
+async def test_a_full_pam_queue_is_busy_and_neither_a_failure_nor_a_success(tmp_path: Path) -> None:
+    """Nothing was tried: lockout counts no failure (a flood must not lock a user out) and no
+    success (which would forget the user's earlier failures); no delay, no event."""
+    h = Harness(tmp_path, '[[service]]\nname = "login"\n[daemon.limits]\nmax_queued_per_uid = 7\n' + LOCKOUT)
+    assert await h.auth(password="one") == Denied(code="auth_failed")
+    h.pam.busy = True
+    for password in ("two", PASSWORD):
+        assert await h.auth(password=password) == Denied(code="busy")
+    assert h.counters["auth:busy"] == 2 and h.delays == [2.0] and h.names() == ["auth.failed"]
+    assert h.pam.queues == [(PEER.uid, 7)] * 3, "the call waits in the peer uid's queue, bounded by the policy"
+    h.pam.busy = False
+    assert await h.auth(password="three") == Denied(code="auth_failed")
+    assert "auth.locked_out" in h.names(), "the busy attempts neither counted nor reset: 2 failures lock"
+
+
+@run
 async def test_lockout_refuses_before_pam_and_lifts_with_the_clock(tmp_path: Path) -> None:
     h = Harness(tmp_path, '[[service]]\nname = "login"\nfailure_delay = 1.0\n' + LOCKOUT)
     await h.auth(password="one", rhost="198.51.100.1", protocol="dovecot")

@@ -155,6 +155,63 @@ def test_callers_beyond_size_wait_in_fifo_order(pam: PamEnv) -> None:
     with_pool(pam, body, size=1)
 
 
+def test_waiting_uids_take_turns(pam: PamEnv) -> None:
+    """Ten calls of uid 1000 queued before one of uid 1001: that one is served second, not eleventh."""
+
+    async def body(pool: PamPool) -> None:
+        finished: list[str] = []
+
+        async def one(name: str, uid: int) -> None:
+            assert (await pool.authenticate(SERVICE, "alice", CANARY, uid=uid)).ok
+            finished.append(name)
+
+        tasks = [asyncio.create_task(one(f"a{i}", 1000)) for i in range(10)]
+        tasks.append(asyncio.create_task(one("b0", 1001)))
+        await asyncio.sleep(0)
+        assert (pool.stats()["waiting"], pool.stats()["waiting_uids"]) == (10, 2)
+        await asyncio.gather(*tasks)
+        assert finished == ["a0", "a1", "b0", *(f"a{i}" for i in range(2, 10))]
+
+    with_pool(pam, body, size=1)
+
+
+def test_uid_past_its_queue_bound_is_busy_at_once(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        calls = [pool.authenticate(SERVICE, "alice", CANARY, uid=1000, max_queued=3) for _ in range(8)]
+        calls.append(pool.authenticate(SERVICE, "alice", CANARY, uid=1001, max_queued=3))
+        results = await asyncio.gather(*calls)
+        # one takes the idle worker, three wait, four are refused without waiting; uid 1001 is served
+        assert [r.outcome for r in results] == ["ok"] * 4 + ["busy"] * 4 + ["ok"]
+        assert {(r.stage, r.pam_code) for r in results if r.outcome == "busy"} == {("worker", -1)}
+        stats = pool.stats()
+        assert (stats["refused_busy"], stats["calls"]) == (4, 5)
+
+    with_pool(pam, body, size=1)
+
+
+def test_cancelled_waiter_leaves_its_uids_queue(pam: PamEnv) -> None:
+    async def body(pool: PamPool) -> None:
+        stuck = asyncio.create_task(pool.authenticate("crash-hang", "alice", CANARY, uid=7))
+        while pool.stats()["busy"] == 0:
+            await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(pool.authenticate(SERVICE, "alice", CANARY, uid=1000, max_queued=2))
+                  for _ in range(2)]
+        await asyncio.sleep(0)
+        assert (pool.stats()["waiting"], pool.stats()["waiting_uids"]) == (2, 1)
+        queued[0].cancel()
+        await asyncio.sleep(0)
+        assert (pool.stats()["waiting"], pool.stats()["waiting_uids"]) == (1, 1)
+        again = asyncio.create_task(pool.authenticate(SERVICE, "alice", CANARY, uid=1000, max_queued=2))
+        await asyncio.sleep(0)
+        assert pool.stats()["waiting"] == 2, "the cancelled call's place was given back"
+        stuck.cancel()
+        assert (await queued[1]).ok and (await again).ok
+        assert queued[0].cancelled()
+        assert (pool.stats()["waiting"], pool.stats()["waiting_uids"], pool.stats()["refused_busy"]) == (0, 0, 0)
+
+    with_pool(pam, body, size=1)
+
+
 def test_many_concurrent_callers_all_served(pam: PamEnv) -> None:
     async def body(pool: PamPool) -> None:
         passwords = [CANARY if i % 3 else "nope" for i in range(40)]

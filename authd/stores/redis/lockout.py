@@ -18,7 +18,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -70,8 +70,17 @@ class FleetLockout:
         return None if self._link.up else f"redis: {self._link.error}"
 
     def stats(self) -> dict[str, Any]:
+        local = self._local.stats()
         return {"backend": "redis", "store": "ok" if self._link.up else "down", "on_store_error": self._store.on_store_error,
-                "fallbacks": self.fallbacks, "local": self._local.stats()}
+                "fallbacks": self.fallbacks, "evicted": local["evicted"], "refused_full": local["refused_full"], "local": local}
+
+    def census(self) -> dict[Scope, tuple[int, int]]:
+        """The fleet's keys live in Redis; this host counts those of its fallback engine."""
+        return self._local.census()
+
+    @property
+    def locks_imposed(self) -> Mapping[Scope, int]:
+        return self._local.locks_imposed
 
     def configure(self, config: LockoutConfig) -> None:
         self._config = config
