@@ -29,6 +29,7 @@ then the ratios. It prints figures and asserts nothing.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -165,9 +166,10 @@ def report(stack: str, results: dict[str, list[Window]], ratios: list[tuple[str,
         cpu = sum(w.cpu for w in windows) / max(1, sum(w.ok for w in windows)) * 1e3
         others = statistics.mean(w.others for w in windows)
         flag = " !" if others > NOISY else ""
+        per_request = "—" if math.isnan(cpu) else f"{cpu:.3f}ms"
         print(
             f"  {label:<34} {mid.rate:>9,.0f} {min(rates):>8,.0f}–{max(rates):<8,.0f} {mid.p50 * 1e3:>7.2f}ms "
-            f"{mid.p99 * 1e3:>7.2f}ms {cpu:>7.3f}ms {others:>6.2f}{flag}"
+            f"{mid.p99 * 1e3:>7.2f}ms {per_request:>9} {others:>6.2f}{flag}"
         )
         bad = sum(w.failed for w in windows), sum(w.errors for w in windows)
         if any(bad):
