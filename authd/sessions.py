@@ -7,6 +7,13 @@ and checked from memory: the fault is logged once and shown in `status`, and at 
 second (on the next change, or the expiry sweep) the store reopens the file and rewrites it
 whole from memory, so the file catches up once the fault clears. A corrupt file is moved
 aside and what can still be read from it is kept.
+
+One change is written behind instead of through: a lookup's new `last_seen` (idle expiry).
+A token checked on every web request would otherwise cost a SQLite commit per check, more
+than the rest of the lookup together. The new values are written together at most once per
+`LAST_SEEN_EVERY` (on a later lookup), by the expiry sweep, and on close (drain, SIGTERM);
+memory is always exact, so only a `kill -9` can lose them, and then a session's idle time
+restarts from a `last_seen` at most that stale (or the sweep interval, with no lookups since).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ log = structlog.get_logger("authd.sessions")
 
 TOKEN_BYTES = 32  # 256 bits
 RETRY_INTERVAL = 1.0  # after a fault, the file is retried at most this often
-TOUCH_INTERVAL = 1.0  # a session's last_seen reaches the file at most this often
+LAST_SEEN_EVERY = 1.0  # seconds between batched writes of lookups' `last_seen`
 _SELECT = "SELECT id, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout FROM sessions"
 Row = tuple[Any, ...]
 
@@ -72,7 +79,6 @@ class Session(msgspec.Struct, gc=False):
     last_seen: float
     ttl: float
     idle_timeout: float
-    saved_seen: float = 0.0  # the last_seen the file holds (not a column: see `SessionStore.lookup`)
 
     @property
     def expires_at(self) -> float:
@@ -102,6 +108,8 @@ class SessionStore:
         self._retry_at = 0.0
         self._complete = True  # memory holds every session the file does
         self._gone: set[str] = set()  # removed while incomplete: a later merge must not revive them
+        self._seen: dict[str, float] = {}  # last_seen values not written yet, by session id
+        self._seen_due = 0.0  # monotonic time of the next batched last_seen write
         self.persist_error: str | None = None
 
     def open(self) -> None:
@@ -119,6 +127,7 @@ class SessionStore:
 
     def close(self) -> None:
         """One last try to persist what a fault kept in memory only, then close the file."""
+        self._write_seen()
         if self._dirty:
             self._retry_at = 0.0
             self.flush()
@@ -141,7 +150,7 @@ class SessionStore:
         now = time.time()
         session = Session(
             id=secrets.token_urlsafe(12), token_hash=hash_token(token), user=user, groups=tuple(groups),
-            service=service, rhost=rhost, created=now, last_seen=now, ttl=ttl, idle_timeout=idle_timeout, saved_seen=now,
+            service=service, rhost=rhost, created=now, last_seen=now, ttl=ttl, idle_timeout=idle_timeout,
         )
         self._add(session)
         self._write("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _row(session))
@@ -167,25 +176,19 @@ class SessionStore:
         self._remove(doomed)
         return doomed
 
-    def lookup(self, token: str, *, touch: bool = True, now: float | None = None) -> Session | None:
-        """The live session for a token; touching it pushes its idle expiry out.
-
-        Memory always holds the newest last_seen; the file gets it at most every TOUCH_INTERVAL
-        per session, so an app that asks about a session on every request (`session`, `check`)
-        costs no disk write per request. After a restart a session may idle out up to that much
-        early.
-        """
+    def lookup(self, token: str, *, touch: bool = True) -> Session | None:
+        """The live session for a token; touching it pushes its idle expiry out."""
         session = self._by_hash.get(hash_token(token))
         if session is None:
             return None
-        now = time.time() if now is None else now
+        now = time.time()
         if session.expired(now):
             return None
         if touch:
             session.last_seen = now
-            if now - session.saved_seen >= TOUCH_INTERVAL:
-                session.saved_seen = now
-                self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session.id))
+            self._seen[session.id] = now
+            if time.monotonic() >= self._seen_due:
+                self._write_seen()
         return session
 
     def remove_token(self, token: str) -> Session | None:
@@ -214,6 +217,7 @@ class SessionStore:
         pool = self._by_id.values() if candidates is None else candidates
         doomed = [s for s in pool if s.expired(now) and self._by_id.get(s.id) is s]
         self._remove(doomed)
+        self._write_seen()
         self.flush()
         return doomed
 
@@ -244,14 +248,27 @@ class SessionStore:
             self._gone.update(s.id for s in sessions)
         self._write("DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(s.id for s in sessions),))
 
-    def _write(self, sql: str | None, params: tuple[Any, ...]) -> None:
-        """Write one change through; after a fault, rewrite the table from memory instead."""
+    def _write_seen(self) -> None:
+        """Write the `last_seen` values of lookups since the last time (see the module doc)."""
+        self._seen_due = time.monotonic() + LAST_SEEN_EVERY
+        if self._seen:
+            rows = [(seen, session_id) for session_id, seen in self._seen.items()]
+            self._seen.clear()
+            self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", rows, many=True)
+
+    def _write(self, sql: str | None, params: Any, *, many: bool = False) -> None:
+        """Write one change through (`many`: one statement over rows of parameters); after a
+        fault, rewrite the table from memory instead."""
         if self._dirty and time.monotonic() < self._retry_at:
             return
         try:
             db = self._connection()
             if self._dirty:
                 self._resync(db)
+            elif sql is not None and many:
+                with db:  # one transaction, one commit, for all the rows
+                    db.execute("BEGIN IMMEDIATE")
+                    db.executemany(sql, params)
             elif sql is not None:
                 db.execute(sql, params)
         except (sqlite3.Error, OSError, UnsafePath) as exc:  # unsafe at start-up refuses the start (open)
@@ -363,7 +380,7 @@ def _session(row: Row) -> Session | None:
                 and isinstance(service, str) and isinstance(rhost, str | None)):
             return None
         return Session(sid, token_hash, user, tuple(filter(None, groups.split("\n"))), service, rhost,
-                       float(created), float(last_seen), float(ttl), float(idle_timeout), float(last_seen))
+                       float(created), float(last_seen), float(ttl), float(idle_timeout))
     except (TypeError, ValueError):
         return None
 
