@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..daemon import Daemon, wait_for
+from ..metrics.test_daemon_metrics import metrics_table, samples, scrape
 from .redisserver import RedisServer
 
 STORE = """
@@ -76,3 +77,27 @@ def test_redis_stopped_then_killed_then_restarted(make_daemon: Callable[..., Dae
     fresh = b.auth(open_session=True)["session"]["token"]
     assert a.call("session", token=fresh)["session"]["user"] == "alice"
     assert a.proc.poll() is None and b.proc.poll() is None  # type: ignore[union-attr]
+
+
+def test_metrics_show_redis_down_and_the_lockout_fallbacks(make_daemon: Callable[..., Daemon], private_redis: RedisServer,
+                                                           tmp_path: Path) -> None:
+    secret = tmp_path / "fleet.key"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
+    d = make_daemon(STORE.format(url=private_redis.url, prefix="m:", secret=secret) + metrics_table()).start()
+    assert d.auth(open_session=False)["ok"]
+    up = samples(scrape(d)[2])
+    assert up['authd_store_up{store="sessions"}'] == up['authd_store_up{store="lockout"}'] == 1
+    assert up["authd_lockout_fallbacks_total"] == 0
+    private_redis.signal(signal.SIGSTOP)
+    try:
+        assert d.auth(open_session=False)["ok"]
+        assert d.auth(open_session=False)["ok"]
+        down = samples(scrape(d)[2])
+    finally:
+        private_redis.signal(signal.SIGCONT)
+    assert down['authd_store_up{store="sessions"}'] == down['authd_store_up{store="lockout"}'] == 0
+    assert down["authd_lockout_fallbacks_total"] == 2
+    wait_for(lambda: d.auth(open_session=True).get("ok"), what="Redis to be used again")
+    back = samples(scrape(d)[2])
+    assert back['authd_store_up{store="sessions"}'] == back['authd_store_up{store="lockout"}'] == 1
