@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -28,12 +29,14 @@ max_failures = 0
 """
 
 
-def pair(make_daemon: Callable[..., Daemon], server: RedisServer, prefix: str, tmp_path: Path) -> tuple[Daemon, Daemon]:
+def pair(make_daemon: Callable[..., Daemon], server: RedisServer, prefix: str, tmp_path: Path,
+         extra: str = "") -> tuple[Daemon, Daemon]:
+    """Hosts A and B: each its own state dir, one Redis."""
     secret = tmp_path / "fleet.key"
     secret.write_bytes(os.urandom(32))
     secret.chmod(0o600)
-    extra = STORE.format(url=server.url, prefix=prefix, secret=secret)
-    return make_daemon(extra).start(), make_daemon(extra).start()
+    extra += STORE.format(url=server.url, prefix=prefix, secret=secret)
+    return make_daemon(extra, name="a").start(), make_daemon(extra, name="b").start()
 
 
 def test_sessions_and_lockout_are_shared_by_two_daemons(make_daemon: Callable[..., Daemon], redis_server: RedisServer,
@@ -58,6 +61,24 @@ def test_sessions_and_lockout_are_shared_by_two_daemons(make_daemon: Callable[..
     refusal = b.call("auth", user="bob", password="right-or-not", service="login")
     assert refusal["error"] == "locked_out" and refusal["retry_after"] > 0
     assert a.call("status")["store"]["state"] == "ok"
+
+
+def test_each_expired_session_is_closed_once_across_the_fleet(make_daemon: Callable[..., Daemon],
+                                                             redis_server: RedisServer, prefix: str, tmp_path: Path) -> None:
+    short = '\n[[service]]\nname = "short"\npam_service = "authd-test"\nsession_ttl = 1.0\nfailure_delay = 0.0\n'
+    audit = '\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\nevents = ["session.*"]\n'
+    a, b = pair(make_daemon, redis_server, prefix, tmp_path, short + audit)
+
+    def closed() -> list[str]:
+        lines = [json.loads(x) for d in (a, b) if (d.root / "audit.jsonl").exists()
+                 for x in (d.root / "audit.jsonl").read_text().splitlines()]
+        return [e["session_id"] for e in lines if e["name"] == "session.closed" and e["reason"] == "expired"]
+
+    opened = [d.auth(service="short")["session"]["id"] for d in (a, b, a, b, a, b)]
+    wait_for(lambda: len(closed()) >= 6, what="the six sessions to expire")
+    last = a.auth(service="short")["session"]["id"]  # by its expiry both hosts have swept again
+    wait_for(lambda: last in closed(), what="one more expiry")
+    assert sorted(closed()) == sorted([*opened, last]), "each expired session reported once, by one host"
 
 
 def test_redis_stopped_then_killed_then_restarted(make_daemon: Callable[..., Daemon], private_redis: RedisServer,
