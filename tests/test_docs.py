@@ -76,6 +76,12 @@ def test_json_blocks_decode(block: Block) -> None:
         msgspec.convert(value, Event)
 
 
+def test_the_logrotate_example_is_the_packaged_file() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    start = text.index("```\n/var/log/authd/") + 4
+    assert text[start : text.index("```\n", start)] == (ROOT / "debian" / "authd.logrotate").read_text()
+
+
 # -- Python blocks: one check per example, found by a line only that example has ---------------
 
 Check = Callable[[dict[str, Any], Any], None]

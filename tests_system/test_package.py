@@ -54,7 +54,7 @@ def test_install_enables_the_units_and_ships_its_files(box: Machine) -> None:
     assert show(box, "authd.socket", "ActiveState")["ActiveState"] == "active"
     assert show(box, "authd.service", "ActiveState")["ActiveState"] == "inactive", "started by its socket, on demand"
     conffiles = box.run("dpkg-query", "-W", "-f=${Conffiles}", "authd").stdout
-    assert CONFIG in conffiles and "/etc/fail2ban/jail.d/authd.conf" in conffiles
+    assert CONFIG in conffiles and "/etc/fail2ban/jail.d/authd.conf" in conffiles and "/etc/logrotate.d/authd" in conffiles
     assert box.run("authd", "check-config", "-c", CONFIG).stdout.startswith(f"{CONFIG}: ok")
     version = box.run("authd", "--version").stdout.split()[-1]
     assert box.run("authctl", "--version").stdout.split() == ["authctl", version]
