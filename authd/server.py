@@ -3,8 +3,10 @@
 Each request runs as its own task, so replies leave in completion order: a failed login
 waiting out its delay never holds up the requests behind it on the same connection.
 Who may hold a connection is decided at accept, from the peer's credentials, before it
-takes a slot; a uid whose PAM queue is full is not read from until it has room
-(`authd.intake`); a drain answers every line a client managed to write (docs/protocol.md).
+takes a slot. A connection at `max_inflight`, or of a uid whose PAM queue is full
+(`authd.intake`), is not read from until it has room, so a client that resends every `busy`
+at once cannot keep the loop answering `busy`. A drain answers every line a client managed to
+write (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -238,6 +240,7 @@ class Connection(abc.ABC):
         self._closing = False  # stop reading (a front end's protocol error); replies in flight still go out
         self._draining = False
         self._held: collections.deque[Any] = collections.deque()  # read while the uid's PAM queue was full
+        self._freed: asyncio.Future[None] | None = None  # set when an in-flight request ends
         self.read_closed = asyncio.Event()  # the client sent EOF or the read loop ended
 
     @abc.abstractmethod
@@ -315,14 +318,21 @@ class Connection(abc.ABC):
         return True
 
     async def take_turn(self) -> bool:
-        """Wait while the peer's uid has a full PAM queue (`authd.intake`); True if it had to.
+        """Wait while this connection has `max_inflight` requests in flight, or the peer's uid
+        a full PAM queue (`authd.intake`); True if it had to. Either way a client that resends
+        each `busy` at once would keep the loop answering `busy`: its lines wait unread instead.
         A line left unfinished is not timed while it waits."""
-        intake = self.server.intake
-        if intake.ready(self.peer.uid):
+        intake, uid = self.server.intake, self.peer.uid
+        if len(self.inflight) < self.rt.policy.daemon.limits.max_inflight and intake.ready(uid):
             return False
-        self.rt.counters["intake_paused"] += 1
         started = time.monotonic()
-        await intake.wait(self.peer.uid)
+        while len(self.inflight) >= self.rt.policy.daemon.limits.max_inflight:
+            self.rt.counters["paused_inflight"] += 1
+            self._freed = asyncio.get_running_loop().create_future()
+            await self._freed
+        if not intake.ready(uid):
+            self.rt.counters["paused_uid_queue"] += 1
+            await intake.wait(uid)
         if self._partial_since is not None:
             self._partial_since += time.monotonic() - started
         return True
@@ -380,6 +390,8 @@ class Connection(abc.ABC):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
+        if self._freed is not None and not self._freed.done():
+            self._freed.set_result(None)
         if not self.inflight and self._draining:
             self._stop_input()
 
