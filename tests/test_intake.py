@@ -28,6 +28,13 @@ class Uids:
         self.intake.room(uid)
 
 
+def full_uid(limit: int) -> tuple[Uids, list[str]]:
+    """Uid 1's queue is full; the list records which connections took a request, in order."""
+    uids = Uids(limit)
+    uids.queued[1] = limit
+    return uids, []
+
+
 async def settle() -> None:
     for _ in range(10):
         await asyncio.sleep(0)
@@ -54,9 +61,7 @@ def test_a_uid_with_room_is_ready_and_a_full_one_is_not() -> None:
 
 @run
 async def test_each_call_that_leaves_lets_one_connection_in_in_arrival_order() -> None:
-    uids = Uids(limit=2)
-    uids.queued[1] = 2
-    took: list[str] = []
+    uids, took = full_uid(limit=2)
     tasks = [waiting_conn(uids, 1, f"c{i}", took) for i in range(4)]
     await settle()
     assert took == [] and uids.intake.waiting() == 4
@@ -76,9 +81,7 @@ async def test_each_call_that_leaves_lets_one_connection_in_in_arrival_order() -
 
 @run
 async def test_another_uid_is_never_held_by_a_full_one() -> None:
-    uids = Uids(limit=2)
-    uids.queued[1] = 2
-    took: list[str] = []
+    uids, took = full_uid(limit=2)
     flood = [waiting_conn(uids, 1, f"flood{i}", took) for i in range(3)]
     victim = waiting_conn(uids, 2, "victim", took)
     await settle()
@@ -93,9 +96,7 @@ async def test_another_uid_is_never_held_by_a_full_one() -> None:
 async def test_room_not_used_by_a_turn_is_passed_on_so_nobody_is_left_behind() -> None:
     """A connection let in that queues nothing (a session check, EOF) lets the next one in:
     no connection waits while its uid's queue has room and no call is left to free one."""
-    uids = Uids(limit=1)
-    uids.queued[1] = 1
-    took: list[str] = []
+    uids, took = full_uid(limit=1)
 
     async def reads_eof(name: str) -> None:
         await uids.intake.wait(1)
@@ -112,9 +113,7 @@ async def test_room_not_used_by_a_turn_is_passed_on_so_nobody_is_left_behind() -
 
 @run
 async def test_a_connection_let_in_after_the_room_was_taken_waits_again_first_in_line() -> None:
-    uids = Uids(limit=1)
-    uids.queued[1] = 1
-    took: list[str] = []
+    uids, took = full_uid(limit=1)
     tasks = [waiting_conn(uids, 1, f"c{i}", took) for i in range(2)]
     await settle()
     uids.queued[1] -= 1
@@ -132,9 +131,7 @@ async def test_a_connection_let_in_after_the_room_was_taken_waits_again_first_in
 
 @run
 async def test_a_connection_that_gives_up_leaves_the_line_and_passes_a_turn_it_was_given() -> None:
-    uids = Uids(limit=1)
-    uids.queued[1] = 1
-    took: list[str] = []
+    uids, took = full_uid(limit=1)
     first = waiting_conn(uids, 1, "gone", took)
     second = waiting_conn(uids, 1, "c1", took)
     await settle()
@@ -147,9 +144,7 @@ async def test_a_connection_that_gives_up_leaves_the_line_and_passes_a_turn_it_w
 
 @run
 async def test_a_drain_lets_every_waiting_connection_in_and_nobody_waits_after() -> None:
-    uids = Uids(limit=1)
-    uids.queued[1] = 1
-    took: list[str] = []
+    uids, took = full_uid(limit=1)
     tasks = [waiting_conn(uids, 1, f"c{i}", took) for i in range(3)]
     await settle()
     uids.intake.open_all()
