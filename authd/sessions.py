@@ -7,6 +7,13 @@ and checked from memory: the fault is logged once and shown in `status`, and at 
 second (on the next change, or the expiry sweep) the store reopens the file and rewrites it
 whole from memory, so the file catches up once the fault clears. A corrupt file is moved
 aside and what can still be read from it is kept.
+
+One change is written behind instead of through: a lookup's new `last_seen` (idle expiry).
+A token checked on every web request would otherwise cost a SQLite commit per check, more
+than the rest of the lookup together. The new values are written together at most once per
+`LAST_SEEN_EVERY` (on a later lookup), by the expiry sweep, and on close (drain, SIGTERM);
+memory is always exact, so only a `kill -9` can lose them, and then a session's idle time
+restarts from a `last_seen` at most that stale (or the sweep interval, with no lookups since).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ log = structlog.get_logger("authd.sessions")
 
 TOKEN_BYTES = 32  # 256 bits
 RETRY_INTERVAL = 1.0  # after a fault, the file is retried at most this often
+LAST_SEEN_EVERY = 1.0  # seconds between batched writes of lookups' `last_seen`
 _SELECT = "SELECT id, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout FROM sessions"
 Row = tuple[Any, ...]
 
@@ -100,6 +108,8 @@ class SessionStore:
         self._retry_at = 0.0
         self._complete = True  # memory holds every session the file does
         self._gone: set[str] = set()  # removed while incomplete: a later merge must not revive them
+        self._seen: dict[str, float] = {}  # last_seen values not written yet, by session id
+        self._seen_due = 0.0  # monotonic time of the next batched last_seen write
         self.persist_error: str | None = None
 
     def open(self) -> None:
@@ -117,6 +127,7 @@ class SessionStore:
 
     def close(self) -> None:
         """One last try to persist what a fault kept in memory only, then close the file."""
+        self._write_seen()
         if self._dirty:
             self._retry_at = 0.0
             self.flush()
@@ -175,7 +186,9 @@ class SessionStore:
             return None
         if touch:
             session.last_seen = now
-            self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session.id))
+            self._seen[session.id] = now
+            if time.monotonic() >= self._seen_due:
+                self._write_seen()
         return session
 
     def remove_token(self, token: str) -> Session | None:
@@ -204,6 +217,7 @@ class SessionStore:
         pool = self._by_id.values() if candidates is None else candidates
         doomed = [s for s in pool if s.expired(now) and self._by_id.get(s.id) is s]
         self._remove(doomed)
+        self._write_seen()
         self.flush()
         return doomed
 
@@ -234,14 +248,27 @@ class SessionStore:
             self._gone.update(s.id for s in sessions)
         self._write("DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(s.id for s in sessions),))
 
-    def _write(self, sql: str | None, params: tuple[Any, ...]) -> None:
-        """Write one change through; after a fault, rewrite the table from memory instead."""
+    def _write_seen(self) -> None:
+        """Write the `last_seen` values of lookups since the last time (see the module doc)."""
+        self._seen_due = time.monotonic() + LAST_SEEN_EVERY
+        if self._seen:
+            rows = [(seen, session_id) for session_id, seen in self._seen.items()]
+            self._seen.clear()
+            self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", rows, many=True)
+
+    def _write(self, sql: str | None, params: Any, *, many: bool = False) -> None:
+        """Write one change through (`many`: one statement over rows of parameters); after a
+        fault, rewrite the table from memory instead."""
         if self._dirty and time.monotonic() < self._retry_at:
             return
         try:
             db = self._connection()
             if self._dirty:
                 self._resync(db)
+            elif sql is not None and many:
+                with db:  # one transaction, one commit, for all the rows
+                    db.execute("BEGIN IMMEDIATE")
+                    db.executemany(sql, params)
             elif sql is not None:
                 db.execute(sql, params)
         except (sqlite3.Error, OSError, UnsafePath) as exc:  # unsafe at start-up refuses the start (open)

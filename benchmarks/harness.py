@@ -143,38 +143,20 @@ class CpuMeter:
 
     Ours is this process plus every live descendant (daemon, PAM workers, load children),
     with reaped children counted through their parent's cutime/cstime. On a shared machine
-    the others' share says whether a figure can be trusted.
+    the others' share says whether a figure can be trusted. ``roots`` are more trees counted as
+    ours: daemons we started that fork away from us (saslauthd detaches itself).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, roots: Sequence[int] = ()) -> None:
         self.tick = os.sysconf("SC_CLK_TCK")
+        self.roots = tuple(roots)
         self.started = self._snapshot()
 
     def _snapshot(self) -> tuple[float, float, float]:
         with open("/proc/stat") as f:
             cpu = [int(x) for x in f.readline().split()[1:]]
         busy = sum(cpu[:3]) + sum(cpu[5:8])  # user nice system, irq softirq steal
-        parents: dict[int, int] = {}
-        times: dict[int, int] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid = int(entry.name)
-            parents[pid] = int(fields[1])
-            times[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        me = os.getpid()
-        ours = 0
-        for pid, total in times.items():
-            ancestor = pid
-            while ancestor not in (me, 0, 1) and ancestor in parents:
-                ancestor = parents[ancestor]
-            if ancestor == me:
-                ours += total
+        ours = _tree_ticks({os.getpid(), *self.roots})
         return time.monotonic(), busy / self.tick, ours / self.tick
 
     def restart(self) -> None:
@@ -187,6 +169,35 @@ class CpuMeter:
         ours = (now[2] - self.started[2]) / wall
         busy = (now[1] - self.started[1]) / wall
         return ours, max(0.0, busy - ours)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User+system CPU of ``root`` and its live descendants, with their reaped children's."""
+    return _tree_ticks({root}) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_ticks(roots: set[int]) -> int:
+    """Clock ticks (utime stime cutime cstime) of ``roots`` and all their live descendants."""
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = sum(int(x) for x in fields[11:15])
+    total = 0
+    for pid, spent in times.items():
+        ancestor = pid
+        while ancestor not in roots and ancestor in parents and ancestor not in (0, 1):
+            ancestor = parents[ancestor]
+        if ancestor in roots:
+            total += spent
+    return total
 
 
 def cpu_note(cores: tuple[float, float]) -> str:

@@ -1,4 +1,4 @@
-"""SIGTERM on open connections: every line a client managed to write is answered (issue 8, defect 5).
+"""SIGTERM on open connections: every line a client managed to write is answered.
 
 The contract (docs/protocol.md, "Drain"): within the grace requests are served; after it
 each line is answered `shutting_down`, for as long as the connection is open; once nothing

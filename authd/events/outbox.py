@@ -91,6 +91,7 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self._closing = False
+        self._kick_queued = False
         self._last_prune = time.monotonic()
         self._retry_at = 0.0
 
@@ -123,13 +124,25 @@ class Outbox:
         self._thread.start()
 
     def append(self, event: Event) -> int:
-        """Give the event its sequence number and queue it for the next commit."""
+        """Give the event its sequence number and queue it for the next commit.
+
+        The writer is woken once per turn of the event loop, not per event: the events of
+        every request served in this turn go into one commit, and the writer does not wake
+        (and take the GIL from the loop) in the middle of the turn.
+        """
         self.appended += 1
         with self._cond:
             self._pending.events.append((self.appended, event))
-            self._cond.notify()
+        if not self._kick_queued and self._loop is not None:
+            self._kick_queued = True
+            self._loop.call_soon(self._kick)
         _emitted.set(self.appended)
         return self.appended
+
+    def _kick(self) -> None:
+        self._kick_queued = False
+        with self._cond:
+            self._cond.notify()
 
     async def durable(self) -> None:
         """Wait until the events this task emitted are committed (a no-op when it emitted none)."""
@@ -276,11 +289,16 @@ class Outbox:
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT OR REPLACE INTO events (seq, id, time, body) VALUES (?, ?, ?, ?)",
-                                     [(seq, e.id, e.time, e.to_json()) for seq, e in batch.events])
-                self._db.executemany("INSERT OR REPLACE INTO cursors (handler, seq) VALUES (?, ?)", batch.cursors.items())
-                self._db.executemany("INSERT OR REPLACE INTO dead (handler, seq, attempts, error, time) VALUES (?, ?, ?, ?, ?)",
-                                     batch.dead)
+                # only the statements with rows: an empty executemany still costs its preparation
+                if batch.events:
+                    self._db.executemany("INSERT OR REPLACE INTO events (seq, id, time, body) VALUES (?, ?, ?, ?)",
+                                         [(seq, e.id, e.time, e.to_json()) for seq, e in batch.events])
+                if batch.cursors:
+                    self._db.executemany("INSERT OR REPLACE INTO cursors (handler, seq) VALUES (?, ?)",
+                                         batch.cursors.items())
+                if batch.dead:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO dead (handler, seq, attempts, error, time) VALUES (?, ?, ?, ?, ?)", batch.dead)
             self._healthy()
         except sqlite3.Error as exc:
             # Replies must not wait on a broken disk: they go out, the events are delivered from

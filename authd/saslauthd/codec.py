@@ -5,7 +5,7 @@ password, service, realm. Newer libsasl (cyrus-sasl master) sends a 5th, the cli
 `ip;port`; released clients (2.1.27/2.1.28) do not, and wait for the reply. Both write the
 whole request at once, so after the 4th field the decoder parses a 5th only if bytes for it
 are already buffered; with nothing buffered it says `waiting_for_fifth`, and the listener
-gives the client a moment before calling `finish()`. The reply is one counted string, `OK`
+calls `finish()` at once (a request is never split between reads). The reply is one counted string, `OK`
 or `NO <text>`; clients test only its first two bytes. One request per connection.
 """
 

@@ -1,4 +1,4 @@
-"""What a peer may hold and what it is told, decided by its credentials (issue 8, defects 7 and 9).
+"""What a peer may hold and what it is told, decided by its credentials.
 
 A uid that `[clients]` forbids is refused at accept and never holds a slot; admins keep a
 reserve of connections through a flood; no message quotes a value the client sent.

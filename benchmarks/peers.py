@@ -1,0 +1,150 @@
+"""The real programs authd replaces, started on the real system's PAM: for bench_peers only.
+
+Cyrus saslauthd and Dovecot's auth service read /etc/pam.d and the real user database; they
+cannot be pointed at pam_wrapper's scratch directory the way authd's own benchmarks are. So
+for a side-by-side run every daemon (authd too) uses temporary service files in /etc/pam.d and
+a temporary local user, created here and removed afterwards. That needs root and changes the
+machine while it runs: run it on a throwaway machine or VM, never on a server in use.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .pamstack import UNIX_LINES, yescrypt
+
+PAM_DIR = Path("/etc/pam.d")
+PERMIT_LINES = ["auth required pam_permit.so", "account required pam_permit.so"]
+
+
+@contextmanager
+def system_pam_services(services: dict[str, list[str]]) -> Iterator[None]:
+    """/etc/pam.d/NAME for each name, refusing to overwrite one that exists; removed on exit."""
+    written: list[Path] = []
+    try:
+        for name, lines in services.items():
+            path = PAM_DIR / name
+            with path.open("x") as f:  # never replace a real service file
+                f.write("".join(f"{line}\n" for line in lines))
+            written.append(path)
+        yield
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def local_user(name: str, password: str) -> Iterator[None]:
+    """A real local user with a yescrypt hash (Debian 12's default), deleted on exit."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        pass
+    else:
+        raise RuntimeError(f"user {name} already exists: remove it (userdel {name}) or pick another")
+    subprocess.run(
+        ["useradd", "--no-create-home", "--no-user-group", "--shell", "/usr/sbin/nologin",
+         "--password", yescrypt(password), name],
+        check=True,
+    )
+    try:
+        yield
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+class Saslauthd:
+    """``saslauthd -a pam -n N -m DIR [-c]``: it detaches itself, so it is found by its pidfile."""
+
+    def __init__(self, root: Path, *, processes: int = 5, cache: bool = False) -> None:
+        self.dir = root
+        self.socket = root / "mux"
+        self.args = ["saslauthd", "-a", "pam", "-n", str(processes), "-m", str(root), *(["-c"] if cache else [])]
+        self.pid = 0
+
+    def __enter__(self) -> Saslauthd:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(self.args, check=True)
+        pidfile = self.dir / "saslauthd.pid"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if pidfile.exists() and self.socket.exists() and (text := pidfile.read_text().strip()):
+                self.pid = int(text)
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("saslauthd did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid:
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and Path(f"/proc/{self.pid}").exists():
+                time.sleep(0.05)
+
+
+DOVECOT_CONF = """\
+base_dir = {root}/run
+log_path = {root}/dovecot.log
+protocols =
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+passdb {{
+  driver = pam
+  args = %s
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home=/nonexistent
+}}
+service auth {{
+  unix_listener auth-client {{
+    mode = 0666
+  }}
+}}
+"""
+
+
+class Dovecot:
+    """An auth-only Dovecot 2.3 (``dovecot -F -c FILE``), ``passdb pam`` with the request's
+    service as the PAM service, no auth cache (Dovecot's default)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "dovecot.conf"
+        self.socket = root / "run" / "auth-client"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Dovecot:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(DOVECOT_CONF.format(root=self.root))
+        self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.config)], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dovecot exited with {self.proc.returncode}; see {self.root}/dovecot.log")
+            if self.socket.exists():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("dovecot did not create its auth-client socket")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
