@@ -1,19 +1,13 @@
 """Sessions: opaque tokens out, only their SHA-256 kept; an in-memory table backed by SQLite.
 
 The table answers lookups from memory; every change is written through to SQLite in WAL mode
-so a restart, or a `kill -9`, keeps every session that was issued. When the file cannot be
-written (disk full, read-only, locked by another process, corrupt) sessions are still issued
-and checked from memory: the fault is logged once and shown in `status`, and at most once a
-second (on the next change, or the expiry sweep) the store reopens the file and rewrites it
-whole from memory, so the file catches up once the fault clears. A corrupt file is moved
-aside and what can still be read from it is kept.
-
-One change is written behind instead of through: a lookup's new `last_seen` (idle expiry).
-A token checked on every web request would otherwise cost a SQLite commit per check, more
-than the rest of the lookup together. The new values are written together at most once per
-`LAST_SEEN_EVERY` (on a later lookup), by the expiry sweep, and on close (drain, SIGTERM);
-memory is always exact, so only a `kill -9` can lose them, and then a session's idle time
-restarts from a `last_seen` at most that stale (or the sweep interval, with no lookups since).
+by a writer thread (`writethrough`), and a request that issued or ended a session awaits
+`durable()` before its reply, so a restart, or a `kill -9`, keeps every session that was
+issued. When the file cannot be written (disk full, read-only, locked by another process,
+corrupt) sessions are still issued and checked from memory: the fault is logged once and shown
+in `status`, and at most once a second (on the next change, or the expiry sweep) the file is
+reopened and rewritten whole from memory, so it catches up once the fault clears. A corrupt
+file is moved aside and what can still be read from it is kept.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +26,12 @@ import structlog
 
 from . import sqlitefile
 from .protocol import PublicSession
-from .securefs import UnsafePath
 from .sqlitefile import BUSY_TIMEOUT, Corrupt
+from .writethrough import WriteThrough
 
 log = structlog.get_logger("authd.sessions")
 
 TOKEN_BYTES = 32  # 256 bits
-RETRY_INTERVAL = 1.0  # after a fault, the file is retried at most this often
-LAST_SEEN_EVERY = 1.0  # seconds between batched writes of lookups' `last_seen`
 _SELECT = "SELECT id, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout FROM sessions"
 Row = tuple[Any, ...]
 
@@ -103,23 +95,22 @@ class SessionStore:
         self._by_hash: dict[bytes, Session] = {}
         self._by_id: dict[str, Session] = {}
         self._by_owner: dict[tuple[str, str], dict[str, Session]] = {}  # (user, service) -> its sessions
-        self._db: sqlite3.Connection | None = None
-        self._dirty = False  # the file may lack what memory holds: rewrite it whole when it can be
-        self._retry_at = 0.0
         self._complete = True  # memory holds every session the file does
         self._gone: set[str] = set()  # removed while incomplete: a later merge must not revive them
-        self._seen: dict[str, float] = {}  # last_seen values not written yet, by session id
-        self._seen_due = 0.0  # monotonic time of the next batched last_seen write
-        self.persist_error: str | None = None
+        self._file = WriteThrough(path, _SCHEMA, name="sessions", rewrite=self._rewrite, failed=self._failed,
+                                  recovered=self._recovered, quarantined=self._quarantined)
+
+    @property
+    def persist_error(self) -> str | None:
+        return self._file.error
 
     def open(self) -> None:
         """Load the persisted sessions; read-only if the file cannot be written, then serve on."""
         try:
-            rows = _read(self._connection())
-        except (sqlite3.Error, OSError) as exc:
-            self._failed(exc)
+            self._file.open(lambda db: self._load(_read(db)))
+        except (sqlite3.Error, OSError):
             rows, self._complete = _read_only(self.path)
-        self._load(rows)
+            self._load(rows)
         now = time.time()
         self._write("DELETE FROM sessions WHERE created + ttl <= ? OR (idle_timeout > 0 AND last_seen + idle_timeout <= ?)",
                     (now, now))
@@ -127,18 +118,19 @@ class SessionStore:
 
     def close(self) -> None:
         """One last try to persist what a fault kept in memory only, then close the file."""
-        self._write_seen()
-        if self._dirty:
-            self._retry_at = 0.0
-            self.flush()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._file.close()
 
     def flush(self) -> None:
         """Retry persisting after a fault (rate-limited); nothing to do while the file is current."""
-        if self._dirty:
-            self._write(None, ())
+        self._file.flush()
+
+    async def durable(self) -> None:
+        """Wait until the changes made so far are on disk (or given up to a storage fault)."""
+        await self._file.durable()
+
+    def settle(self) -> None:
+        """`durable`, blocking: for synchronous callers."""
+        self._file.settle()
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -186,9 +178,7 @@ class SessionStore:
             return None
         if touch:
             session.last_seen = now
-            self._seen[session.id] = now
-            if time.monotonic() >= self._seen_due:
-                self._write_seen()
+            self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session.id))
         return session
 
     def remove_token(self, token: str) -> Session | None:
@@ -217,7 +207,6 @@ class SessionStore:
         pool = self._by_id.values() if candidates is None else candidates
         doomed = [s for s in pool if s.expired(now) and self._by_id.get(s.id) is s]
         self._remove(doomed)
-        self._write_seen()
         self.flush()
         return doomed
 
@@ -248,81 +237,51 @@ class SessionStore:
             self._gone.update(s.id for s in sessions)
         self._write("DELETE FROM sessions WHERE id IN (SELECT value FROM json_each(?))", (_json_ids(s.id for s in sessions),))
 
-    def _write_seen(self) -> None:
-        """Write the `last_seen` values of lookups since the last time (see the module doc)."""
-        self._seen_due = time.monotonic() + LAST_SEEN_EVERY
-        if self._seen:
-            rows = [(seen, session_id) for session_id, seen in self._seen.items()]
-            self._seen.clear()
-            self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", rows, many=True)
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        self._file.write(lambda db: db.execute(sql, params))
 
-    def _write(self, sql: str | None, params: Any, *, many: bool = False) -> None:
-        """Write one change through (`many`: one statement over rows of parameters); after a
-        fault, rewrite the table from memory instead."""
-        if self._dirty and time.monotonic() < self._retry_at:
-            return
-        try:
-            db = self._connection()
-            if self._dirty:
-                self._resync(db)
-            elif sql is not None and many:
-                with db:  # one transaction, one commit, for all the rows
-                    db.execute("BEGIN IMMEDIATE")
-                    db.executemany(sql, params)
-            elif sql is not None:
-                db.execute(sql, params)
-        except (sqlite3.Error, OSError, UnsafePath) as exc:  # unsafe at start-up refuses the start (open)
-            self._failed(exc)
-            return
-        if self._dirty:
-            self._dirty = False
-            if self.persist_error is not None:
-                log.warning("session store writable again; sessions persisted", path=str(self.path), sessions=len(self._by_id))
-            self.persist_error = None
+    def _rewrite(self) -> Callable[[sqlite3.Connection], bool]:
+        """On the event loop: a snapshot of memory, for the writer to replace the file's rows with.
 
-    def _resync(self, db: sqlite3.Connection) -> None:
+        While memory may lack sessions the file holds (it was read only in part), the writer
+        first reads them and hands them back; the loop merges them and asks again."""
         if not self._complete:
-            self._load(_read(db))
-            self._complete = True
-            self._gone.clear()
-        with db:
-            db.execute("BEGIN IMMEDIATE")
+            def merge_first(db: sqlite3.Connection) -> bool:
+                rows = _read(db)
+                self._file.post(lambda: self._merged(rows))
+                return False
+            return merge_first
+        rows = [_row(s) for s in self._by_id.values()]
+
+        def rewrite(db: sqlite3.Connection) -> bool:
             db.execute("DELETE FROM sessions")
-            rows = [_row(s) for s in self._by_id.values()]
             db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            return True
+        return rewrite
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            try:
-                self._db = _connect(self.path)
-            except Corrupt as exc:
-                self._quarantine(exc)
-                self._db = _connect(self.path)
-        return self._db
+    def _merged(self, rows: list[Row]) -> None:
+        self._load(rows)
+        self._complete = True
+        self._gone.clear()
+        self._file.resync()
 
-    def _quarantine(self, exc: Corrupt) -> None:
-        """Move the corrupt file (and its WAL) aside, keep what can still be read, start afresh."""
-        aside = sqlitefile.move_aside(self.path)
-        before = len(self._by_id)
-        self._load(_salvage(aside))
-        self._dirty = True
-        log.error("session database corrupt; moved aside", path=str(self.path), moved_to=str(aside), error=str(exc),
-                  salvaged=len(self._by_id) - before)
+    def _quarantined(self, aside: Path, exc: Corrupt) -> None:
+        """In the writer (or at open): keep what can still be read from the file moved aside."""
+        salvaged = _salvage(aside)
 
-    def _failed(self, exc: BaseException) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        self._dirty = True
-        self._retry_at = time.monotonic() + RETRY_INTERVAL
-        message = f"{exc.__class__.__name__}: {exc}"
-        if self.persist_error is None:
-            log.error("session store write failed; sessions are kept in memory only", error=message, path=str(self.path))
-        self.persist_error = message
+        def merge() -> None:
+            before = len(self._by_id)
+            self._load(salvaged)
+            log.error("session database corrupt; moved aside", path=str(self.path), moved_to=str(aside), error=str(exc),
+                      salvaged=len(self._by_id) - before)
+            self._file.resync()
+        self._file.post(merge)
 
+    def _failed(self, message: str) -> None:
+        log.error("session store write failed; sessions are kept in memory only", error=message, path=str(self.path))
 
-def _connect(path: Path) -> sqlite3.Connection:
-    return sqlitefile.connect(path, _SCHEMA, isolation_level=None, check_same_thread=False)
+    def _recovered(self) -> None:
+        log.warning("session store writable again; sessions persisted", path=str(self.path), sessions=len(self._by_id))
 
 
 def _read(db: sqlite3.Connection) -> list[Row]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import securefs
 
-BUSY_TIMEOUT = 0.1  # the stores run on the event loop: never wait long for another process's lock
+BUSY_TIMEOUT = 0.1  # replies wait on the stores' commits: never wait long for another process's lock
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _COMPANIONS = ("-wal", "-shm", "-journal")
 

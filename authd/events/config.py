@@ -86,6 +86,16 @@ class MailConfig(_Retrying, tag="mail", frozen=True, kw_only=True):
     timeout: Positive = 10.0
 
 
+class RedisStreamConfig(_Retrying, tag="redis_stream", frozen=True, kw_only=True):
+    url: str = "unix:///run/redis/redis.sock"
+    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] = "authd:events"
+    maxlen: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000  # trimmed approximately (MAXLEN ~)
+    timeout: Positive = 2.0  # connect, and one XADD
+
+    def __repr__(self) -> str:  # the URL may carry a password
+        return f"RedisStreamConfig(name={self.name!r}, stream={self.stream!r})"
+
+
 class ExecConfig(_Handler, tag="exec", frozen=True, kw_only=True):
     command: Annotated[tuple[str, ...], msgspec.Meta(min_length=1)]
     timeout: Positive = 10.0
@@ -100,7 +110,8 @@ class PythonConfig(_Handler, tag="python", frozen=True, kw_only=True):
     timeout: Positive | None = None
 
 
-HandlerConfig = AuditConfig | LastlogConfig | WebhookConfig | MailConfig | ExecConfig | PythonConfig
+HandlerConfig = (AuditConfig | LastlogConfig | WebhookConfig | MailConfig | RedisStreamConfig | ExecConfig
+                 | PythonConfig)
 
 
 def resolve_path(ctx: HandlerContext, value: str) -> Path:

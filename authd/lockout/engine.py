@@ -250,6 +250,10 @@ class Lockout:
                 cleared = True
         return cleared
 
+    async def durable(self) -> None:
+        """Wait until the changes made so far are on disk (or given up to a storage fault)."""
+        await self._store.durable()
+
     def close(self) -> None:
         self._store.close()
 

@@ -1,24 +1,24 @@
 """SQLite persistence for lockout state.
 
-The engine's in-memory state is authoritative and every change is written through. When the
-database cannot be written (disk full, read-only, locked, corrupt) authentication goes on from
-memory: the store records the error, and on a later write (at most once a second) reopens the
-file, merges what it holds and rewrites the whole state, so nothing committed is lost and the
-file catches up once the fault clears. A corrupt file is moved aside, never silently reused.
+The engine's in-memory state is authoritative and every change is written through, by a
+writer thread (`writethrough`), never on the event loop. When the database cannot be written
+(disk full, read-only, locked, corrupt) authentication goes on from memory: the store records
+the error, and on a later write (at most once a second) reopens the file, merges what it holds
+and rewrites the whole state, so nothing committed is lost and the file catches up once the
+fault clears. A corrupt file is moved aside, never silently reused.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
 from .. import sqlitefile
-from ..securefs import UnsafePath
 from ..sqlitefile import Corrupt
+from ..writethrough import WriteThrough
 
 FailureRow = tuple[str, str, float]
 """(scope, key, time of the failure)."""
@@ -36,7 +36,6 @@ CREATE TABLE IF NOT EXISTS locks (
 );
 PRAGMA user_version = 1;
 """
-_RETRY_INTERVAL = 1.0
 
 log = structlog.get_logger("authd.lockout")
 
@@ -50,19 +49,23 @@ class LockoutStore:
         self._path = Path(path)
         self._snapshot = snapshot
         self._merge = merge
-        self._conn: sqlite3.Connection | None = None
         self._loaded = False
-        self._dirty = False
-        self._retry_at = 0.0
-        self.error: str | None = None
+        self._file = WriteThrough(self._path, _SCHEMA, name="lockout", rewrite=self._rewrite, failed=self._failed,
+                                  recovered=self._recovered, quarantined=self._quarantined)
+
+    @property
+    def error(self) -> str | None:
+        return self._file.error
 
     def open(self) -> None:
         """Load persisted state into the engine; if the file cannot be written, read it anyway."""
         try:
-            self._load()
-        except (sqlite3.Error, OSError) as exc:
-            self._failed(exc)
+            self._file.open(self._load)
+        except (sqlite3.Error, OSError):
             self._load_read_only()
+
+    async def durable(self) -> None:
+        await self._file.durable()
 
     def add_failure(self, scope: str, key: str, at: float) -> None:
         self._write(lambda c: c.execute("INSERT INTO failures VALUES (?, ?, ?)", (scope, key, at)))
@@ -98,41 +101,37 @@ class LockoutStore:
 
     def close(self) -> None:
         """Persist what is still pending (one last try), then close the file."""
-        if self._dirty:
-            self._retry_at = 0.0
-            self._write(lambda c: None)
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._file.close()
 
     def _write(self, op: Callable[[sqlite3.Connection], object]) -> None:
-        if self._dirty:
-            if time.monotonic() < self._retry_at:
-                return
-            op = self._rewrite
-        try:
-            if not self._loaded:
-                self._load()
-            conn = self._connection()
-            with conn:
-                op(conn)
-        except (sqlite3.Error, OSError, UnsafePath) as exc:  # unsafe at start-up refuses the start (open)
-            self._failed(exc)
-            return
-        if self._dirty:
-            self._dirty = False
-            self.error = None
-            log.warning("lockout state persisted again", db=str(self._path))
+        self._file.write(op)
 
-    def _rewrite(self, conn: sqlite3.Connection) -> None:
+    def _rewrite(self) -> Callable[[sqlite3.Connection], bool]:
+        """On the event loop: the engine's state, for the writer to replace the file's with; if
+        the file was never read, the writer reads it first and the engine merges it."""
+        if not self._loaded:
+            def merge_first(conn: sqlite3.Connection) -> bool:
+                rows = _read(conn)
+                self._file.post(lambda: self._merged(rows))
+                return False
+            return merge_first
         failures, locks = self._snapshot()
-        conn.execute("DELETE FROM failures")
-        conn.execute("DELETE FROM locks")
-        conn.executemany("INSERT INTO failures VALUES (?, ?, ?)", failures)
-        conn.executemany("INSERT INTO locks VALUES (?, ?, ?, ?, ?)", locks)
 
-    def _load(self) -> None:
-        self._merge(_read(self._connection()))
+        def rewrite(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM failures")
+            conn.execute("DELETE FROM locks")
+            conn.executemany("INSERT INTO failures VALUES (?, ?, ?)", failures)
+            conn.executemany("INSERT INTO locks VALUES (?, ?, ?, ?, ?)", locks)
+            return True
+        return rewrite
+
+    def _merged(self, rows: Rows) -> None:
+        self._merge(rows)
+        self._loaded = True
+        self._file.resync()
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        self._merge(_read(conn))
         self._loaded = True
 
     def _load_read_only(self) -> None:
@@ -157,31 +156,14 @@ class LockoutStore:
             self._loaded = True
             return
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            try:
-                self._conn = self._connect()
-            except Corrupt as exc:
-                self._quarantine(exc)
-                self._conn = self._connect()
-        return self._conn
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlitefile.connect(self._path, _SCHEMA)
-
-    def _quarantine(self, exc: Corrupt) -> None:
-        aside = sqlitefile.move_aside(self._path)
+    def _quarantined(self, aside: Path, exc: Corrupt) -> None:
         log.error("lockout database corrupt, moved aside", db=str(self._path), moved_to=str(aside), error=str(exc))
 
-    def _failed(self, exc: BaseException) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self._dirty = True
-        self._retry_at = time.monotonic() + _RETRY_INTERVAL
-        if self.error is None:
-            log.error("lockout state not persisted", db=str(self._path), error=str(exc))
-        self.error = str(exc)
+    def _failed(self, message: str) -> None:
+        log.error("lockout state not persisted", db=str(self._path), error=message)
+
+    def _recovered(self) -> None:
+        log.warning("lockout state persisted again", db=str(self._path))
 
 
 def _read(conn: sqlite3.Connection) -> Rows:

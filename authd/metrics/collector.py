@@ -148,6 +148,12 @@ class AuthdCollector:
         persisting.add_metric(["lockout"], int(rt.lockout.storage_error is None))
         persisting.add_metric(["events"], int(rt.bus.outbox.storage_error is None))
         yield persisting
+        lockout = rt.lockout.stats()
+        up = GaugeMetricFamily("authd_store_up", "1 while a store's backend answers (SQLite always: it serves from memory); 0 while Redis is unreachable.", labels=["store"])
+        up.add_metric(["sessions"], int(rt.sessions.state()["state"] != "down"))
+        up.add_metric(["lockout"], int(lockout.get("store") != "down"))
+        yield up
+        yield CounterMetricFamily("authd_lockout_fallbacks", "Logins the lockout decided on this host's own engine because Redis was unreachable.", lockout.get("fallbacks", 0))
 
     def _lockout(self) -> Iterator[Metric]:
         lockout = self.rt.lockout

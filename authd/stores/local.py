@@ -1,5 +1,7 @@
 """The single-host backend: the in-memory session table and lockout engine behind the async
-protocols. Both answer from memory and write through to SQLite in the state dir."""
+protocols. Both answer from memory and write through to SQLite in the state dir, in a writer
+thread; a change a reply reports (a session issued or ended, a failure counted, a lock lifted)
+is on disk before the reply leaves. A touch is not waited for: it only moves an idle expiry."""
 
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ class LocalSessions:
 
     async def create(self, *, user: str, groups: Iterable[str], service: str, rhost: str | None, ttl: float,
                      idle_timeout: float) -> tuple[Session, str]:
-        return self.table.create(user=user, groups=groups, service=service, rhost=rhost, ttl=ttl, idle_timeout=idle_timeout)
+        created = self.table.create(user=user, groups=groups, service=service, rhost=rhost, ttl=ttl, idle_timeout=idle_timeout)
+        await self.table.durable()
+        return created
 
     async def make_room(self, *, user: str, service: str, limit: int, evict_oldest: bool) -> list[Session]:
         return self.table.make_room(user=user, service=service, limit=limit, evict_oldest=evict_oldest)
@@ -46,10 +50,14 @@ class LocalSessions:
         return self.table.lookup(token, touch=touch)
 
     async def remove_token(self, token: str) -> Session | None:
-        return self.table.remove_token(token)
+        removed = self.table.remove_token(token)
+        await self.table.durable()
+        return removed
 
     async def revoke(self, *, session_id: str | None = None, user: str | None = None) -> list[Session]:
-        return self.table.revoke(session_id=session_id, user=user)
+        revoked = self.table.revoke(session_id=session_id, user=user)
+        await self.table.durable()
+        return revoked
 
     async def list(self, user: str | None = None) -> list[Session]:
         return self.table.list(user)
@@ -98,7 +106,9 @@ class LocalLockout:
         return await self.engine.begin(user, rhost, password)
 
     async def finish(self, attempt: Attempt, success: bool) -> tuple[Locked, ...]:
-        return self.engine.finish(attempt, success)
+        locks = self.engine.finish(attempt, success)
+        await self.engine.durable()
+        return locks
 
     async def cancel(self, attempt: Attempt) -> None:
         self.engine.cancel(attempt)
@@ -107,7 +117,9 @@ class LocalLockout:
         return self.engine.lockouts()
 
     async def unlock(self, name: str, scope: Scope | None = None) -> bool:
-        return self.engine.unlock(name, scope)
+        cleared = self.engine.unlock(name, scope)
+        await self.engine.durable()
+        return cleared
 
     async def close(self) -> None:
         self.engine.close()

@@ -45,7 +45,9 @@ async def login(
     if isinstance(outcome, Locked):
         return outcome
     assert isinstance(outcome, Attempt)
-    return lockout.finish(outcome, ok)
+    locks = lockout.finish(outcome, ok)
+    await lockout.durable()  # as the daemon does before it replies
+    return locks
 
 
 async def fail_distinct(

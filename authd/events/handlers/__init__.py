@@ -20,9 +20,10 @@ from authd.events.config import (
     LastlogConfig,
     MailConfig,
     PythonConfig,
+    RedisStreamConfig,
     WebhookConfig,
 )
-from authd.events.handlers import audit, lastlog, mail, python, webhook
+from authd.events.handlers import audit, lastlog, mail, python, redis_stream, webhook
 from authd.events.handlers import exec as exec_
 from authd.events.model import EVENT_NAMES
 
@@ -31,6 +32,7 @@ _BUILDERS: dict[type, Callable[..., Handler]] = {
     LastlogConfig: lastlog.build,
     WebhookConfig: webhook.build,
     MailConfig: mail.build,
+    RedisStreamConfig: redis_stream.build,
     ExecConfig: exec_.build,
     PythonConfig: python.build,
 }
