@@ -3,13 +3,17 @@
 Each request runs as its own task, so replies leave in completion order: a failed login
 waiting out its delay never holds up the requests behind it on the same connection.
 Who may hold a connection is decided at accept, from the peer's credentials, before it
-takes a slot; a drain answers every line a client managed to write (docs/protocol.md).
+takes a slot. A connection at `max_inflight`, or of a uid whose PAM queue is full
+(`authd.intake`), is not read from until it has room, so a client that resends every `busy`
+at once cannot keep the loop answering `busy`. A drain answers every line a client managed to
+write (docs/protocol.md).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import functools
 import grp
@@ -29,6 +33,7 @@ from .authflow import AuthCore
 from .config import Limits
 from .errors import AuthdError
 from .eventops import Subscribe, serve_subscription
+from .intake import Intake
 from .ops import Context, dispatch
 from .outcome import AuthRequest, Denied, Outcome
 from .peer import Peer
@@ -69,6 +74,11 @@ class Server:
         self.drain_started: float | None = None
         self._finishing = False  # past the drain's grace: every connection stops taking input once idle
         self._released = asyncio.Event()  # set whenever a connection gives its slot back
+        self.intake = Intake(self._pam_full)
+        rt.pam.room = self.intake.room
+
+    def _pam_full(self, uid: int) -> bool:
+        return self.rt.pam.queued(uid) >= self.rt.policy.daemon.limits.max_queued_per_uid
 
     async def listen(self, front: FrontEnd, path: Path | None, inherited: socket.socket | None = None) -> None:
         """Serve `front` on a socket systemd passed in, or else bind our own at `path`."""
@@ -105,6 +115,7 @@ class Server:
         self.stop_accepting()
         await asyncio.sleep(DRAIN_GRACE)
         self._finishing = True
+        self.intake.open_all()
         for conn in list(self.connections):
             conn.drain()
         while self.open:
@@ -209,7 +220,7 @@ class Server:
 
     def stats(self) -> dict[str, int]:
         return {"connections": len(self.connections), "open": self.open,
-                "inflight": sum(len(c.inflight) for c in self.connections)}
+                "inflight": sum(len(c.inflight) for c in self.connections), "paused": self.intake.waiting()}
 
 
 class Connection(abc.ABC):
@@ -228,6 +239,8 @@ class Connection(abc.ABC):
         self._partial_since: float | None = None
         self._closing = False  # stop reading (a front end's protocol error); replies in flight still go out
         self._draining = False
+        self._held: collections.deque[Any] = collections.deque()  # read while the uid's PAM queue was full
+        self._freed: asyncio.Future[None] | None = None  # set when an in-flight request ends
         self.read_closed = asyncio.Event()  # the client sent EOF or the read loop ended
 
     @abc.abstractmethod
@@ -261,36 +274,80 @@ class Connection(abc.ABC):
 
     async def _read_loop(self) -> None:
         """Until EOF (the client's, or the one `drain` arranges after the last line it took) or `_closing`."""
-        counters = self.rt.counters
         while not self._closing:
-            limits = self.rt.policy.daemon.limits
+            waited = await self.take_turn()
             try:
-                async with asyncio.timeout(self._read_timeout(limits)):
-                    data = await self.reader.read(64 * 1024)
-            except TimeoutError:
-                if self.inflight and self._partial_since is None:
-                    continue
-                if self._partial_since is not None:
-                    counters["connections_closed_slow_request"] += 1
-                    self.send(self.timed_out(limits))
-                else:
-                    counters["connections_closed_idle"] += 1
+                if self._held:  # one request per turn, in order, each behind the uid's other connections
+                    self.handle(self._held.popleft())
+                    await asyncio.sleep(0)  # let it reach the PAM queue before the next turn is judged
+                elif not await self._read(waited):
+                    return
+            finally:  # a turn taken, or given up: the next connection of this uid, if there is room
+                self.server.intake.room(self.peer.uid)
+
+    async def _read(self, waited: bool) -> bool:
+        """Read and handle what arrives; False when the connection is done reading."""
+        counters = self.rt.counters
+        limits = self.rt.policy.daemon.limits
+        try:
+            async with asyncio.timeout(self._read_timeout(limits)):
+                data = await self.reader.read(64 * 1024)
+        except TimeoutError:
+            if self.inflight and self._partial_since is None:
+                return True
+            if self._partial_since is not None:
+                counters["connections_closed_slow_request"] += 1
+                self.send(self.timed_out(limits))
+            else:
+                counters["connections_closed_idle"] += 1
+            return False
+        if not data:
+            return False
+        try:
+            items = self.decoder.feed(data)
+        except Exception:  # a codec bug costs this connection, never the daemon or its log
+            counters["internal_errors"] += 1
+            if self.server.sometimes("undecodable"):
+                log.exception("request could not be decoded; closing the connection", **self.peer.log_fields())
+            self.send(self.malformed())
+            return False
+        self._take(items, 1 if waited else len(items))
+        # Not `decoder.pending`: a line being skipped as too large is still a line in progress.
+        partial = not data.endswith(b"\n")
+        self._partial_since = (self._partial_since or time.monotonic()) if partial else None
+        return True
+
+    async def take_turn(self) -> bool:
+        """Wait while this connection has `max_inflight` requests in flight, or the peer's uid
+        a full PAM queue (`authd.intake`); True if it had to. Either way a client that resends
+        each `busy` at once would keep the loop answering `busy`: its lines wait unread instead.
+        A line left unfinished is not timed while it waits."""
+        intake, uid = self.server.intake, self.peer.uid
+        if len(self.inflight) < self.rt.policy.daemon.limits.max_inflight and intake.ready(uid):
+            return False
+        started = time.monotonic()
+        while len(self.inflight) >= self.rt.policy.daemon.limits.max_inflight:
+            self.rt.counters["paused_inflight"] += 1
+            self._freed = asyncio.get_running_loop().create_future()
+            await self._freed
+        if not intake.ready(uid):
+            self.rt.counters["paused_uid_queue"] += 1
+            await intake.wait(uid)
+        if self._partial_since is not None:
+            self._partial_since += time.monotonic() - started
+        return True
+
+    def _take(self, items: list[Any], now: int) -> None:
+        """Handle up to `now` of the items one read completed, while the uid's PAM queue has
+        room; hold the rest for `_read_loop` to hand out one per turn. After a wait `now` is 1:
+        a uid under pressure takes one request per turn, so what it resent meanwhile does not
+        overrun its queue and bounce off `busy` again."""
+        intake, uid = self.server.intake, self.peer.uid
+        for i, item in enumerate(items):
+            if i == now or not intake.ready(uid):
+                self._held.extend(items[i:])
                 return
-            if not data:
-                return
-            try:
-                items = self.decoder.feed(data)
-            except Exception:  # a codec bug costs this connection, never the daemon or its log
-                counters["internal_errors"] += 1
-                if self.server.sometimes("undecodable"):
-                    log.exception("request could not be decoded; closing the connection", **self.peer.log_fields())
-                self.send(self.malformed())
-                return
-            for item in items:
-                self.handle(item)
-            # Not `decoder.pending`: a line being skipped as too large is still a line in progress.
-            partial = not data.endswith(b"\n")
-            self._partial_since = (self._partial_since or time.monotonic()) if partial else None
+            self.handle(item)
 
     def _read_timeout(self, limits: Limits) -> float:
         if self._partial_since is not None:
@@ -333,6 +390,8 @@ class Connection(abc.ABC):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
+        if self._freed is not None and not self._freed.done():
+            self._freed.set_result(None)
         if not self.inflight and self._draining:
             self._stop_input()
 

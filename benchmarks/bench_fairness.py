@@ -19,8 +19,9 @@ measures what that buys the victim, against the real daemon, in phases of S seco
 
 The defaults: 8 x 32 spinning is a flood that keeps its uid's queue full; 256 x 32 (the default
 `max_connections_per_uid`) is all one uid may have in flight: holding, it is the flood that
-put a victim's login 10 s behind one FIFO; spinning, most of it bounces off `busy` as fast as
-the CPU allows.
+put a victim's login 10 s behind one FIFO; spinning, it bounced off `busy` as fast as the CPU
+allowed until authd stopped reading a uid with a full queue (`--depth 64 --max-queued 100000`
+makes it bounce off `max_inflight` instead).
 
 Printed per phase: the victim's logins, p50, p99 and their ratio to the idle phase (goal: p99
 within 2x), cores used by this benchmark's processes and by everything else; for a flood what

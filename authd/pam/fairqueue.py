@@ -49,6 +49,10 @@ class FairQueue(Generic[K, T]):
 
     def pop(self) -> T:
         """The oldest item of the key whose turn it is; IndexError if nothing is queued."""
+        return self.pop_turn()[1]
+
+    def pop_turn(self) -> tuple[K, T]:
+        """``pop``, with the key whose turn it was."""
         key = self._turns.popleft()
         queue = self._queues[key]
         item = queue.popleft()
@@ -57,7 +61,7 @@ class FairQueue(Generic[K, T]):
             self._turns.append(key)
         else:
             del self._queues[key]
-        return item
+        return key, item
 
     def remove(self, key: K, item: T) -> bool:
         """Take ``item`` out of ``key``'s queue wherever it is (its caller gave up)."""

@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -162,6 +162,10 @@ class PamPool:
     replaced in the background. Waiting for a free worker is bounded by ``timeout`` too.
     Workers retire after ``max_calls`` calls. ``env`` is layered over ``os.environ`` for the
     workers. The pool never sleeps out ``fail_delay``: that is the caller's job.
+
+    ``room``, if set, is called with the uid each time a call leaves that uid's queue (for a
+    worker, or given up): the server reads no requests of a uid whose queue is full
+    (``authd.intake``) and resumes on it.
     """
 
     def __init__(
@@ -191,6 +195,7 @@ class PamPool:
         self._quiet: asyncio.Future[None] | None = None
         self._closing = False
         self._closed = False
+        self.room: Callable[[int | None], None] | None = None
         self._counts = dict.fromkeys(
             ("calls", "crashed", "timed_out", "recycled", "spawned", "spawn_failed", "refused_busy"), 0
         )
@@ -293,8 +298,8 @@ class PamPool:
             if waiter.done() and not waiter.cancelled():
                 if (worker := waiter.result()) is not None:
                     self._release(worker)  # handed over just as we gave up: pass it on
-            else:
-                self._waiters.remove(uid, waiter)
+            elif self._waiters.remove(uid, waiter):
+                self._left(uid)
             if isinstance(exc, TimeoutError):
                 return None
             raise
@@ -304,7 +309,8 @@ class PamPool:
         if worker not in self._workers:
             return
         while self._waiters:
-            waiter = self._waiters.pop()
+            uid, waiter = self._waiters.pop_turn()
+            self._left(uid)
             if not waiter.done():
                 waiter.set_result(worker)
                 return
@@ -312,6 +318,10 @@ class PamPool:
             self._drop(worker, "closing")
         else:
             self._idle.append(worker)
+
+    def _left(self, uid: int | None) -> None:
+        if self.room is not None:
+            self.room(uid)
 
     def _drop(self, worker: _Worker, reason: DropReason) -> None:
         """Take a worker out of service (once) and start its replacement."""
@@ -442,6 +452,10 @@ class PamPool:
             waiter = self._waiters.pop()
             if not waiter.done():
                 waiter.set_result(None)
+
+    def queued(self, uid: int | None) -> int:
+        """Calls of ``uid`` waiting for a worker now."""
+        return self._waiters.queued(uid)
 
     def pids(self) -> list[int]:
         """Process ids of the workers in service (for status output and tests)."""

@@ -47,9 +47,13 @@ class SaslauthdConnection(Connection):
 
     async def run(self) -> None:
         try:
-            item = await self._read_request()
-            if item is not None:
-                self.handle(item)
+            await self.take_turn()  # not read while this uid's PAM queue is full (authd.intake)
+            try:
+                item = await self._read_request()
+                if item is not None:
+                    self.handle(item)
+            finally:
+                self.server.intake.room(self.peer.uid)
             if self.inflight:
                 await asyncio.wait(self.inflight)
         except (ConnectionError, OSError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from benchmarks.bench_fairness import Flooder
@@ -84,3 +85,63 @@ def test_a_busy_login_counts_neither_as_failure_nor_as_success(make_daemon: Call
     assert [r["failures"] for r in d.call("lockouts")["lockouts"] if r["key"] == "alice"] == [
         2 + errors.count("auth_failed")]
     assert d.call("status")["pam"]["refused_busy"] == errors.count("busy")
+
+
+
+def victim_under_spin_flood(d: Daemon, busy_counter: Callable[[dict[str, Any]], int], *, depth: int,
+                            queue_full_at: int) -> tuple[int, int, list[int], dict[str, Any], dict[str, int]]:
+    """Root logs in 10 times while uid nobody keeps 8 connections x `depth` logins going and
+    resends every reply at once, `busy` included. Returns the `busy` answers (as counted by
+    `busy_counter` in `status`) and the PAM calls in that window, the flood calls completed
+    during each login, the last `status` and what the flooder got."""
+
+    def status() -> dict[str, Any]:
+        return d.call("status")
+
+    with Flooder(d.socket, d.env(), uid=NOBODY, gid=NOBODY, connections=8, depth=depth, mode="spin",
+                 service=SERVICE) as flooder:
+        flooder.wait_started()
+        wait_for(lambda: status()["pam"]["waiting"] >= queue_full_at, what="the flood to fill the PAM queue")
+        before = status()
+        flood_done = []
+        with d.client() as victim:
+            for _ in range(10):
+                calls = status()["pam"]["calls"]
+                victim.auth("alice", PASSWORD, SERVICE, open_session=False)  # raises unless ok
+                flood_done.append(status()["pam"]["calls"] - calls - 1)
+        after = status()
+        counts = flooder.stop()
+    return (busy_counter(after) - busy_counter(before), after["pam"]["calls"] - before["pam"]["calls"], flood_done,
+            after, counts)
+
+
+def test_a_flood_that_resends_every_busy_at_once_waits_unread_instead_of_bouncing(
+        make_daemon: Callable[..., Daemon], pam: PamEnv, tmp_path: Path) -> None:
+    """Each `busy` answered at once with a new request made the event loop a bounce machine:
+    thousands of refusals per PAM call, and everyone's login waited for the loop. Now a uid
+    with a full queue is not read from until a call leaves it (`authd.intake`). Counted in
+    the daemon's own units (flood refusals per flood PAM call while root logs in), not seconds."""
+    slow_pam(pam, tmp_path)
+    d = make_daemon(base=with_limits(max_queued_per_uid=QUEUED)).start()
+    bounced, calls, flood_done, after, counts = victim_under_spin_flood(
+        d, lambda status: status["pam"]["refused_busy"], depth=32, queue_full_at=QUEUED - 1)
+    # Before: hundreds of `busy` per PAM call. Now the flood's resent requests wait in its
+    # sockets; a rare one still races into a full queue.
+    assert bounced * 4 < calls, (bounced, calls)
+    assert statistics.median(flood_done) <= QUEUED // 4, flood_done  # and the turns still hold
+    assert after["connections"]["paused"] > 0  # the flood's connections, waiting unread
+    assert after["counters"]["paused_uid_queue"] > 0
+    assert counts.get("auth_failed", 0) > 0 and set(counts) <= {"busy", "auth_failed"}, counts
+
+
+def test_a_flood_that_resends_every_busy_past_max_inflight_waits_unread_instead_of_bouncing(
+        make_daemon: Callable[..., Daemon], pam: PamEnv, tmp_path: Path) -> None:
+    """The same bounce off `max_inflight` (a connection's own bound), with a PAM queue bound
+    the flood never reaches: the connection is not read while it has `max_inflight` in flight."""
+    slow_pam(pam, tmp_path)
+    d = make_daemon(base=with_limits(max_inflight=4, max_queued_per_uid=1000)).start()
+    bounced, calls, flood_done, after, counts = victim_under_spin_flood(
+        d, lambda status: status["counters"].get("refused_busy", 0), depth=16, queue_full_at=8 * 4 - WORKERS - 1)
+    assert bounced * 4 < calls, (bounced, calls)  # before: thousands of `busy` per PAM call
+    assert after["pam"]["refused_busy"] == 0 and after["counters"]["paused_inflight"] > 0
+    assert counts.get("auth_failed", 0) > 0 and set(counts) <= {"busy", "auth_failed"}, counts

@@ -177,9 +177,15 @@ def test_waiting_uids_take_turns(pam: PamEnv) -> None:
 
 def test_uid_past_its_queue_bound_is_busy_at_once(pam: PamEnv) -> None:
     async def body(pool: PamPool) -> None:
+        left: list[int | None] = []
+        pool.room = left.append
         calls = [pool.authenticate(SERVICE, "alice", CANARY, uid=1000, max_queued=3) for _ in range(8)]
         calls.append(pool.authenticate(SERVICE, "alice", CANARY, uid=1001, max_queued=3))
-        results = await asyncio.gather(*calls)
+        tasks = [asyncio.create_task(call) for call in calls]
+        await asyncio.sleep(0)
+        assert (pool.queued(1000), pool.queued(1001)) == (3, 1)
+        results = await asyncio.gather(*tasks)
+        assert left == [1000, 1001, 1000, 1000], "each call that left a queue was reported with its uid"
         # one takes the idle worker, three wait, four are refused without waiting; uid 1001 is served
         assert [r.outcome for r in results] == ["ok"] * 4 + ["busy"] * 4 + ["ok"]
         assert {(r.stage, r.pam_code) for r in results if r.outcome == "busy"} == {("worker", -1)}
@@ -194,6 +200,8 @@ def test_cancelled_waiter_leaves_its_uids_queue(pam: PamEnv) -> None:
         stuck = asyncio.create_task(pool.authenticate("crash-hang", "alice", CANARY, uid=7))
         while pool.stats()["busy"] == 0:
             await asyncio.sleep(0.01)
+        left: list[int | None] = []
+        pool.room = left.append
         queued = [asyncio.create_task(pool.authenticate(SERVICE, "alice", CANARY, uid=1000, max_queued=2))
                   for _ in range(2)]
         await asyncio.sleep(0)
@@ -201,6 +209,7 @@ def test_cancelled_waiter_leaves_its_uids_queue(pam: PamEnv) -> None:
         queued[0].cancel()
         await asyncio.sleep(0)
         assert (pool.stats()["waiting"], pool.stats()["waiting_uids"]) == (1, 1)
+        assert left == [1000], "a call that gives up makes room too"
         again = asyncio.create_task(pool.authenticate(SERVICE, "alice", CANARY, uid=1000, max_queued=2))
         await asyncio.sleep(0)
         assert pool.stats()["waiting"] == 2, "the cancelled call's place was given back"
