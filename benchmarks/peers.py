@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .pamstack import UNIX_LINES, yescrypt
+from .pamstack import yescrypt
 
 PAM_DIR = Path("/etc/pam.d")
 PERMIT_LINES = ["auth required pam_permit.so", "account required pam_permit.so"]

@@ -9,7 +9,6 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 
 from ..abuse.helpers import ctl, ctl_as_nobody, lockout_table
 from ..daemon import CANARY, PASSWORD, Daemon, raw_connect, wait_for
