@@ -11,17 +11,19 @@ from pathlib import Path
 
 import structlog
 
-from . import __version__, logs, policy as policy_mod, preflight, systemd
+from . import __version__, logs, preflight, systemd
+from . import policy as policy_mod
+from .dovecot.listener import Dovecot
 from .errors import AuthdError, ConfigError
 from .events import model as events
 from .hardening import no_core_dumps
-from .dovecot.listener import Dovecot
 from .lifecycle import Lifecycle
 from .metrics.server import MetricsServer
+from .native import Native
 from .ops import Context
 from .runtime import Runtime, prepare_state_dir
 from .saslauthd.listener import Saslauthd
-from .server import Native, Server
+from .server import Server
 
 DEFAULT_CONFIG = os.environ.get("AUTHD_CONFIG", "authd.toml")
 Ready = Callable[[str | None], None]

@@ -15,9 +15,10 @@ import structlog
 
 from ..authflow import AuthCore
 from ..config import Limits
+from ..connection import Connection
 from ..outcome import MESSAGES, AuthRequest, Denied
 from ..peer import Peer
-from ..server import Connection, Server
+from ..server import Server
 from . import codec
 
 log = structlog.get_logger("authd.saslauthd")
