@@ -11,14 +11,13 @@ Redis (at most `near_cache` seconds apart), so set it well below `idle_timeout`.
 
 from __future__ import annotations
 
-import secrets
 import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ...sessions import TOKEN_BYTES, Session, SessionLimitReached, hash_token
+from ...sessions import Session, SessionLimitReached, hash_token, new_session_id, new_token
 from . import scripts
 from .link import Link
 
@@ -64,9 +63,9 @@ class RedisSessions:
 
     async def create(self, *, user: str, groups: Iterable[str], service: str, rhost: str | None, ttl: float,
                      idle_timeout: float) -> tuple[Session, str]:
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        token = new_token()
         th = hash_token(token)
-        sid = secrets.token_urlsafe(12)
+        sid = new_session_id()
         groups = tuple(groups)
         args = [self._p, GRACE, th.hex(), sid, user, "\n".join(groups), service, _rhost(rhost), repr(float(ttl)),
                 repr(float(idle_timeout)), self._host]
