@@ -46,21 +46,15 @@ class SaslauthdConnection(Connection):
     def make_decoder(self, limits: Limits) -> codec.Decoder:
         return codec.Decoder()
 
-    async def run(self) -> None:
+    async def _read_loop(self) -> None:
+        """One request per connection, as saslauthd; `run` then waits for its answer and closes."""
+        await self.take_turn()  # not read while this uid's PAM queue is full (authd.intake)
         try:
-            await self.take_turn()  # not read while this uid's PAM queue is full (authd.intake)
-            try:
-                item = await self._read_request()
-                if item is not None:
-                    self.handle(item)
-            finally:
-                self.server.intake.room(self.peer.uid)
-            if self.inflight:
-                await asyncio.wait(self.inflight)
-        except (ConnectionError, OSError):
-            pass
+            item = await self._read_request()
+            if item is not None:
+                self.handle(item)
         finally:
-            self.writer.close()
+            self.server.intake.room(self.peer.uid)
 
     async def _read_request(self) -> codec.Request | codec.Malformed | None:
         """Read until the request is complete; None if the client left or ran out of time."""
