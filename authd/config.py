@@ -54,8 +54,9 @@ class Daemon(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: str | None = None
     workers: Annotated[int, msgspec.Meta(ge=0)] = 0
-    worker_max_calls: Positive = 1000
+    worker_max_calls: Positive = 10_000
     pam_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    pam_keep_modules: bool = True  # workers keep PAM modules loaded between calls (authd.pam.modulepins)
     drain_timeout: Annotated[float, msgspec.Meta(gt=0)] = 20.0
     dump_keep: Positive = 5
     event_queue: Positive = 1000

@@ -120,7 +120,8 @@ def load(source: Path, generation: int, *, build: bool = True, state_dir: Path |
 
 def restart_only_changes(old: Policy, new: Policy) -> list[str]:
     """Settings a reload cannot apply to a running daemon; reported, never half-applied."""
-    keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "log_file", "event_log")
+    keys = ("socket", "socket_mode", "socket_group", "state_dir", "workers", "worker_max_calls", "pam_keep_modules", "log_file",
+            "event_log")
     changed = [f"daemon.{k}" for k in keys if getattr(old.daemon, k) != getattr(new.daemon, k) and not _same_path(old, new, k)]
     changed += [f"{s}.socket" for s in ("saslauthd", "dovecot") if old.front_socket(s) != new.front_socket(s)]
     return changed + metrics_restart_only(old.config.metrics, new.config.metrics, old.base_dir, new.base_dir)

@@ -32,7 +32,8 @@ class Runtime:
         self.counters: Counter[str] = Counter()
         daemon = policy.daemon
         prepare_state_dir(policy)
-        self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout)
+        self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout,
+                           keep_modules=daemon.pam_keep_modules)
         self.sessions, self.lockout = build_stores(policy)
         outbox = Outbox(policy.state_dir / OUTBOX_FILE if daemon.event_log else None, event_retention(daemon))
         self.bus = EventBus(outbox, queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)

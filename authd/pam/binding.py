@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+from collections.abc import Callable
 from typing import Final, Literal
 
 import msgspec
@@ -269,6 +270,7 @@ def authenticate(
     rhost: str | None = None,
     ruser: str | None = None,
     account_only: bool = False,
+    on_start: Callable[[str], None] | None = None,
 ) -> PamResult:
     """Run pam_authenticate then pam_acct_mgmt for ``user`` under ``service``.
 
@@ -278,6 +280,8 @@ def authenticate(
     Blocks for as long as the PAM modules do and never sleeps out the failure delay: the delay
     PAM asked for is returned in ``fail_delay`` for the caller to apply. Raises ValueError or
     TypeError for unusable arguments (NUL bytes, non-strings) before touching C.
+    ``on_start(service)`` runs once pam_start has loaded the service's modules, before any of
+    them is called (``authd.pam.modulepins`` keeps them loaded from there).
     """
     c_service, c_user, c_password, items = _c_args(service, user, password, rhost, ruser)
     items.append((PAM_FAIL_DELAY, _ON_FAIL_DELAY_PTR))  # type: ignore[arg-type]
@@ -292,6 +296,8 @@ def authenticate(
         if code != PAM_SUCCESS:  # libpam has already freed the handle
             return _result(lib, None, "start", code, tx)
         try:
+            if on_start is not None:
+                on_start(service)
             for item, value in items:
                 code = lib.pam_set_item(handle, item, value)
                 if code != PAM_SUCCESS:

@@ -160,7 +160,8 @@ class PamPool:
     once. ``authenticate`` never raises for PAM or worker trouble: a worker that dies or exceeds
     ``timeout`` costs that one call an ``unavailable`` result (stage ``"worker"``) and is
     replaced in the background. Waiting for a free worker is bounded by ``timeout`` too.
-    Workers retire after ``max_calls`` calls. ``env`` is layered over ``os.environ`` for the
+    Workers retire after ``max_calls`` calls; with ``keep_modules`` they keep the PAM modules
+    they have used loaded until then (``authd.pam.modulepins``). ``env`` is layered over ``os.environ`` for the
     workers. The pool never sleeps out ``fail_delay``: that is the caller's job.
 
     ``room``, if set, is called with the uid each time a call leaves that uid's queue (for a
@@ -172,8 +173,9 @@ class PamPool:
         self,
         *,
         size: int,
-        max_calls: int = 1000,
+        max_calls: int = 10_000,
         timeout: float = 10.0,
+        keep_modules: bool = True,
         env: Mapping[str, str] | None = None,
     ) -> None:
         if size < 1 or max_calls < 1 or timeout <= 0:
@@ -181,6 +183,7 @@ class PamPool:
         self.size = size
         self.max_calls = max_calls
         self.timeout = timeout
+        self.keep_modules = keep_modules
         self._env = {**os.environ, **(env or {})}
         self._env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, self._env.get("PYTHONPATH")) if p
@@ -368,7 +371,8 @@ class PamPool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "authd.pam.worker", str(child.fileno())],
+                [sys.executable, "-m", "authd.pam.worker", str(child.fileno()),
+                 *(["--keep-modules"] if self.keep_modules else [])],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # a PAM module's chatter has no terminal to go to

@@ -1,7 +1,8 @@
-"""A PAM worker process: ``python -m authd.pam.worker FD``.
+"""A PAM worker process: ``python -m authd.pam.worker FD [--keep-modules]``.
 
 Runs one PAM transaction at a time for the daemon, so a module that crashes, hangs or calls
-exit() takes down this process and not the daemon. It talks over the inherited AF_UNIX stream
+exit() takes down this process and not the daemon. With ``--keep-modules`` it keeps the PAM
+modules it has used loaded between transactions (``authd.pam.modulepins``). It talks over the inherited AF_UNIX stream
 socket FD, never stdin/stdout (PAM modules may print), in frames of a 4-byte big-endian length
 and a msgpack body: a ``Request`` in, a ``PamResult`` out. An empty frame once at start-up
 says "ready". EOF on the socket means "exit". Imports stay minimal so a worker starts fast.
@@ -21,6 +22,7 @@ from authd.groups import user_groups
 from authd.hardening import no_core_dumps
 from authd.pam import binding
 from authd.pam.binding import PamResult
+from authd.pam.modulepins import ModulePins
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 20
@@ -65,10 +67,11 @@ def _read_frame(stream) -> bytes | None:  # type: ignore[no-untyped-def]
     return body if len(body) == size else None
 
 
-def _run(request: Request) -> PamResult:
+def _run(request: Request, pins: ModulePins | None) -> PamResult:
     try:
         result = binding.authenticate(
-            request.service, request.user, request.password, request.rhost, request.ruser, request.account_only
+            request.service, request.user, request.password, request.rhost, request.ruser, request.account_only,
+            on_start=pins.hold if pins is not None else None,
         )
         return msgspec.structs.replace(result, groups=user_groups(request.user)) if result.ok else result
     except Exception as exc:  # str(exc) might echo an argument: report the type only
@@ -76,7 +79,7 @@ def _run(request: Request) -> PamResult:
         return PamResult(outcome="unavailable", pam_code=-1, stage="worker", detail=detail)
 
 
-def serve(fd: int) -> int:
+def serve(fd: int, *, keep_modules: bool = False) -> int:
     """Answer requests on ``fd`` until EOF."""
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)  # a helper spawned by a PAM module must not hold our socket
@@ -84,9 +87,10 @@ def serve(fd: int) -> int:
     decode = msgspec.msgpack.Decoder(Request).decode
     encode = msgspec.msgpack.Encoder().encode
     binding.load()
+    pins = ModulePins() if keep_modules else None
     sock.sendall(frame(b""))
     while (body := _read_frame(stream)) is not None:
-        result = _run(decode(body))
+        result = _run(decode(body), pins)
         del body  # drop the password as soon as PAM is done with it
         sock.sendall(frame(encode(result)))
     return 0
@@ -97,10 +101,10 @@ def main(argv: list[str]) -> int:
         signal.signal(signum, signal.SIG_IGN)
     _die_with_parent()
     no_core_dumps()
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("usage: python -m authd.pam.worker FD", file=sys.stderr)
+    if len(argv) not in (2, 3) or not argv[1].isdigit() or argv[2:] not in ([], ["--keep-modules"]):
+        print("usage: python -m authd.pam.worker FD [--keep-modules]", file=sys.stderr)
         return 2
-    return serve(int(argv[1]))
+    return serve(int(argv[1]), keep_modules=argv[2:] == ["--keep-modules"])
 
 
 if __name__ == "__main__":
