@@ -17,6 +17,7 @@ from typing import Protocol
 import structlog
 
 from .cache import CredentialCache
+from .config import Service
 from .events import model as events
 from .events.model import Event
 from .lockout import Locked
@@ -34,13 +35,14 @@ log = structlog.get_logger("authd.auth")
 
 class Pam(Protocol):
     """What the decision needs from the PAM pool (`authd.pam.pool.PamPool`): calls wait in the
-    peer uid's queue, at most `max_queued` of them (outcome `busy` beyond)."""
+    peer uid's queue, at most `max_queued` of them (outcome `busy` beyond); a success carries
+    the user's groups only if `groups` asked for them."""
 
     async def authenticate(self, service: str, user: str, password: str, rhost: str | None = None,
-                           ruser: str | None = None, *, uid: int, max_queued: int) -> PamResult: ...
+                           ruser: str | None = None, *, uid: int, max_queued: int, groups: bool = True) -> PamResult: ...
 
     async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None, *,
-                      uid: int, max_queued: int) -> PamResult: ...
+                      uid: int, max_queued: int, groups: bool = True) -> PamResult: ...
 
 
 class AuthCore:
@@ -107,7 +109,8 @@ class AuthCore:
             return denied
         try:
             limit = policy.daemon.limits.max_queued_per_uid
-            result, cached = await self._verify(service.name, service.pam_name, req, peer.uid, limit)
+            result, cached = await self._verify(service.name, service.pam_name, req, peer.uid, limit,
+                                                _uses_groups(service, req))
         except BaseException:
             await self._lockout.cancel(attempt)
             raise
@@ -133,7 +136,8 @@ class AuthCore:
 
         groups = result.groups
         if not cached and self._cache.enabled:
-            self._cache.store(service.name, req.user, req.rhost, req.password, groups)
+            self._cache.store(service.name, req.user, req.rhost, req.password,
+                              groups if _uses_groups(service, req) else None)
         if not policy.permits(service, req.user, groups):
             return failed(NOT_AUTHORIZED)
         if req.open_session:  # max_sessions_per_user: after the password, like any authorization
@@ -169,16 +173,26 @@ class AuthCore:
         return Granted(user=req.user, groups=groups, session=grant, cached=cached)
 
     async def _verify(self, service: str, pam_service: str, req: AuthRequest, uid: int,
-                      max_queued: int) -> tuple[PamResult, bool]:
+                      max_queued: int, groups: bool) -> tuple[PamResult, bool]:
         """PAM's verdict, and whether the cache vouched for the password instead of pam_authenticate.
-        The PAM call waits in `uid`'s queue (`busy` if `max_queued` already wait there)."""
+        The PAM call waits in `uid`'s queue (`busy` if `max_queued` already wait there); a
+        success carries the user's groups if `groups`."""
         if self._cache.enabled:
-            found, groups = self._cache.lookup(service, req.user, req.rhost, req.password)
+            found, known = self._cache.lookup(service, req.user, req.rhost, req.password)
+            if found == "hit" and self._cache.config.account_check == "cached" and groups and known is None:
+                found = "miss"  # vouched for without groups, asked with them: PAM looks them up
             self._counters[f"cache:{found}"] += 1
             if found == "hit":
                 if self._cache.config.account_check == "cached":
-                    return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=groups), True
+                    return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=known or ()), True
                 return await self._pam.account(pam_service, req.user, req.rhost, req.ruser, uid=uid,
-                                               max_queued=max_queued), True
+                                               max_queued=max_queued, groups=groups), True
         return await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser, uid=uid,
-                                            max_queued=max_queued), False
+                                            max_queued=max_queued, groups=groups), False
+
+
+def _uses_groups(service: Service, req: AuthRequest) -> bool:
+    """Whether anything will read the user's groups: the native reply, a session, the service's
+    group rules. A mail login needs none, and `getgrouplist` asks every NSS source (with
+    nss-systemd, ~50 system calls), so it is skipped then."""
+    return req.protocol == "native" or req.open_session or bool(service.allow_groups or service.deny_groups)

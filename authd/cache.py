@@ -39,7 +39,7 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 class _Entry(msgspec.Struct, gc=False):
     verifier: bytes
     expires: float
-    groups: tuple[str, ...]
+    groups: tuple[str, ...] | None  # None: the login that stored it did not look them up
 
 
 class CredentialCache:
@@ -61,22 +61,23 @@ class CredentialCache:
             self.config = config
             self._stamps = self._watched()
 
-    def lookup(self, service: str, user: str, rhost: str | None, password: str) -> tuple[Lookup, tuple[str, ...]]:
-        """`hit` (with the groups PAM gave) only for the password PAM accepted, within the TTL."""
+    def lookup(self, service: str, user: str, rhost: str | None, password: str) -> tuple[Lookup, tuple[str, ...] | None]:
+        """`hit` (with the groups PAM gave, None if they were not asked for) only for the
+        password PAM accepted, within the TTL."""
         self._check_watched()
         key = self._key(service, user, rhost)
         entry = self._entries.get(key)
         if entry is None:
-            return "miss", ()
+            return "miss", None
         if self._clock() >= entry.expires:
             del self._entries[key]
-            return "miss", ()
+            return "miss", None
         if not hmac.compare_digest(entry.verifier, self._verifier(key, password)):
-            return "mismatch", ()
+            return "mismatch", None
         self._entries.move_to_end(key)
         return "hit", entry.groups
 
-    def store(self, service: str, user: str, rhost: str | None, password: str, groups: tuple[str, ...]) -> None:
+    def store(self, service: str, user: str, rhost: str | None, password: str, groups: tuple[str, ...] | None) -> None:
         """After a real PAM success: (re)start the entry's TTL."""
         key = self._key(service, user, rhost)
         self._entries[key] = _Entry(self._verifier(key, password), self._clock() + self.config.ttl, groups)

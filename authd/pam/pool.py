@@ -225,12 +225,14 @@ class PamPool:
         *,
         uid: int | None = None,
         max_queued: int | None = None,
+        groups: bool = True,
     ) -> PamResult:
         """Authenticate in a worker, waiting in ``uid``'s queue if none is free; outcome
-        ``busy`` if ``uid`` already has ``max_queued`` calls waiting (None: no bound).
+        ``busy`` if ``uid`` already has ``max_queued`` calls waiting (None: no bound). With
+        ``groups`` False a success comes back without the user's groups (no NSS lookup).
         Raises only ValueError/TypeError, for unusable arguments."""
         validate(service, user, password, rhost, ruser)
-        return await self._submit((service, user, password, rhost, ruser), uid, max_queued)
+        return await self._submit((service, user, password, rhost, ruser, False, groups), uid, max_queued)
 
     async def account(
         self,
@@ -241,11 +243,12 @@ class PamPool:
         *,
         uid: int | None = None,
         max_queued: int | None = None,
+        groups: bool = True,
     ) -> PamResult:
         """Only the account phase (pam_acct_mgmt) in a worker: for a credential-cache hit.
         Queued like ``authenticate``."""
         validate(service, user, "", rhost, ruser)
-        return await self._submit((service, user, "", rhost, ruser, True), uid, max_queued)
+        return await self._submit((service, user, "", rhost, ruser, True, groups), uid, max_queued)
 
     async def _submit(self, fields: tuple[str | None | bool, ...], uid: int | None, max_queued: int | None) -> PamResult:
         if self._closed or (self._closing and not self._workers):

@@ -41,6 +41,7 @@ class Request(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_field
     rhost: str | None = None
     ruser: str | None = None
     account_only: bool = False  # skip pam_authenticate: the credential cache vouches for the password
+    groups: bool = True  # look the user's groups up after a success (False: nobody will read them)
 
     def __repr__(self) -> str:
         return f"Request(service={self.service!r}, user={self.user!r}, rhost={self.rhost!r})"
@@ -73,7 +74,9 @@ def _run(request: Request, pins: ModulePins | None) -> PamResult:
             request.service, request.user, request.password, request.rhost, request.ruser, request.account_only,
             on_start=pins.hold if pins is not None else None,
         )
-        return msgspec.structs.replace(result, groups=user_groups(request.user)) if result.ok else result
+        if result.ok and request.groups:
+            return msgspec.structs.replace(result, groups=user_groups(request.user))
+        return result
     except Exception as exc:  # str(exc) might echo an argument: report the type only
         detail = type(exc).__name__
         return PamResult(outcome="unavailable", pam_code=-1, stage="worker", detail=detail)

@@ -60,7 +60,8 @@ class FakePam:
 
     `account_result` is what the account phase answers; `unavailable` makes every call fail
     as a dead worker would, `busy` as a full queue of the caller's uid would. Calls are
-    recorded (never their passwords), with the queue they asked for in `queues`.
+    recorded (never their passwords), with the queue they asked for in `queues` and whether
+    they asked for the groups in `group_lookups` (a success without them carries none).
     """
 
     users: dict[str, str] = field(default_factory=lambda: {"alice": PASSWORD, "bob": PASSWORD})
@@ -70,22 +71,25 @@ class FakePam:
     busy: bool = False
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
     queues: list[tuple[int, int]] = field(default_factory=list)
+    group_lookups: list[bool] = field(default_factory=list)  # per call: were the groups asked for
 
     async def authenticate(self, service: str, user: str, password: str, rhost: str | None = None,
-                           ruser: str | None = None, *, uid: int, max_queued: int) -> PamResult:
+                           ruser: str | None = None, *, uid: int, max_queued: int, groups: bool = True) -> PamResult:
         self.calls.append(("authenticate", user, rhost))
         self.queues.append((uid, max_queued))
+        self.group_lookups.append(groups)
         if failed := self._worker_trouble():
             return failed
         if self.users.get(user) != password:
             return PamResult(outcome="auth_failed", pam_code=7, stage="authenticate", fail_delay=0.5)
-        return self._account(user)
+        return self._account(user, groups)
 
     async def account(self, service: str, user: str, rhost: str | None = None, ruser: str | None = None, *,
-                      uid: int, max_queued: int) -> PamResult:
+                      uid: int, max_queued: int, groups: bool = True) -> PamResult:
         self.calls.append(("account", user, rhost))
         self.queues.append((uid, max_queued))
-        return self._worker_trouble() or self._account(user)
+        self.group_lookups.append(groups)
+        return self._worker_trouble() or self._account(user, groups)
 
     def _worker_trouble(self) -> PamResult | None:
         if self.busy:
@@ -94,10 +98,10 @@ class FakePam:
             return PamResult(outcome="unavailable", pam_code=-1, stage="worker", detail="gone")
         return None
 
-    def _account(self, user: str) -> PamResult:
+    def _account(self, user: str, groups: bool) -> PamResult:
         if self.account_result != "ok":
             return PamResult(outcome=self.account_result, pam_code=13, stage="acct_mgmt")  # type: ignore[arg-type]
-        return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=self.groups)
+        return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=self.groups if groups else ())
 
     def count(self, kind: str) -> int:
         return sum(1 for call in self.calls if call[0] == kind)

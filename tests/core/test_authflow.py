@@ -20,10 +20,22 @@ lock_time = 60
 async def test_success_without_session(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     out = await h.auth(rhost="203.0.113.5", protocol="dovecot")
-    assert out == Granted(user="alice", groups=("staff",))
+    assert out == Granted(user="alice", groups=())  # nothing reads them: not looked up
     [event] = h.events
     assert (event.name, event.user, event.rhost, event.protocol, event.pid) == ("auth.succeeded", "alice", "203.0.113.5", "dovecot", PEER.pid)
     assert h.delays == [] and h.counters["auth:ok"] == 1
+
+
+@run
+async def test_groups_are_looked_up_only_when_something_reads_them(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    await h.auth(protocol="saslauthd")
+    await h.auth(protocol="native")  # the native reply lists them
+    await h.auth(protocol="dovecot", open_session=True)  # a session keeps them
+    assert h.pam.group_lookups == [False, True, True]
+    ruled = Harness(tmp_path / "ruled", '[[service]]\nname = "login"\ndeny_groups = ["staff"]\n')
+    assert await ruled.auth(protocol="saslauthd") == Denied(code="not_authorized")
+    assert ruled.pam.group_lookups == [True]
 
 
 @run

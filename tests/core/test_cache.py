@@ -44,8 +44,9 @@ async def test_hit_skips_pam_authenticate_but_runs_the_account_check(tmp_path: P
     first = await h.auth()
     second = await h.auth(protocol="saslauthd")
     assert isinstance(first, Granted) and not first.cached
-    assert isinstance(second, Granted) and second.cached and second.groups == ("staff",)
+    assert isinstance(second, Granted) and second.cached and second.groups == ()  # a mail reply has no groups
     assert (h.pam.count("authenticate"), h.pam.count("account")) == (1, 1)
+    assert h.pam.group_lookups == [True, False]
     assert [e.cached for e in h.events] == [None, True]
     assert (h.counters["cache:miss"], h.counters["cache:hit"]) == (1, 1)
 
@@ -64,6 +65,19 @@ async def test_account_check_cached_skips_pam_entirely(tmp_path: Path) -> None:
     await h.auth()
     assert isinstance(await h.auth(), Granted)
     assert (h.pam.count("authenticate"), h.pam.count("account")) == (1, 0)
+
+
+@run
+async def test_a_cached_hit_without_groups_is_not_served_to_a_request_that_needs_them(tmp_path: Path) -> None:
+    h = cached(tmp_path, 'account_check = "cached"\n')
+    await h.auth(protocol="dovecot")  # stored without groups: nothing asked for them
+    assert isinstance(hit := await h.auth(protocol="saslauthd"), Granted) and hit.cached
+    native = await h.auth()  # its reply carries groups: PAM again, which looks them up
+    assert isinstance(native, Granted) and not native.cached and native.groups == ("staff",)
+    again = await h.auth(protocol="native")
+    assert isinstance(again, Granted) and again.cached and again.groups == ("staff",)
+    assert h.pam.group_lookups == [False, True]
+    assert (h.counters["cache:miss"], h.counters["cache:hit"]) == (2, 2)
 
 
 @run
