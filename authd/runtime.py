@@ -8,7 +8,6 @@ lifecycle performs) that swaps it mid-request cannot mix two generations.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from typing import Any
 
@@ -20,7 +19,7 @@ from .config import Daemon
 from .events import Event, EventBus
 from .events.outbox import FILENAME as OUTBOX_FILE, Outbox, Retention
 from .metrics import Decisions
-from .pam.pool import PamPool
+from .pam.pool import PamPool, default_workers
 from .policy import Policy
 from .stores import build as build_stores
 
@@ -32,7 +31,7 @@ class Runtime:
         self.counters: Counter[str] = Counter()
         daemon = policy.daemon
         prepare_state_dir(policy)
-        self.pam = PamPool(size=daemon.workers or (os.cpu_count() or 1), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout,
+        self.pam = PamPool(size=daemon.workers or default_workers(), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout,
                            keep_modules=daemon.pam_keep_modules)
         self.sessions, self.lockout = build_stores(policy)
         outbox = Outbox(policy.state_dir / OUTBOX_FILE if daemon.event_log else None, event_retention(daemon))

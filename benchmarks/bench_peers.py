@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from authd.client import Client
+from authd.pam.pool import default_workers
 
 from .harness import NOISY, AuthdProcess, CpuMeter, percentile, policy, scratch_dir, tree_cpu_seconds
 from .pamstack import UNIX_LINES, PamStack, raw_loop
@@ -132,7 +133,7 @@ class Authd(AuthdProcess):
         super().__init__(root, env)
         self.mux = root / "mux"
         self.dovecot = root / "dovecot"
-        text = policy(socket=self.socket, workers=workers or os.cpu_count() or 2, service=SERVICES["permit"],
+        text = policy(socket=self.socket, workers=workers, service=SERVICES["permit"],
                       pam_service=SERVICES["permit"])
         text += f'\n[[service]]\nname = "{SERVICES["unix"]}"\npam_service = "{SERVICES["unix"]}"\nfailure_delay = 0.0\n'
         text += f'\n[saslauthd]\nsocket = "{self.mux}"\n\n[dovecot]\nsocket = "{self.dovecot}"\n'
@@ -202,7 +203,7 @@ def main() -> int:
     with scratch_dir("authd-peers-", keep=args.keep) as root, system_pam_services(pam), local_user(USER, PASSWORD):
         os.chmod(root, 0o755)
         binary = build_loadgen(root)
-        print(f"{args.conns} connections, {args.rounds} rounds of {args.seconds:g} s, authd workers = {args.workers or os.cpu_count()}, "
+        print(f"{args.conns} connections, {args.rounds} rounds of {args.seconds:g} s, authd workers = {args.workers or default_workers()}, "
               f"saslauthd -n 5; CPU/req = the serving processes' CPU; others = cores used by other processes")
         with Saslauthd(root / "sasl") as sasl, Dovecot(root / "dovecot") as dovecot, \
                 Authd(root / "authd", args.workers, cache=False) as authd:

@@ -81,3 +81,4 @@ def test_only_new_shared_objects_are_held_once_per_service(tmp_path: Path) -> No
     pins.hold("svc")
     assert pins.held == {libc}  # a service is scanned once per worker
     assert shared_objects(tmp_path / "missing") == frozenset()
+

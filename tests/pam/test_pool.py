@@ -374,3 +374,12 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(None, 4), (1, 4), (3, 6), (8, 16), (64, 16)])
+def test_default_workers_two_per_cpu_within_bounds(monkeypatch: pytest.MonkeyPatch, cpus: int | None,
+                                                   workers: int) -> None:
+    from authd.pam import pool
+
+    monkeypatch.setattr(pool.os, "cpu_count", lambda: cpus)
+    assert pool.default_workers() == workers
