@@ -17,7 +17,6 @@ from typing import Protocol
 import structlog
 
 from .cache import CredentialCache
-from .config import Service
 from .events import model as events
 from .events.model import Event
 from .lockout import Locked
@@ -25,7 +24,7 @@ from .metrics import Decisions
 from .outcome import AuthRequest, Denied, Granted, Outcome, SessionGrant
 from .pam.binding import PamResult
 from .peer import Peer
-from .policy import Policy
+from .policy import Policy, reads_groups
 from .protocol import AUTH_FAILED, BUSY, LOCKED_OUT, NOT_AUTHORIZED, SESSION_LIMIT, UNAVAILABLE
 from .sessions import SessionLimitReached
 from .stores import LockoutStore, SessionStore, StoreUnavailable
@@ -99,6 +98,8 @@ class AuthCore:
         if service is None:
             return failed(NOT_AUTHORIZED)
 
+        # NSS group lookups cost more than a cheap PAM stack: only when something reads them
+        wants_groups = req.protocol == "native" or req.open_session or reads_groups(service)
         try:
             attempt = await self._lockout.begin(req.user, req.rhost, req.password)
         except StoreUnavailable:  # [store] on_store_error = "closed": no budget, no PAM
@@ -109,8 +110,7 @@ class AuthCore:
             return denied
         try:
             limit = policy.daemon.limits.max_queued_per_uid
-            result, cached = await self._verify(service.name, service.pam_name, req, peer.uid, limit,
-                                                _uses_groups(service, req))
+            result, cached = await self._verify(service.name, service.pam_name, req, peer.uid, limit, wants_groups)
         except BaseException:
             await self._lockout.cancel(attempt)
             raise
@@ -134,10 +134,9 @@ class AuthCore:
         if result.outcome != "ok":
             return failed(result.outcome)
 
-        groups = result.groups
+        groups = result.groups if wants_groups else None  # None: not looked up
         if not cached and self._cache.enabled:
-            self._cache.store(service.name, req.user, req.rhost, req.password,
-                              groups if _uses_groups(service, req) else None)
+            self._cache.store(service.name, req.user, req.rhost, req.password, groups)
         if not policy.permits(service, req.user, groups):
             return failed(NOT_AUTHORIZED)
         if req.open_session:  # max_sessions_per_user: after the password, like any authorization
@@ -158,10 +157,10 @@ class AuthCore:
                  cached=cached or None)
         if not req.open_session:
             emit(events.AUTH_SUCCEEDED, latency=latency, generation=policy.generation, cached=cached or None)
-            return Granted(user=req.user, groups=groups, cached=cached)
+            return Granted(user=req.user, groups=groups or (), cached=cached)
         try:
             session, token = await self._sessions.create(
-                user=req.user, groups=groups, service=service.name, rhost=req.rhost,
+                user=req.user, groups=groups or (), service=service.name, rhost=req.rhost,
                 ttl=service.session_ttl, idle_timeout=service.idle_timeout,
             )
         except StoreUnavailable:
@@ -170,29 +169,27 @@ class AuthCore:
              cached=cached or None)
         emit(events.SESSION_OPENED, session_id=session.id)
         grant = SessionGrant(id=session.id, token=token, expires_at=session.expires_at)
-        return Granted(user=req.user, groups=groups, session=grant, cached=cached)
+        return Granted(user=req.user, groups=groups or (), session=grant, cached=cached)
 
     async def _verify(self, service: str, pam_service: str, req: AuthRequest, uid: int,
                       max_queued: int, groups: bool) -> tuple[PamResult, bool]:
         """PAM's verdict, and whether the cache vouched for the password instead of pam_authenticate.
         The PAM call waits in `uid`'s queue (`busy` if `max_queued` already wait there); a
         success carries the user's groups if `groups`."""
+        vouched = False
         if self._cache.enabled:
             found, known = self._cache.lookup(service, req.user, req.rhost, req.password)
             if found == "hit" and self._cache.config.account_check == "cached" and groups and known is None:
-                found = "miss"  # vouched for without groups, asked with them: PAM looks them up
+                found, vouched = "miss", True  # stored without groups, asked with them: PAM looks them up
             self._counters[f"cache:{found}"] += 1
             if found == "hit":
                 if self._cache.config.account_check == "cached":
                     return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=known or ()), True
                 return await self._pam.account(pam_service, req.user, req.rhost, req.ruser, uid=uid,
                                                max_queued=max_queued, groups=groups), True
-        return await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser, uid=uid,
-                                            max_queued=max_queued, groups=groups), False
+        result = await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser, uid=uid,
+                                              max_queued=max_queued, groups=groups)
+        if vouched and not result.ok and result.outcome not in (BUSY, UNAVAILABLE):
+            self._cache.forget(service, req.user, req.rhost)  # PAM now refuses what the entry vouched for
+        return result, False
 
-
-def _uses_groups(service: Service, req: AuthRequest) -> bool:
-    """Whether anything will read the user's groups: the native reply, a session, the service's
-    group rules. A mail login needs none, and `getgrouplist` asks every NSS source (with
-    nss-systemd, ~50 system calls), so it is skipped then."""
-    return req.protocol == "native" or req.open_session or bool(service.allow_groups or service.deny_groups)

@@ -85,6 +85,10 @@ class CredentialCache:
         while len(self._entries) > self.config.max_entries:
             self._entries.popitem(last=False)
 
+    def forget(self, service: str, user: str, rhost: str | None) -> None:
+        """Drop the one entry for this login (PAM refused what it vouched for)."""
+        self._entries.pop(self._key(service, user, rhost), None)
+
     def flush(self, user: str | None = None) -> int:
         """Drop every entry, or those of `user`; returns how many went."""
         if user is None:

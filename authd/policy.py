@@ -74,14 +74,25 @@ class Policy:
     def is_admin(self, peer: Peer) -> bool:
         return peer.uid == os.getuid() or peer.uid in self.admin_uids or not self.admin_gids.isdisjoint(peer.groups)
 
-    def permits(self, service: cfg.Service, user: str, groups: Iterable[str]) -> bool:
-        """Deny rules win; empty allow lists allow everyone; `*` matches any user."""
+    def permits(self, service: cfg.Service, user: str, groups: Iterable[str] | None) -> bool:
+        """Deny rules win; empty allow lists allow everyone; `*` matches any user. `groups`
+        None (not looked up) fails closed where a rule reads them (see `reads_groups`)."""
+        if groups is None:
+            if reads_groups(service):
+                return False
+            groups = ()
         groups = set(groups)
         if user in service.deny_users or "*" in service.deny_users or groups & set(service.deny_groups):
             return False
         if not service.allow_users and not service.allow_groups:
             return True
         return user in service.allow_users or "*" in service.allow_users or bool(groups & set(service.allow_groups))
+
+
+def reads_groups(service: cfg.Service) -> bool:
+    """Whether `Policy.permits` needs the user's groups for `service`: a login that asks the
+    worker to skip the lookup must not come here with rules that read them."""
+    return bool(service.allow_groups or service.deny_groups)
 
 
 def load(source: Path, generation: int, *, build: bool = True, state_dir: Path | None = None) -> Policy:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from authd.client import Client
-from authd.pam.pool import default_workers
+from authd.runtime import default_workers
 
 from .harness import NOISY, AuthdProcess, CpuMeter, percentile, policy, scratch_dir, tree_cpu_seconds
 from .pamstack import UNIX_LINES, PamStack, raw_loop
@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--conns", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=0, help="authd's PAM workers (default: authd's own, one per CPU)")
+    parser.add_argument("--workers", type=int, default=0, help="authd's PAM workers (default: authd's own, two per CPU, 4 to 16)")
     parser.add_argument("--stacks", default=",".join(STACKS))
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()

@@ -85,9 +85,9 @@ def test_authctl_reload(daemon: Daemon) -> None:
 
 
 def test_restart_only_settings_are_reported(daemon: Daemon) -> None:
-    daemon.write_policy(daemon.policy.replace("workers = 2", "workers = 3"))
+    daemon.write_policy(daemon.policy.replace("workers = 2", "workers = 3\npam_keep_modules = false"))
     reply = daemon.call("reload")
-    assert reply["ok"] and reply["restart_required"] == ["daemon.workers"]
+    assert reply["ok"] and reply["restart_required"] == ["daemon.workers", "daemon.pam_keep_modules"]
     assert daemon.call("status")["pam"]["size"] == 2, "not half-applied"
 
 

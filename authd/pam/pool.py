@@ -42,17 +42,6 @@ _decode_result = msgspec.msgpack.Decoder(PamResult).decode
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def default_workers() -> int:
-    """``[daemon] workers = 0``: two per CPU, at least 4, at most 16.
-
-    More workers than cores keeps one ready whenever the event loop has a login to hand out, so
-    a cheap stack (pam_permit, a warm pam_sss) is not held to the loop's and a worker's turns
-    alternating: on 2 cores, 4 workers served 15% more pam_permit logins than 2 (bench_peers).
-    A CPU-bound stack (yescrypt) gains nothing from more, and loses nothing but ~10 MB each.
-    """
-    return min(16, max(4, 2 * (os.cpu_count() or 1)))
-
-
 class _WorkerLost(Exception):
     """The worker went away or broke the protocol mid-call."""
 

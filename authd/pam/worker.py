@@ -96,6 +96,8 @@ def serve(fd: int, *, keep_modules: bool = False) -> int:
         result = _run(decode(body), pins)
         del body  # drop the password as soon as PAM is done with it
         sock.sendall(frame(encode(result)))
+        if pins is not None:
+            pins.refresh()  # a module file replaced on disk: the next call loads the new one
     return 0
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from authd.outcome import Denied, Granted
 
-from .harness import PASSWORD, PEER, Harness, run
+from .harness import PASSWORD, PEER, Harness, policy, run
 
 LOCKOUT = """
 [lockout.user]
@@ -36,6 +36,14 @@ async def test_groups_are_looked_up_only_when_something_reads_them(tmp_path: Pat
     ruled = Harness(tmp_path / "ruled", '[[service]]\nname = "login"\ndeny_groups = ["staff"]\n')
     assert await ruled.auth(protocol="saslauthd") == Denied(code="not_authorized")
     assert ruled.pam.group_lookups == [True]
+
+
+def test_groups_not_looked_up_fail_closed_where_a_rule_reads_them() -> None:
+    ruled = policy('[[service]]\nname = "login"\nallow_groups = ["staff"]\n')
+    plain = policy('[[service]]\nname = "login"\n')
+    assert not ruled.permits(ruled.services["login"], "alice", None)
+    assert ruled.permits(ruled.services["login"], "alice", ["staff"])
+    assert plain.permits(plain.services["login"], "alice", None)
 
 
 @run

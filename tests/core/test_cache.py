@@ -9,7 +9,7 @@ from pathlib import Path
 from authd.cache import CacheConfig, CredentialCache
 from authd.outcome import Denied, Granted
 
-from .harness import PASSWORD, Clock, Harness, run
+from .harness import PASSWORD, Clock, Harness, policy, run
 
 CACHED = """
 [[service]]
@@ -78,6 +78,26 @@ async def test_a_cached_hit_without_groups_is_not_served_to_a_request_that_needs
     assert isinstance(again, Granted) and again.cached and again.groups == ("staff",)
     assert h.pam.group_lookups == [False, True]
     assert (h.counters["cache:miss"], h.counters["cache:hit"]) == (2, 2)
+
+
+@run
+async def test_a_reload_that_adds_a_group_rule_sends_an_entry_without_groups_to_pam(tmp_path: Path) -> None:
+    h = cached(tmp_path, 'account_check = "cached"\n')
+    await h.auth(protocol="dovecot")  # stored without groups
+    ruled = CACHED.format(watch=tmp_path / "shadow").replace('name = "login"', 'name = "login"\ndeny_groups = ["staff"]')
+    h.policy = policy(ruled + 'account_check = "cached"\n', generation=2)  # what a reload swaps in
+    assert await h.auth(protocol="dovecot") == Denied(code="not_authorized")
+    assert h.pam.group_lookups == [False, True]
+
+
+@run
+async def test_pam_refusing_what_an_entry_vouched_for_drops_the_entry(tmp_path: Path) -> None:
+    h = cached(tmp_path, 'account_check = "cached"\n')
+    await h.auth(protocol="saslauthd")  # stored without groups
+    h.pam.users["alice"] = "changed elsewhere"  # e.g. in LDAP: no watched file changes
+    assert await h.auth() == Denied(code="auth_failed")  # native needs groups: PAM, which refuses
+    assert await h.auth(protocol="saslauthd") == Denied(code="auth_failed")  # not from the cache
+    assert h.pam.count("authenticate") == 3
 
 
 @run

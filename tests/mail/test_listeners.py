@@ -33,6 +33,17 @@ def test_saslauthd_four_and_five_fields(make_daemon: Callable[..., Daemon]) -> N
     assert len(succeeded) == 3
 
 
+def test_group_rules_apply_to_mail_logins(make_daemon: Callable[..., Daemon], pam: PamEnv) -> None:
+    pam.add_user("root", PASSWORD, "authd-test")  # root is in group `root` on every system
+    denied = mail_daemon(make_daemon, 'deny_groups = ["root"]\n').start()
+    assert saslauthd(denied, "root", PASSWORD) == b"NO not authorized for this service"
+    assert saslauthd(denied, "alice", PASSWORD) == b"OK"
+    denied.stop()
+    allowed = mail_daemon(make_daemon, 'allow_groups = ["root"]\n').start()
+    assert saslauthd(allowed, "root", PASSWORD) == b"OK"
+    assert saslauthd(allowed, "alice", PASSWORD) == b"NO not authorized for this service"
+
+
 def test_saslauthd_realm_is_appended_like_dash_r(make_daemon: Callable[..., Daemon], pam) -> None:  # type: ignore[no-untyped-def]
     pam.add_user("carol@example.org", PASSWORD, "authd-test")
     d = mail_daemon(make_daemon, mail="""

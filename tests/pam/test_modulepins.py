@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,27 +13,42 @@ import pytest
 
 from authd.pam.modulepins import ModulePins, shared_objects
 
-from ..pamenv import PAM_MATRIX, PamEnv
+from ..pamenv import PAM_DENY, PAM_MATRIX, PAM_PERMIT, PamEnv, compile_test_modules
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "login-test"
 
-# Two logins and a wrong password, with or without pins; after each, is pam_matrix still mapped?
+# Logins as listed in argv[3] (JSON: [service, password] or "swap" or "refresh"), with or
+# without pins; after each, is pam_matrix still mapped? "swap" renames argv[4] over argv[5] (as
+# dpkg installs a file); "refresh" is the worker's check between calls, with its clock moved on.
 RUNNER = """
-import json, sys
+import json, os, sys
 from authd.pam import binding
-from authd.pam.modulepins import ModulePins, shared_objects
-pins = ModulePins() if sys.argv[2] == "pin" else None
+from authd.pam.modulepins import RECHECK, ModulePins, shared_objects
+now = [0.0]
+pins = ModulePins(clock=lambda: now[0]) if sys.argv[2] == "pin" else None
 hook = pins.hold if pins else None
-report = {"outcomes": [], "mapped_after": [], "held": []}
-for password in ("pw-1", "pw-1", "wrong"):
-    result = binding.authenticate("login-test", "alice", password, on_start=hook)
-    report["outcomes"].append(result.outcome)
-    report["mapped_after"].append(any("pam_matrix" in p for p in shared_objects()))
+report = {"outcomes": [], "mapped_after": [], "held": [], "released": []}
+for step in json.loads(sys.argv[3]):
+    if step == "swap":
+        os.rename(sys.argv[4], sys.argv[5])
+    elif step == "refresh":
+        now[0] += RECHECK
+        report["released"].append(pins.refresh())
+    else:
+        result = binding.authenticate(step[0], "alice", step[1], on_start=hook)
+        report["outcomes"].append(result.outcome)
+        report["mapped_after"].append(any("pam_matrix" in p for p in shared_objects()))
 report["held"] = sorted(pins.held) if pins else []
 with open(sys.argv[1], "w") as f:
     json.dump(report, f)
 """
+LOGINS = [[SERVICE, "pw-1"], [SERVICE, "pw-1"], [SERVICE, "wrong"]]
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return compile_test_modules(tmp_path_factory.mktemp("pam-modules"))
 
 
 @pytest.fixture
@@ -43,10 +59,10 @@ def pam(tmp_path: Path) -> PamEnv:
     return env
 
 
-def run(pam: PamEnv, tmp_path: Path, mode: str) -> dict[str, list]:
+def run(pam: PamEnv, tmp_path: Path, mode: str, steps: list = LOGINS, *files: Path) -> dict[str, list]:
     out = tmp_path / f"{mode}.json"
     proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(out), mode],
+        [sys.executable, "-c", RUNNER, str(out), mode, json.dumps(steps), *map(str, files)],
         env={**os.environ, "PYTHONPATH": str(REPO), **pam.env()}, cwd=REPO, capture_output=True, text=True,
         timeout=60,
     )
@@ -67,18 +83,49 @@ def test_without_pins_pam_end_unloads_them(pam: PamEnv, tmp_path: Path) -> None:
     assert report["mapped_after"] == [False, False, False]
 
 
+def test_a_module_replaced_on_disk_is_let_go_and_the_new_one_decides(
+        pam: PamEnv, tmp_path: Path, modules: dict[str, Path]) -> None:
+    live, deny = tmp_path / "pam_swap.so", tmp_path / "pam_swap.so.new"
+    shutil.copy(PAM_PERMIT, live)
+    shutil.copy(PAM_DENY, deny)
+    pam.add_module_service("swap", live)
+    steps = [["swap", "x"], "swap", ["swap", "x"], "refresh", ["swap", "x"]]
+    pinned = run(pam, tmp_path, "pin", steps, deny, live)
+    assert pinned["outcomes"] == ["ok", "ok", "auth_failed"]  # the old code until the check
+    assert pinned["released"] == [True]
+    shutil.copy(PAM_PERMIT, live)
+    shutil.copy(PAM_DENY, deny)
+    assert run(pam, tmp_path, "plain", steps[:3], deny, live)["outcomes"] == ["ok", "auth_failed"]
+
+
+def test_a_module_keeps_its_static_state_while_pinned(pam: PamEnv, tmp_path: Path, modules: dict[str, Path]) -> None:
+    pam.add_module_service("once", modules["once"])
+    steps = [["once", "x"]] * 3
+    assert run(pam, tmp_path, "plain", steps)["outcomes"] == ["ok"] * 3  # loaded afresh each time
+    assert run(pam, tmp_path, "pin", steps)["outcomes"] == ["ok", "auth_failed", "auth_failed"]
+
+
 def test_only_new_shared_objects_are_held_once_per_service(tmp_path: Path) -> None:
     maps = tmp_path / "maps"
     line = "7f00-7f10 r-xp 00000000 08:01 42 {}\n"
     maps.write_text(line.format("/usr/lib/libpython3.11.so.1.0") + line.format("[heap]"))
     pins = ModulePins(maps)
-    libc = "/lib/x86_64-linux-gnu/libc.so.6"  # loaded in this process: RTLD_NOLOAD finds it
+    libc = next(p for p in shared_objects() if Path(p).name.startswith("libc.so"))  # loaded here
     maps.write_text(maps.read_text() + line.format(libc) + line.format("/usr/share/zoneinfo/UTC")
-                    + line.format("/nowhere/pam_gone.so"))
+                    + line.format("/nowhere/pam_gone.so") + line.format(f"{libc} (deleted)"))
     pins.hold("svc")
-    assert pins.held == {libc}  # not the baseline, not a data file, not one that is not loaded
+    assert pins.held == {libc}  # not the baseline, a data file, one not loaded, or a deleted file
     maps.write_text(maps.read_text() + line.format("/lib/x86_64-linux-gnu/libm.so.6"))
     pins.hold("svc")
     assert pins.held == {libc}  # a service is scanned once per worker
+    assert not pins.refresh()  # within RECHECK of the last check: no stat at all
     assert shared_objects(tmp_path / "missing") == frozenset()
 
+
+def test_an_unreadable_maps_file_leaves_the_service_unpinned(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text("")
+    pins = ModulePins(maps)
+    maps.write_bytes(b"7f00-7f10 r-xp 00000000 08:01 42 /lib/\xff/libx.so\n" + b"garbage 1 2 3 4 /x.so\n")
+    pins.hold("svc")  # never raises: pinning only saves time
+    assert pins.held == frozenset()
