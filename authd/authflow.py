@@ -139,6 +139,7 @@ class AuthCore:
             self._cache.store(service.name, req.user, req.rhost, req.password, groups)
         if not policy.permits(service, req.user, groups):
             return failed(NOT_AUTHORIZED)
+        listed = groups or ()  # what the reply and a session carry
         if req.open_session:  # max_sessions_per_user: after the password, like any authorization
             try:
                 evicted = await self._sessions.make_room(user=req.user, service=service.name,
@@ -157,10 +158,10 @@ class AuthCore:
                  cached=cached or None)
         if not req.open_session:
             emit(events.AUTH_SUCCEEDED, latency=latency, generation=policy.generation, cached=cached or None)
-            return Granted(user=req.user, groups=groups or (), cached=cached)
+            return Granted(user=req.user, groups=listed, cached=cached)
         try:
             session, token = await self._sessions.create(
-                user=req.user, groups=groups or (), service=service.name, rhost=req.rhost,
+                user=req.user, groups=listed, service=service.name, rhost=req.rhost,
                 ttl=service.session_ttl, idle_timeout=service.idle_timeout,
             )
         except StoreUnavailable:
@@ -169,26 +170,26 @@ class AuthCore:
              cached=cached or None)
         emit(events.SESSION_OPENED, session_id=session.id)
         grant = SessionGrant(id=session.id, token=token, expires_at=session.expires_at)
-        return Granted(user=req.user, groups=groups or (), session=grant, cached=cached)
+        return Granted(user=req.user, groups=listed, session=grant, cached=cached)
 
     async def _verify(self, service: str, pam_service: str, req: AuthRequest, uid: int,
-                      max_queued: int, groups: bool) -> tuple[PamResult, bool]:
+                      max_queued: int, wants_groups: bool) -> tuple[PamResult, bool]:
         """PAM's verdict, and whether the cache vouched for the password instead of pam_authenticate.
         The PAM call waits in `uid`'s queue (`busy` if `max_queued` already wait there); a
-        success carries the user's groups if `groups`."""
+        success carries the user's groups if `wants_groups`."""
         vouched = False
         if self._cache.enabled:
             found, known = self._cache.lookup(service, req.user, req.rhost, req.password)
-            if found == "hit" and self._cache.config.account_check == "cached" and groups and known is None:
+            if found == "hit" and self._cache.config.account_check == "cached" and wants_groups and known is None:
                 found, vouched = "miss", True  # stored without groups, asked with them: PAM looks them up
             self._counters[f"cache:{found}"] += 1
             if found == "hit":
                 if self._cache.config.account_check == "cached":
                     return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=known or ()), True
                 return await self._pam.account(pam_service, req.user, req.rhost, req.ruser, uid=uid,
-                                               max_queued=max_queued, groups=groups), True
+                                               max_queued=max_queued, groups=wants_groups), True
         result = await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser, uid=uid,
-                                              max_queued=max_queued, groups=groups)
+                                              max_queued=max_queued, groups=wants_groups)
         if vouched and not result.ok and result.outcome not in (BUSY, UNAVAILABLE):
             self._cache.forget(service, req.user, req.rhost)  # PAM now refuses what the entry vouched for
         return result, False

@@ -32,7 +32,7 @@ class Runtime:
         self.counters: Counter[str] = Counter()
         daemon = policy.daemon
         prepare_state_dir(policy)
-        self.pam = PamPool(size=daemon.workers or default_workers(), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout,
+        self.pam = PamPool(size=daemon.workers or default_workers(os.cpu_count()), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout,
                            keep_modules=daemon.pam_keep_modules)
         self.sessions, self.lockout = build_stores(policy)
         outbox = Outbox(policy.state_dir / OUTBOX_FILE if daemon.event_log else None, event_retention(daemon))
@@ -65,8 +65,8 @@ class Runtime:
             pass
 
 
-def default_workers() -> int:
-    """``[daemon] workers = 0``: two per CPU, at least 4, at most 16.
+def default_workers(cpus: int | None) -> int:
+    """``[daemon] workers = 0``: two per CPU (``os.cpu_count()``, None if unknown), at least 4, at most 16.
 
     More workers than cores keep one ready whenever the event loop has a login to hand out, so a
     cheap stack (pam_permit, a warm pam_sss) is not held to the loop's and a worker's turns
@@ -76,7 +76,7 @@ def default_workers() -> int:
     for the CPU caches (pam_unix: 0.95x the raw loop with 4 workers on 2 cores, 0.96-0.98x with
     2). Set `workers` to the CPU count where only such a stack is used.
     """
-    return min(16, max(4, 2 * (os.cpu_count() or 1)))
+    return min(16, max(4, 2 * (cpus or 1)))
 
 
 def event_retention(daemon: Daemon) -> Retention:

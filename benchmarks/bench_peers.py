@@ -203,7 +203,7 @@ def main() -> int:
     with scratch_dir("authd-peers-", keep=args.keep) as root, system_pam_services(pam), local_user(USER, PASSWORD):
         os.chmod(root, 0o755)
         binary = build_loadgen(root)
-        print(f"{args.conns} connections, {args.rounds} rounds of {args.seconds:g} s, authd workers = {args.workers or default_workers()}, "
+        print(f"{args.conns} connections, {args.rounds} rounds of {args.seconds:g} s, authd workers = {args.workers or default_workers(os.cpu_count())}, "
               f"saslauthd -n 5; CPU/req = the serving processes' CPU; others = cores used by other processes")
         with Saslauthd(root / "sasl") as sasl, Dovecot(root / "dovecot") as dovecot, \
                 Authd(root / "authd", args.workers, cache=False) as authd:

@@ -12,8 +12,10 @@ its file on every call).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ PAM_SUCCEED_IF = LIBDIR / "security" / "pam_succeed_if.so"
 PAM_PERMIT = LIBDIR / "security" / "pam_permit.so"
 PAM_DENY = LIBDIR / "security" / "pam_deny.so"
 TEST_MODULES = Path(__file__).parent / "pam" / "modules"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -111,6 +114,17 @@ class PamEnv:
         auth = " ".join(["auth required", str(module_so), *(args or [])])
         acct = self.matrix("account", name) if account else f"account required {PAM_PERMIT}"
         self.add_service(name, [auth, acct])
+
+    def python(self, script: str, *args: str, stdin: str | None = None) -> str:
+        """Run ``script`` in a fresh interpreter with this setup and the checkout importable;
+        its stdout+stderr (PAM modules may print there). It must exit 0."""
+        proc = subprocess.run(
+            [sys.executable, "-c", script, *args], input=stdin,
+            env={**os.environ, "PYTHONPATH": str(REPO), **self.env()}, cwd=REPO, capture_output=True, text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout + proc.stderr
 
     def env(self) -> dict[str, str]:
         """Variables to add to a subprocess's environment so its libpam uses this setup."""

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +10,8 @@ import pytest
 
 from authd.pam import binding
 
-from ..pamenv import PamEnv, compile_test_modules
+from ..pamenv import PamEnv
 
-REPO = Path(__file__).resolve().parents[2]
 CANARY = "canary-Pw-7f3a9c"
 SERVICE = "login-test"
 
@@ -39,11 +35,6 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-@pytest.fixture(scope="module")
-def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return compile_test_modules(tmp_path_factory.mktemp("pam-modules"))
-
-
 @pytest.fixture
 def pam(tmp_path: Path) -> PamEnv:
     env = PamEnv.create(tmp_path / "pam")
@@ -56,17 +47,8 @@ def pam(tmp_path: Path) -> PamEnv:
 def run(pam: PamEnv, tmp_path: Path, *calls: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """Run calls in a fresh pam_wrapper'd interpreter; return results and its stdout+stderr."""
     out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(out)],
-        input=json.dumps(list(calls)),
-        env={**os.environ, "PYTHONPATH": str(REPO), **pam.env()},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(out.read_text()), proc.stdout + proc.stderr
+    output = pam.python(RUNNER, str(out), stdin=json.dumps(list(calls)))
+    return json.loads(out.read_text()), output
 
 
 def login(
