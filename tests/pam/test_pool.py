@@ -375,3 +375,34 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize(("cpus", "workers"), [(None, 4), (1, 4), (3, 6), (8, 16), (64, 16)])
 def test_default_workers_two_per_cpu_within_bounds(cpus: int | None, workers: int) -> None:
     assert default_workers(cpus) == workers
+
+
+def test_workers_keep_modules_loaded_unless_told_not_to(pam: PamEnv) -> None:
+    def mapped_after_a_call(keep: bool) -> bool:
+        async def body(pool: PamPool) -> bool:
+            assert (await pool.authenticate(SERVICE, "alice", CANARY)).ok
+            [pid] = pool.pids()
+            return "pam_matrix" in Path(f"/proc/{pid}/maps").read_text()
+        return with_pool(pam, body, size=1, keep_modules=keep)[0]
+
+    assert mapped_after_a_call(True) and not mapped_after_a_call(False)
+
+
+def test_groups_come_back_only_when_asked_for(pam: PamEnv) -> None:
+    pam.add_user("root", CANARY, SERVICE)  # a user NSS knows, so it has groups
+
+    async def body(pool: PamPool) -> None:
+        asked = await pool.authenticate(SERVICE, "root", CANARY, groups=True)
+        unasked = await pool.authenticate(SERVICE, "root", CANARY, groups=False)
+        account = await pool.account(SERVICE, "root", groups=True)
+        assert asked.ok and "root" in asked.groups and "root" in account.groups
+        assert unasked.ok and unasked.groups == ()
+
+    with_pool(pam, body, size=1)
+
+
+def test_worker_refuses_unknown_arguments() -> None:
+    for argv in (["3", "--frobnicate"], ["3", "--keep-modules", "extra"], ["x"]):
+        proc = subprocess.run([sys.executable, "-m", "authd.pam.worker", *argv], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 2 and "usage" in proc.stderr
