@@ -151,8 +151,8 @@ class _Stream(Handler):
             self.ended.set()
 
 
-async def serve_subscription(ctx: Context, peer: Peer, req: Subscribe, writer: asyncio.StreamWriter,
-                             closed: asyncio.Event) -> bytes | None:
+async def serve_subscription(ctx: Context, peer: Peer, req: Subscribe, transport: asyncio.WriteTransport,
+                             drained: Callable[[], Any], closed: asyncio.Event) -> bytes | None:
     """Stream events until the client goes, falls behind or the daemon drains; the last line."""
     rt = ctx.rt
     if not rt.policy.may_subscribe(peer):
@@ -168,11 +168,11 @@ async def serve_subscription(ctx: Context, peer: Peer, req: Subscribe, writer: a
     else:
         return p.encode(req.id, failure(p.NOT_FOUND, "that event is not in the log (pruned, or never logged)"))
     limits = rt.policy.daemon.limits
-    stream = _Stream(f"subscriber:{peer.pid}:{req.id}", req.id, writer.transport, writer.drain, limits.write_buffer,
+    stream = _Stream(f"subscriber:{peer.pid}:{req.id}", req.id, transport, drained, limits.write_buffer,
                      limits.request_timeout, events=req.events or ("*",), services=req.services)
     worker = rt.bus.subscribe(stream, after)
     rt.counters["subscriptions"] += 1
-    writer.write(p.encode(req.id, Subscribed(subscribed=True, after=req.after)))
+    transport.write(p.encode(req.id, Subscribed(subscribed=True, after=req.after)))
     waits = [asyncio.ensure_future(w) for w in (stream.ended.wait(), rt.draining.wait(), closed.wait())]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 import structlog
@@ -12,7 +11,6 @@ from .config import Limits
 from .connection import Connection
 from .eventops import Subscribe, serve_subscription
 from .ops import Context, dispatch
-from .peer import Peer
 
 if TYPE_CHECKING:
     from .server import Server
@@ -30,16 +28,14 @@ class Native:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def connection(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   peer: Peer) -> Connection:
-        return NativeConnection(server, reader, writer, peer, self.ctx)
+    def connection(self, server: Server) -> Connection:
+        return NativeConnection(server, self)
 
 
 class NativeConnection(Connection):
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
-                 ctx: Context) -> None:
-        super().__init__(server, reader, writer, peer)
-        self.ctx = ctx
+    def __init__(self, server: Server, front: Native) -> None:
+        super().__init__(server, front)
+        self.ctx = front.ctx
 
     def make_decoder(self, limits: Limits) -> p.Decoder:
         return p.Decoder(limits.max_line)
@@ -80,6 +76,6 @@ class NativeConnection(Connection):
         if self.forbidden():
             self.send(p.error(req.id, p.CLIENT_FORBIDDEN, "this uid/gid may not use authd"))
             return
-        last = await serve_subscription(self.ctx, self.peer, req, self.writer, self.read_closed)
+        last = await serve_subscription(self.ctx, self.peer, req, self.transport, self.drained, self.read_closed)
         if last is not None:
-            self.writer.write(last)  # past the write_buffer check: the last word of a slow stream
+            self.transport.write(last)  # past the write_buffer check: the last word of a slow stream

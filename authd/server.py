@@ -47,8 +47,8 @@ class FrontEnd(Protocol):
     busy: bytes  # the reply to a connection refused by the limits (b"": just close)
     forbidden: bytes  # the reply to a peer that [clients] does not allow (b"": just close)
 
-    def connection(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   peer: Peer) -> Connection: ...
+    def connection(self, server: Server) -> Connection:
+        """A new connection's protocol; `Server.accepted` admits or refuses it."""
 
 
 class Server:
@@ -79,8 +79,8 @@ class Server:
         key = "daemon.socket" if front.name == "native" else f"{front.name}.socket"
         sock = inherited if inherited is not None else self._bind(path, key)  # type: ignore[arg-type]
         _raise_fd_limit(self.rt.policy.daemon.limits)
-        accept = functools.partial(self._accept, front)
-        server = await asyncio.start_unix_server(accept, sock=sock, limit=64 * 1024, backlog=ACCEPT_BATCH)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(functools.partial(front.connection, self), sock=sock, backlog=ACCEPT_BATCH)
         sock.listen(socket.SOMAXCONN)  # asyncio's `backlog` is also its accept batch; keep the kernel queue deep
         self._servers.append(server)
         log.info("listening", socket=sock.getsockname(), protocol=front.name, inherited=inherited is not None)
@@ -116,22 +116,29 @@ class Server:
 
     def abort(self) -> None:
         for conn in list(self.connections):
-            conn.writer.transport.abort()
+            conn.transport.abort()
 
     def accepting_requests(self) -> bool:
         return self.drain_started is None or time.monotonic() - self.drain_started < DRAIN_GRACE
 
-    async def _accept(self, front: FrontEnd, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def accepted(self, conn: Connection, transport: asyncio.Transport) -> None:
+        """A client connected: start `conn` in a slot, or refuse it before it takes one."""
         try:
-            peer = Peer.of(writer.get_extra_info("socket"))
+            peer = Peer.of(transport.get_extra_info("socket"))
         except OSError:
-            writer.transport.abort()
+            transport.abort()
             return
         self.rt.counters["connections_total"] += 1
         if (refused := self.refusal(peer)) is not None:
-            await self.refuse(reader, writer, front.forbidden if refused == p.CLIENT_FORBIDDEN else front.busy)
+            front = conn.front
+            Refused(self, transport, front.forbidden if refused == p.CLIENT_FORBIDDEN else front.busy)
             return
-        await self.serve(front.connection(self, reader, writer, peer))
+        self.connections.add(conn)
+        self.open += 1
+        self.per_uid[peer.uid] += 1
+        conn.start(transport, peer)
+        if self._finishing:  # accepted just before the listener closed
+            conn.drain()
 
     def refusal(self, peer: Peer) -> str | None:
         """The error code that turns `peer` away at accept, before it takes a slot, or None.
@@ -158,49 +165,19 @@ class Server:
             return p.BUSY
         return None
 
-    async def serve(self, conn: Connection) -> None:
-        """Run an admitted connection in its slot until it is closed and its replies are read."""
+    def finished(self, conn: Connection) -> None:
+        """`conn` has queued its last reply; its slot is held until the client has read it."""
+        self.connections.discard(conn)
+
+    def released(self, conn: Connection) -> None:
+        """`conn` is closed: its slot is free."""
+        self.connections.discard(conn)
+        self.open -= 1
         uid = conn.peer.uid
-        self.connections.add(conn)
-        self.open += 1
-        self.per_uid[uid] += 1
-        if self._finishing:  # accepted just before the listener closed
-            conn.drain()
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
-            try:
-                await conn.linger()
-            finally:
-                self.open -= 1
-                self.per_uid[uid] -= 1
-                if not self.per_uid[uid]:
-                    del self.per_uid[uid]
-                self._released.set()
-
-    async def refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: bytes) -> None:
-        """Send the refusal, then let the client finish writing its first request before closing.
-
-        Closing at once fails a client's write (EPIPE) that races the close, and many clients
-        then never read the reply. At most `max_connections` refusals (busy and forbidden
-        alike) wait like this at a time; the rest are closed right after the reply.
-        """
-        writer.write(reply)
-        if self.refusing >= self.rt.policy.daemon.limits.max_connections:
-            writer.close()
-            return
-        self.refusing += 1
-        try:
-            writer.write_eof()
-            async with asyncio.timeout(REFUSE_LINGER):
-                while await reader.read(64 * 1024):
-                    pass
-        except (TimeoutError, ConnectionError, OSError):
-            pass
-        finally:
-            self.refusing -= 1
-            writer.close()
+        self.per_uid[uid] -= 1
+        if not self.per_uid[uid]:
+            del self.per_uid[uid]
+        self._released.set()
 
     def sometimes(self, what: str) -> bool:
         """True at most once per LOG_INTERVAL for each `what`: rate-limits client-triggered log lines."""
@@ -213,6 +190,35 @@ class Server:
     def stats(self) -> dict[str, int]:
         return {"connections": len(self.connections), "open": self.open,
                 "inflight": sum(len(c.inflight) for c in self.connections), "paused": self.intake.waiting()}
+
+
+class Refused(asyncio.Protocol):
+    """A refused client: the refusal, then time to finish writing its first request before the close.
+
+    Closing at once fails a client's write (EPIPE) that races the close, and many clients then
+    never read the reply. At most `max_connections` refusals (busy and forbidden alike) wait
+    like this at a time; the rest are closed right after the reply.
+    """
+
+    def __init__(self, server: Server, transport: asyncio.Transport, reply: bytes) -> None:
+        self.server = server
+        self.timer: asyncio.TimerHandle | None = None
+        transport.set_protocol(self)
+        transport.write(reply)
+        if server.refusing >= server.rt.policy.daemon.limits.max_connections:
+            transport.close()
+            return
+        server.refusing += 1
+        transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(REFUSE_LINGER, transport.close)
+
+    def eof_received(self) -> bool:
+        return False  # close: the client has written all it will
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.server.refusing -= 1
 
 
 def _raise_fd_limit(limits: Limits) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from authd.client import AsyncClient
+
 from .daemon import CANARY, PAM_SERVICE, PASSWORD, Daemon, as_nobody, raw_connect, read_replies, scan_for, wait_for
 from .pamenv import PamEnv
 
@@ -174,6 +176,26 @@ def test_inflight_limit_gives_busy(make_daemon: Callable[..., Daemon]) -> None:
     sock.sendall(b"".join(bad % i for i in range(4)))
     replies = read_replies(sock, 4)
     assert sorted(r["error"] for r in replies) == ["auth_failed", "auth_failed", "busy", "busy"]
+
+
+def test_a_client_that_keeps_max_inflight_requests_outstanding_never_hears_busy(
+        make_daemon: Callable[..., Daemon]) -> None:
+    """A reply frees its slot as it is sent: a client that sends its next request as each
+    reply arrives, `max_inflight` outstanding all the time (authd's AsyncClient), is never
+    answered `busy`, though the server may read that request before it is done with the task
+    that replied."""
+    from .daemon import BASE_POLICY
+
+    window = 4
+    d = make_daemon(base=BASE_POLICY.replace("[clients]", f"[daemon.limits]\nmax_inflight = {window}\n\n[clients]")).start()
+    token = d.auth("alice", open_session=True)["session"]["token"]
+
+    async def run() -> list[str]:
+        async with AsyncClient(d.socket, max_inflight=window) as client:
+            replies = await asyncio.gather(*(client.session(token) for _ in range(500)), return_exceptions=True)
+        return [repr(r) for r in replies if isinstance(r, BaseException)]
+
+    assert asyncio.run(run()) == []
 
 
 def test_pipelined_replies_come_back_out_of_order(make_daemon: Callable[..., Daemon]) -> None:

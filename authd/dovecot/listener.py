@@ -9,7 +9,6 @@ task, so a failed login waiting out its delay holds up no other request on the c
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import secrets
@@ -20,7 +19,6 @@ from ..authflow import AuthCore
 from ..config import Limits
 from ..connection import Connection
 from ..outcome import MESSAGES, AuthRequest, Denied
-from ..peer import Peer
 from ..server import Server
 from . import codec
 
@@ -41,17 +39,18 @@ class Dovecot:
         self.cookie = secrets.token_hex(16)
         self.cuids = itertools.count(1)
 
-    def connection(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   peer: Peer) -> Connection:
-        return DovecotConnection(server, reader, writer, peer, self)
+    def connection(self, server: Server) -> Connection:
+        return DovecotConnection(server, self)
 
 
 class DovecotConnection(Connection):
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
-                 front: Dovecot) -> None:
-        super().__init__(server, reader, writer, peer)
+    def __init__(self, server: Server, front: Dovecot) -> None:
+        super().__init__(server, front)
         self.core = front.core
-        self.send(codec.handshake(os.getpid(), next(front.cuids), front.cookie))
+        self.dovecot = front
+
+    def opened(self) -> None:
+        self.send(codec.handshake(os.getpid(), next(self.dovecot.cuids), self.dovecot.cookie))
 
     def make_decoder(self, limits: Limits) -> codec.Decoder:
         return codec.Decoder(require_secured=self.rt.policy.config.dovecot.require_secured)

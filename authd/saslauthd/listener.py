@@ -8,8 +8,6 @@ realm is appended to the login as saslauthd -r does.
 
 from __future__ import annotations
 
-import asyncio
-import time
 
 import structlog
 
@@ -17,7 +15,6 @@ from ..authflow import AuthCore
 from ..config import Limits
 from ..connection import Connection
 from ..outcome import MESSAGES, AuthRequest, Denied
-from ..peer import Peer
 from ..server import Server
 from . import codec
 
@@ -32,53 +29,42 @@ class Saslauthd:
     def __init__(self, core: AuthCore) -> None:
         self.core = core
 
-    def connection(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   peer: Peer) -> Connection:
-        return SaslauthdConnection(server, reader, writer, peer, self.core)
+    def connection(self, server: Server) -> Connection:
+        return SaslauthdConnection(server, self)
 
 
 class SaslauthdConnection(Connection):
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
-                 core: AuthCore) -> None:
-        super().__init__(server, reader, writer, peer)
-        self.core = core
+    """One request per connection, as saslauthd: the request is unfinished (`request_timeout`
+    runs) from the first read until it is complete, and nothing after it is read."""
+
+    def __init__(self, server: Server, front: Saslauthd) -> None:
+        super().__init__(server, front)
+        self.core = front.core
+
+    timed_from_connect = True
 
     def make_decoder(self, limits: Limits) -> codec.Decoder:
         return codec.Decoder()
 
-    async def _read_loop(self) -> None:
-        """One request per connection, as saslauthd; `run` then waits for its answer and closes."""
-        await self.take_turn()  # not read while this uid's PAM queue is full (authd.intake)
-        try:
-            item = await self._read_request()
-            if item is not None:
-                self.handle(item)
-        finally:
-            self.server.intake.room(self.peer.uid)
+    def received(self, data: bytes) -> list[codec.Request | codec.Malformed]:
+        item = self.decoder.feed(data)
+        if item is None and self.decoder.waiting_for_fifth:
+            # Every client writes its whole request with one writev, which a Unix socket
+            # delivers whole: 4 fields and nothing after them is a 4-field request (libsasl
+            # 2.1.28, what Postfix and Cyrus use). Waiting for a 5th would add that wait to
+            # every login of theirs (20 ms did: 8 connections could not pass 400 logins/s).
+            item = self.decoder.finish()
+        return [] if item is None else [item]
 
-    async def _read_request(self) -> codec.Request | codec.Malformed | None:
-        """Read until the request is complete; None if the client left or ran out of time."""
-        deadline = time.monotonic() + self.rt.policy.daemon.limits.request_timeout
-        while not self._closing:
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    data = await self.reader.read(4096)
-            except TimeoutError:
-                self.rt.counters["connections_closed_slow_request"] += 1
-                return None
-            if not data:
-                return self.decoder.finish()  # a client that half-closed after 4 fields still gets its answer
-            if (item := self.decoder.feed(data)) is not None:
-                return item
-            if self.decoder.waiting_for_fifth:
-                # Every client writes its whole request with one writev, which a Unix socket
-                # delivers whole: 4 fields and nothing after them is a 4-field request (libsasl
-                # 2.1.28, what Postfix and Cyrus use). Waiting for a 5th would add that wait to
-                # every login of theirs (20 ms did: 8 connections could not pass 400 logins/s).
-                return self.decoder.finish()
-        return None
+    def unfinished(self, data: bytes) -> bool:
+        return True
+
+    def at_eof(self) -> list[codec.Request | codec.Malformed]:
+        item = self.decoder.finish()  # a client that half-closed after 4 fields still gets its answer
+        return [] if item is None else [item]
 
     def handle(self, item: codec.Request | codec.Malformed) -> None:
+        self._closing = True  # the one request: read nothing after it
         counters = self.rt.counters
         if isinstance(item, codec.Malformed):
             counters["saslauthd:malformed"] += 1
