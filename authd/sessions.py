@@ -3,7 +3,10 @@
 The table answers lookups from memory; every change is written through to SQLite in WAL mode
 by a writer thread (`writethrough`), and a request that issued or ended a session awaits
 `durable()` before its reply, so a restart, or a `kill -9`, keeps every session that was
-issued. When the file cannot be written (disk full, read-only, locked by another process,
+issued. Touches (a lookup moving `last_seen`, which pushes the idle expiry out) are not waited
+for: they are collected and written together at most `TOUCH_INTERVAL` later, so a session
+checked thousands of times a second costs the writer one row a second; a `kill -9` can lose
+that last second of idle time, a clean stop loses none. When the file cannot be written (disk full, read-only, locked by another process,
 corrupt) sessions are still issued and checked from memory: the fault is logged once and shown
 in `status`, and at most once a second (on the next change, or the expiry sweep) the file is
 reopened and rewritten whole from memory, so it catches up once the fault clears. A corrupt
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import asyncio
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +36,7 @@ from .writethrough import WriteThrough
 log = structlog.get_logger("authd.sessions")
 
 TOKEN_BYTES = 32  # 256 bits
+TOUCH_INTERVAL = 1.0  # seconds a touch may wait to be written with the others
 _SELECT = "SELECT id, token_hash, user, groups, service, rhost, created, last_seen, ttl, idle_timeout FROM sessions"
 Row = tuple[Any, ...]
 
@@ -105,13 +110,16 @@ class SessionLimitReached(Exception):
 
 
 class SessionStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, touch_interval: float = TOUCH_INTERVAL) -> None:
         self.path = path
+        self.touch_interval = touch_interval
         self._by_hash: dict[bytes, Session] = {}
         self._by_id: dict[str, Session] = {}
         self._by_owner: dict[tuple[str, str], dict[str, Session]] = {}  # (user, service) -> its sessions
         self._complete = True  # memory holds every session the file does
         self._gone: set[str] = set()  # removed while incomplete: a later merge must not revive them
+        self._touched: dict[str, float] = {}  # session id -> last_seen, not yet queued for the file
+        self._touch_timer: asyncio.TimerHandle | None = None
         self._file = WriteThrough(path, _SCHEMA, name="sessions", rewrite=self._rewrite, failed=self._failed,
                                   recovered=self._recovered, quarantined=self._quarantined)
 
@@ -133,6 +141,7 @@ class SessionStore:
 
     def close(self) -> None:
         """One last try to persist what a fault kept in memory only, then close the file."""
+        self._write_touches()
         self._file.close()
 
     def flush(self) -> None:
@@ -144,7 +153,8 @@ class SessionStore:
         await self._file.durable()
 
     def settle(self) -> None:
-        """`durable`, blocking: for synchronous callers."""
+        """`durable`, blocking, touches included: for synchronous callers."""
+        self._write_touches()
         self._file.settle()
 
     def __len__(self) -> int:
@@ -192,9 +202,22 @@ class SessionStore:
         if session.expired(now):
             return None
         if touch:
-            session.last_seen = now
-            self._write("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session.id))
+            session.last_seen = self._touched[session.id] = now
+            if self._touch_timer is None:
+                try:
+                    self._touch_timer = asyncio.get_running_loop().call_later(self.touch_interval, self._write_touches)
+                except RuntimeError:  # no event loop (a synchronous caller): now
+                    self._write_touches()
         return session
+
+    def _write_touches(self) -> None:
+        if self._touch_timer is not None:
+            self._touch_timer.cancel()
+            self._touch_timer = None
+        if self._touched:
+            rows = [(seen, sid) for sid, seen in self._touched.items()]
+            self._touched = {}
+            self._file.write(lambda db: db.executemany("UPDATE sessions SET last_seen = ? WHERE id = ?", rows))
 
     def remove_token(self, token: str) -> Session | None:
         session = self._by_hash.get(hash_token(token))
@@ -245,6 +268,7 @@ class SessionStore:
         for session in sessions:
             self._by_hash.pop(session.token_hash, None)
             self._by_id.pop(session.id, None)
+            self._touched.pop(session.id, None)
             owned = self._by_owner.get((session.user, session.service))
             if owned is not None and owned.pop(session.id, None) is not None and not owned:
                 del self._by_owner[session.user, session.service]

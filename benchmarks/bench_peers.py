@@ -19,7 +19,9 @@ so that a noisy neighbour hits every target alike:
   native protocol.
 - ``cache``: the pam_unix stack with saslauthd ``-c`` against authd with ``[cache]`` on
   (``account_check = "cached"``: like saslauthd's cache, a hit skips PAM entirely).
-- ``ops``: authd's cheapest ops, ``session`` and ``hello``, on the native socket.
+- ``ops``: authd's cheapest ops, ``session``, ``check`` (allowed) and ``hello``, on the native socket, beside
+  ``benchmarks.bareloop``: a bare asyncio server answering ``hello`` lines with nothing else,
+  the floor one Python event loop sets.
 
 Printed per target: requests/s (median of the rounds, and the range), p50/p99 of the median
 round, the serving processes' CPU per request, and the cores other processes used meanwhile;
@@ -44,11 +46,12 @@ from authd.runtime import default_workers
 
 from .harness import NOISY, AuthdProcess, CpuMeter, percentile, policy, scratch_dir, tree_cpu_seconds
 from .pamstack import UNIX_LINES, PamStack, raw_loop
-from .peers import PERMIT_LINES, Dovecot, Saslauthd, local_user, system_pam_services
+from .peers import PERMIT_LINES, BareLoop, Dovecot, Saslauthd, local_user, system_pam_services
 
 USER = "authd-peer"
 PASSWORD = "peer-bench-pass-1"
 SERVICES = {"permit": "authd-bench-permit", "unix": "authd-bench-unix"}
+PERMISSION = "mail.read"  # what `check` asks; the bench user's role allows it
 HERE = Path(__file__).resolve().parent
 STACKS = ("permit", "unix", "cache", "ops")
 
@@ -139,6 +142,7 @@ class Authd(AuthdProcess):
         text += f'\n[saslauthd]\nsocket = "{self.mux}"\n\n[dovecot]\nsocket = "{self.dovecot}"\n'
         if cache:
             text += '\n[cache]\nenabled = true\naccount_check = "cached"\n'
+        text += f'\n[roles.reader]\nusers = ["{USER}"]\npermissions = ["{PERMISSION}"]\n'  # for `check`
         self.config.write_text(text)
 
 
@@ -234,11 +238,17 @@ def main() -> int:
             if "ops" in stacks:
                 with Client(authd.socket) as client:
                     token = client.auth(USER, PASSWORD, SERVICES["permit"], open_session=True)["session"]["token"]
-                targets = [
-                    Target("authd session", load.window(authd.pid, "session", authd.socket, token)),
-                    Target("authd hello", load.window(authd.pid, "hello", authd.socket)),
-                ]
-                report("ops: native protocol", run_stack("ops", targets, args.rounds, args.seconds), [])
+                floor = "bare asyncio server, hello"
+                with BareLoop(root / "bare") as bare:
+                    targets = [
+                        Target("authd session", load.window(authd.pid, "session", authd.socket, token)),
+                        Target("authd check", load.window(authd.pid, "check", authd.socket, token, PERMISSION)),
+                        Target("authd hello", load.window(authd.pid, "hello", authd.socket)),
+                        Target(floor, load.window(bare.pid, "hello", bare.socket)),
+                    ]
+                    results = run_stack("ops", targets, args.rounds, args.seconds)
+                report("ops: native protocol", results, [("authd hello", floor), ("authd session", floor),
+                                                         ("authd check", floor)])
         if "cache" in stacks:
             service = SERVICES["unix"]
             cred = (USER, PASSWORD, service)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from authd.client import Client
 
 from .harness import (
     NOISY, AuthdProcess, CpuMeter, Window, cpu_note, ms, percentile, policy, process_cpu, report_errors, scratch_dir,
+    stop,
 )
 from .pamstack import REPO, PamStack
 
@@ -150,12 +150,7 @@ def run_app(mode: str, authd: AuthdProcess, env: dict[str, str], tokens: dict[st
         result.stats = {k: after[k] - stats_before[k] for k in after}
         return result
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 30)
 
 
 def main(argv: list[str] | None = None) -> int:

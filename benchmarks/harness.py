@@ -129,6 +129,18 @@ class AuthdProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def stop(proc: subprocess.Popen[Any] | None, grace: float = 15.0) -> None:
+    """SIGTERM a child server, then SIGKILL it if it has not exited within `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def process_cpu(pid: int) -> float:
     """User+system CPU seconds of one process (all its threads, none of its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

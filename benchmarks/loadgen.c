@@ -8,6 +8,7 @@
  *   loadgen dovecot SOCKET CONNS SECONDS USER PASSWORD SERVICE   AUTH PLAIN, persistent
  *   loadgen native  SOCKET CONNS SECONDS USER PASSWORD SERVICE   authd's "auth", persistent
  *   loadgen session SOCKET CONNS SECONDS TOKEN                   authd's "session", persistent
+ *   loadgen check   SOCKET CONNS SECONDS TOKEN PERMISSION        authd's "check", persistent
  *   loadgen hello   SOCKET CONNS SECONDS                         authd's "hello", persistent
  *
  * Prints one line: "ok N failed N errors N p50_us X p99_us Y"; failed = the server said no,
@@ -25,7 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum mode { SASL, DOVECOT, NATIVE, SESSION, HELLO };
+enum mode { SASL, DOVECOT, NATIVE, SESSION, CHECK, HELLO };
 
 static enum mode mode;
 static const char *path;
@@ -245,6 +246,7 @@ static int cmp(const void *a, const void *b) {
 static void usage(void) {
     fputs("usage: loadgen sasl|dovecot|native SOCKET CONNS SECONDS USER PASSWORD SERVICE\n"
           "       loadgen session SOCKET CONNS SECONDS TOKEN\n"
+          "       loadgen check SOCKET CONNS SECONDS TOKEN PERMISSION\n"
           "       loadgen hello SOCKET CONNS SECONDS\n", stderr);
     exit(2);
 }
@@ -289,6 +291,10 @@ int main(int argc, char **argv) {
     } else if (!strcmp(name, "session") && argc == 6) {
         mode = SESSION;
         snprintf(request, sizeof request, "{\"id\":%%lu,\"op\":\"session\",\"token\":\"%s\"}\n", argv[5]);
+    } else if (!strcmp(name, "check") && argc == 7) {
+        mode = CHECK;
+        snprintf(request, sizeof request, "{\"id\":%%lu,\"op\":\"check\",\"token\":\"%s\",\"permission\":\"%s\"}\n",
+                 argv[5], argv[6]);
     } else if (!strcmp(name, "hello") && argc == 5) {
         mode = HELLO;
         snprintf(request, sizeof request, "{\"id\":%%lu,\"op\":\"hello\"}\n");

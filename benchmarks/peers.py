@@ -5,6 +5,9 @@ cannot be pointed at pam_wrapper's scratch directory the way authd's own benchma
 for a side-by-side run every daemon (authd too) uses temporary service files in /etc/pam.d and
 a temporary local user, created here and removed afterwards. That needs root and changes the
 machine while it runs: run it on a throwaway machine or VM, never on a server in use.
+
+Beside them, `BareLoop` starts `benchmarks.bareloop`: no daemon authd replaces, but the floor
+under authd's cheapest ops (one Python event loop answering lines, with nothing else).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .pamstack import yescrypt
+from .harness import stop
+from .pamstack import REPO, yescrypt
 
 PAM_DIR = Path("/etc/pam.d")
 PERMIT_LINES = ["auth required pam_permit.so", "account required pam_permit.so"]
@@ -112,28 +117,10 @@ service auth {{
 """
 
 
-class Dovecot:
-    """An auth-only Dovecot 2.3 (``dovecot -F -c FILE``), ``passdb pam`` with the request's
-    service as the PAM service, no auth cache (Dovecot's default)."""
+class _Server:
+    """A server child process: its pid (for CPU accounting) and its stop."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.config = root / "dovecot.conf"
-        self.socket = root / "run" / "auth-client"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Dovecot:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(DOVECOT_CONF.format(root=self.root))
-        self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.config)], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dovecot exited with {self.proc.returncode}; see {self.root}/dovecot.log")
-            if self.socket.exists():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("dovecot did not create its auth-client socket")
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def pid(self) -> int:
@@ -141,10 +128,49 @@ class Dovecot:
         return self.proc.pid
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
+
+
+class Dovecot(_Server):
+    """An auth-only Dovecot 2.3 (``dovecot -F -c FILE``), ``passdb pam`` with the request's
+    service as the PAM service, no auth cache (Dovecot's default)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / "dovecot.conf"
+        self.socket = root / "run" / "auth-client"
+
+    def __enter__(self) -> Dovecot:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(DOVECOT_CONF.format(root=self.root))
+        self.proc = _started(["dovecot", "-F", "-c", str(self.config)], self.socket,
+                             f"dovecot (see {self.root}/dovecot.log)")
+        return self
+
+
+class BareLoop(_Server):
+    """``benchmarks.bareloop``: a bare asyncio server answering ``hello``, the floor under authd's ops."""
+
+    def __init__(self, root: Path) -> None:
+        self.socket = root / "bareloop.sock"
+
+    def __enter__(self) -> BareLoop:
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self.proc = _started([sys.executable, "-m", "benchmarks.bareloop", str(self.socket)], self.socket,
+                             "benchmarks.bareloop", env=env)
+        return self
+
+
+def _started(argv: list[str], socket: Path, what: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a server and wait (up to 15 s) for its socket to appear."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if socket.exists():
+            return proc
+        time.sleep(0.05)
+    stop(proc)
+    raise RuntimeError(f"{what} did not create {socket}")
