@@ -334,11 +334,7 @@ class Connection(asyncio.Protocol, abc.ABC):
         return None
 
     def _full(self) -> bool:
-        """`max_inflight` requests are unanswered. A task that has sent its reply no longer
-        counts, though its done callback (which drops it from `inflight`) has yet to run: the
-        client may already have read that reply and sent its next request."""
-        limit = self.rt.policy.daemon.limits.max_inflight
-        return len(self.inflight) >= limit and sum(not task.done() for task in self.inflight) >= limit
+        return len(self.inflight) >= self.rt.policy.daemon.limits.max_inflight
 
     def forbidden(self) -> bool:
         """The peer is not in [clients] (checked per request: a reload may change who is)."""
@@ -360,12 +356,19 @@ class Connection(asyncio.Protocol, abc.ABC):
 
     def spawn(self, work: Any) -> None:
         """Serve one request as its own task; replies leave in completion order."""
-        task = self.loop.create_task(work)
-        self.inflight.add(task)
-        task.add_done_callback(self._done)
+        self.inflight.add(self.loop.create_task(self._served(work)))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.inflight.discard(task)
+    async def _served(self, work: Any) -> None:
+        """`work`, then its slot is free at once: in the same step as its reply, so the
+        client's next request, however fast, finds it free (a done callback would run a
+        loop turn later)."""
+        try:
+            await work
+        finally:
+            self.inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._done()
+
+    def _done(self) -> None:
         if self._freed is not None and not self._freed.done():
             self._freed.set_result(None)
         if not self.inflight:

@@ -35,6 +35,7 @@ class Policy:
     subscriber_gids: frozenset[int] = frozenset()
     roles: roles_mod.Roles = roles_mod.Roles()
     handlers: tuple[Handler, ...] = field(default=())
+    own_uid: int = field(default_factory=os.getuid)  # the uid authd runs as: always client and admin
 
     @property
     def base_dir(self) -> Path:
@@ -61,7 +62,7 @@ class Policy:
         return self.path(self.daemon.state_dir)
 
     def is_client(self, peer: Peer) -> bool:
-        if peer.uid == os.getuid() or self.is_admin(peer):
+        if peer.uid == self.own_uid or self.is_admin(peer):
             return True
         if self.client_uids is None or peer.uid in self.client_uids:
             return True
@@ -72,7 +73,7 @@ class Policy:
         return self.is_admin(peer) or peer.uid in self.subscriber_uids or not self.subscriber_gids.isdisjoint(peer.groups)
 
     def is_admin(self, peer: Peer) -> bool:
-        return peer.uid == os.getuid() or peer.uid in self.admin_uids or not self.admin_gids.isdisjoint(peer.groups)
+        return peer.uid == self.own_uid or peer.uid in self.admin_uids or not self.admin_gids.isdisjoint(peer.groups)
 
     def permits(self, service: cfg.Service, user: str, groups: Iterable[str] | None) -> bool:
         """Deny rules win; empty allow lists allow everyone; `*` matches any user. `groups`
