@@ -1,7 +1,7 @@
 """The Dovecot auth-client socket: the handshake at connect, then pipelined AUTH requests.
 
-A thin loop around `codec` on the Server's shared connection machinery (limits, linger,
-drain, the line read loop). Each complete login goes to the shared auth decision as its own
+A thin layer around `codec` on the Server's shared connection machinery (limits, linger,
+drain, reading in turns). Each complete login goes to the shared auth decision as its own
 task, so a failed login waiting out its delay holds up no other request on the connection.
 `rip` becomes the rhost (lockout, logs, fail2ban); `[dovecot] services` maps the request's
 `service=` to a [[service]].

@@ -1,6 +1,6 @@
 """The saslauthd socket: one request per connection, answered by the shared auth decision.
 
-A thin loop around `codec`: the Server's accept path, limits, drain and linger apply as on
+A thin layer around `codec`: the Server's accept path, limits, drain and linger apply as on
 the native socket. The request's service is mapped to a [[service]] (`[saslauthd] services`),
 its client address becomes the rhost (lockout, logs, fail2ban), and with `append_realm` the
 realm is appended to the login as saslauthd -r does.
