@@ -153,13 +153,15 @@ class Connection(asyncio.Protocol, abc.ABC):
         if self.peer is None:
             return
         self._lost = True
-        if self._linger is not None:
-            self._linger.cancel()
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_exception(ConnectionResetError("connection lost"))
-        self._end_input()
-        self.server.released(self)
+        try:
+            if self._linger is not None:
+                self._linger.cancel()
+            for waiter in self._drain_waiters:
+                if not waiter.done():
+                    waiter.set_exception(ConnectionResetError("connection lost"))
+            self._end_input()
+        finally:  # whatever failed above, the slot comes back
+            self.server.released(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -205,6 +207,15 @@ class Connection(asyncio.Protocol, abc.ABC):
         else:
             self._waited = waited
             self._set_reading(True)
+            if waited:  # let in: if nothing is waiting to be read, the uid's next connection goes first
+                self.loop.call_at(self.loop.time(), self._unused_turn)
+
+    def _unused_turn(self) -> None:
+        """A timer, so it runs after the poll that follows the resume: bytes already in the
+        socket reach `data_received` first. A connection let in with nothing to send would
+        otherwise hold the uid's turn until its client writes or idles out."""
+        if self._waited and self._reading and not self._input_done:
+            self.server.intake.room(self.peer.uid)
 
     def _after_held(self) -> None:
         if not self._input_done:

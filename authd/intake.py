@@ -61,19 +61,25 @@ class Intake:
             first = True
 
     def room(self, uid: int) -> None:
-        """A call of ``uid`` left its queue, or a connection took its request: let the next in."""
+        """A call of ``uid`` left its queue, or a connection took its request: let the next in.
+
+        A turn already settled is passed over: a waiter cancelled in this very step (its
+        connection closed) stays in line until its task runs and leaves it."""
         line = self._waiting.get(uid)
-        if line and not self._full(uid):
+        while line and not self._full(uid):
             turn = line.popleft()
             if not line:
                 del self._waiting[uid]
-            turn.set_result(None)
+            if not turn.done():
+                turn.set_result(None)
+                return
 
     def open_all(self) -> None:
         self._open = True
         for line in self._waiting.values():
             for turn in line:
-                turn.set_result(None)
+                if not turn.done():
+                    turn.set_result(None)
         self._waiting.clear()
 
     def waiting(self) -> int:

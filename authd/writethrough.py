@@ -84,10 +84,11 @@ class WriteThrough:
             self.drain()
 
     def write(self, job: Job) -> None:
-        """Queue one change; while the file is behind memory, the next due rewrite covers it."""
+        """Queue one change. While the file is behind memory, the next due rewrite covers it;
+        once a rewrite is queued (its snapshot taken), the change queues behind it."""
         self.drain()
-        if self._dirty:
-            self.flush()
+        if self._dirty and not self._rewriting:
+            self.flush()  # a rewrite queued now takes its snapshot now: this change is in it
             return
         self._enqueue(job)
 

@@ -143,6 +143,28 @@ async def test_a_connection_that_gives_up_leaves_the_line_and_passes_a_turn_it_w
 
 
 @run
+async def test_a_turn_given_in_the_step_its_waiter_is_cancelled_goes_to_the_next_in_line() -> None:
+    """A connection closed while waiting: its wait is cancelled, and in that same step (before
+    its task runs and leaves the line) a call leaves the queue. The room goes to the next
+    waiter, nothing raises; a drain in that step passes over the cancelled turn too."""
+    uids, took = full_uid(limit=1)
+    gone = waiting_conn(uids, 1, "gone", took)
+    nxt = waiting_conn(uids, 1, "c1", took)
+    last = waiting_conn(uids, 1, "c2", took)
+    await settle()
+    gone.cancel()
+    uids.leave(1)  # `gone`'s turn is still first in line, and already cancelled
+    await settle()
+    assert took == ["c1"]
+    third = waiting_conn(uids, 1, "c3", took)
+    await settle()
+    third.cancel()
+    uids.intake.open_all()
+    await asyncio.gather(gone, nxt, last, third, return_exceptions=True)
+    assert took == ["c1", "c2"]
+
+
+@run
 async def test_a_drain_lets_every_waiting_connection_in_and_nobody_waits_after() -> None:
     uids, took = full_uid(limit=1)
     tasks = [waiting_conn(uids, 1, f"c{i}", took) for i in range(3)]

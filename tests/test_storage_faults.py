@@ -13,11 +13,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from authd.sessions import SessionStore
 
 from .daemon import Daemon, wait_for
 from .filesystems import fill, remount, tmpfs
@@ -269,3 +272,48 @@ def test_corrupted_while_running(make_daemon: Callable[..., Daemon]) -> None:
     restart_hard(d)
     assert valid(d, before + during), "memory was written to a fresh file"
     assert list(d.state.glob("sessions.db.corrupt-*")) and db.exists()
+
+
+def test_a_session_issued_while_the_recovery_rewrite_runs_reaches_the_file(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a fault the file is rewritten whole from a snapshot of memory. A session issued
+    after that snapshot was taken, while the rewrite waits in the writer, is written after it:
+    not dropped as if the rewrite covered it."""
+    path = tmp_path / "sessions.db"
+    store = SessionStore(path)
+    store.open()
+    file, connect = store._file, store._file._connection
+    faults = [sqlite3.OperationalError("disk I/O error")]
+
+    def flaky() -> sqlite3.Connection:
+        if faults:
+            raise faults.pop()
+        return connect()
+
+    monkeypatch.setattr(file, "_connection", flaky)
+    store.create(user="a", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
+    store.settle()
+    assert store.persist_error is not None  # the file is behind memory
+    gate, snapshot = threading.Event(), file._rewrite
+
+    def held_rewrite() -> Callable[[sqlite3.Connection], bool]:
+        job = snapshot()  # taken now, on this side
+
+        def run(db: sqlite3.Connection) -> bool:
+            gate.wait(10)
+            return job(db)
+
+        return run
+
+    monkeypatch.setattr(file, "_rewrite", held_rewrite)
+    file._retry_at = 0.0
+    store.flush()  # the recovery rewrite, its snapshot taken
+    late, _ = store.create(user="b", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
+    gate.set()
+    store.settle()
+    assert store.persist_error is None
+    store.close()
+    again = SessionStore(path)
+    again.open()
+    assert late.id in {s.id for s in again.all()}
+    again.close()

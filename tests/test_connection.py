@@ -1,0 +1,162 @@
+"""authd.connection's turns in process: the real Server and Connection over socketpairs.
+
+The runtime is a stand-in whose PAM queue is a counter per uid: each line a connection reads
+is one call that joins its uid's queue and is answered when the test completes it, as the
+pool does (`room(uid)` first, then the result). No sleeping: each step runs the loop until
+everything that can move has moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from collections.abc import Coroutine
+from types import SimpleNamespace
+from typing import Any
+
+from authd.config import Limits
+from authd.connection import Connection
+from authd.server import Server
+
+
+class Pam:
+    def __init__(self) -> None:
+        self.queue: Counter[int] = Counter()
+
+    def queued(self, uid: int) -> int:
+        return self.queue[uid]
+
+
+class Lines:
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        return lines
+
+
+class Front:
+    """A line protocol whose every line is a PAM call that the test completes."""
+
+    name, busy, forbidden = "test", b"busy\n", b"forbidden\n"
+
+    def __init__(self, **limits: Any) -> None:
+        daemon = SimpleNamespace(limits=Limits(**limits))
+        policy = SimpleNamespace(daemon=daemon, is_client=lambda peer: True, is_admin=lambda peer: True)
+        self.server = Server(SimpleNamespace(policy=policy, counters=Counter(), pam=Pam()))  # type: ignore[arg-type]
+        self.calls: list[tuple[Connection, bytes, asyncio.Future[None]]] = []
+
+    def connection(self, server: Server) -> Connection:
+        return Calls(server, self)
+
+    async def connect(self) -> tuple[socket.socket, Connection]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.settimeout(5)
+        theirs.setblocking(False)
+        _, conn = await asyncio.get_running_loop().connect_accepted_socket(lambda: self.connection(self.server), theirs)
+        await settle()
+        return ours, conn  # type: ignore[return-value]
+
+    def complete(self) -> None:
+        """The oldest call leaves its uid's PAM queue and is answered."""
+        conn, _, done = self.calls.pop(0)
+        self.server.rt.pam.queue[conn.peer.uid] -= 1
+        self.server.intake.room(conn.peer.uid)
+        done.set_result(None)
+
+
+class Calls(Connection):
+    def make_decoder(self, limits: Limits) -> Lines:
+        return Lines()
+
+    def handle(self, item: bytes) -> None:
+        pam = self.rt.pam
+        if self.admit() is not None or pam.queue[self.peer.uid] >= self.rt.policy.daemon.limits.max_queued_per_uid:
+            self.send(b"busy " + item + b"\n")
+            return
+        pam.queue[self.peer.uid] += 1
+        done = self.loop.create_future()
+        self.front.calls.append((self, item, done))
+        self.spawn(self._serve(item, done))
+
+    async def _serve(self, item: bytes, done: asyncio.Future[None]) -> None:
+        await done
+        self.send(b"ok " + item + b"\n")
+
+
+async def settle(turns: int = 20) -> None:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+def run(scenario: Coroutine[Any, Any, None]) -> list[dict[str, Any]]:
+    """Run `scenario`; what reached the loop's exception handler (callbacks that raised)."""
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        await asyncio.wait_for(scenario, 20)
+
+    asyncio.run(main())
+    return errors
+
+
+def test_a_connection_lost_while_waiting_for_its_turn_gives_its_slot_back() -> None:
+    """The uid's queue is full and three connections wait in line. A call completes: the first
+    is let in, and in the same step the second's client goes (EPIPE on a reply, or
+    `write_buffer`), which cancels its wait while its turn is still in the line. The next
+    `room` must pass over that turn, and the connection's slot must come back."""
+    front = Front(max_queued_per_uid=2)
+
+    async def scenario() -> None:
+        s0, _ = await front.connect()
+        s0.sendall(b"a\nb\n")  # fills the uid's queue
+        await settle()
+        s1, c1 = await front.connect()
+        s2, _ = await front.connect()
+        s1.sendall(b"c\n")
+        s2.sendall(b"d\n")
+        await settle()
+        assert front.server.intake.waiting() == 3 and front.server.open == 3
+        front.complete()  # c0 is let in (its task has not run yet); c1 is first in line
+        assert c1.transport is not None
+        c1.transport.abort()
+        await settle()
+        for s in (s0, s1, s2):
+            s.close()
+        while front.calls:
+            front.complete()
+            await settle()
+        await settle()
+        assert (front.server.open, dict(front.server.per_uid)) == (0, {})
+
+    assert run(scenario()) == []
+
+
+def test_a_connection_let_in_with_nothing_to_send_passes_the_turn_on() -> None:
+    """A's one request fills the uid's queue, so A waits its turn with nothing more to send; B
+    waits behind it with a line ready. When A's call completes and A is let in, B must not wait
+    until A's client writes again or idles out."""
+    front = Front(max_queued_per_uid=1)
+
+    async def scenario() -> None:
+        sa, _ = await front.connect()
+        sa.sendall(b"a\n")
+        await settle()
+        sb, _ = await front.connect()
+        sb.sendall(b"b\n")
+        await settle()
+        assert front.server.intake.waiting() == 2
+        front.complete()
+        await settle()
+        assert [item for _, item, _ in front.calls] == [b"b"]
+        front.complete()
+        await settle()
+        assert sa.recv(100) == b"ok a\n" and sb.recv(100) == b"ok b\n"
+        sa.close()
+        sb.close()
+        await settle()
+
+    assert run(scenario()) == []
