@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -203,12 +204,12 @@ class Connection(asyncio.Protocol, abc.ABC):
         if self._held:  # one request per turn, in order, each behind the uid's other connections
             self._set_reading(False)
             self.handle(self._held.popleft())
-            self.loop.call_soon(self._after_held)  # let it reach the PAM queue before the next turn is judged
+            self.loop.call_soon(self._safely, self._after_held)  # let it reach the PAM queue before the next turn is judged
         else:
             self._waited = waited
             self._set_reading(True)
             if waited:  # let in: if nothing is waiting to be read, the uid's next connection goes first
-                self.loop.call_at(self.loop.time(), self._unused_turn)
+                self.loop.call_at(self.loop.time(), self._safely, self._unused_turn)
 
     def _unused_turn(self) -> None:
         """A timer, so it runs after the poll that follows the resume: bytes already in the
@@ -216,6 +217,17 @@ class Connection(asyncio.Protocol, abc.ABC):
         otherwise hold the uid's turn until its client writes or idles out."""
         if self._waited and self._reading and not self._input_done:
             self.server.intake.room(self.peer.uid)
+
+    def _safely(self, step: Callable[[], None]) -> None:
+        """A step of the turns run from a timer, a callback or the wait: a bug in it costs this
+        connection (it reads no more; what is in flight is answered, then it closes), never
+        leaves it paused with its slot held."""
+        try:
+            step()
+        except Exception:
+            self.rt.counters["internal_errors"] += 1
+            log.exception("connection step failed; closing the connection", **self.peer.log_fields())
+            self._end_input()
 
     def _after_held(self) -> None:
         if not self._input_done:
@@ -239,7 +251,7 @@ class Connection(asyncio.Protocol, abc.ABC):
         if self._partial_since is not None:
             self._partial_since += self.loop.time() - started
         self._waiter = None
-        self._proceed(waited=True)
+        self._safely(lambda: self._proceed(waited=True))
 
     def _take(self, items: list[Any], now: int) -> None:
         """Handle up to `now` of the items one read completed, while the uid's PAM queue has
@@ -278,7 +290,7 @@ class Connection(asyncio.Protocol, abc.ABC):
             if self._timer.when() <= when:
                 return
             self._timer.cancel()
-        self._timer = self.loop.call_at(when, self._expired)
+        self._timer = self.loop.call_at(when, self._safely, self._expired)
 
     def _expired(self) -> None:
         self._timer = None

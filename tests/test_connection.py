@@ -72,6 +72,8 @@ class Calls(Connection):
         return Lines()
 
     def handle(self, item: bytes) -> None:
+        if item == b"boom":
+            raise RuntimeError("a bug in a front end")
         pam = self.rt.pam
         if self.admit() is not None or pam.queue[self.peer.uid] >= self.rt.policy.daemon.limits.max_queued_per_uid:
             self.send(b"busy " + item + b"\n")
@@ -158,5 +160,25 @@ def test_a_connection_let_in_with_nothing_to_send_passes_the_turn_on() -> None:
         sa.close()
         sb.close()
         await settle()
+
+    assert run(scenario()) == []
+
+
+def test_a_bug_in_a_step_run_from_the_wait_closes_that_connection_and_frees_its_slot() -> None:
+    """Handing out a held request after a wait runs outside any transport callback: a front
+    end that raises there costs its connection (counted; what was in flight is still
+    answered), and the slot comes back."""
+    front = Front(max_queued_per_uid=1)
+
+    async def scenario() -> None:
+        sock, _ = await front.connect()
+        sock.sendall(b"b\nboom\n")  # `b` fills the uid's queue: `boom` is held
+        await settle()
+        assert front.server.open == 1 and front.server.intake.waiting() == 1
+        front.complete()  # let in: the held `boom` is handed out, and raises
+        await settle()
+        assert sock.recv(100) == b"ok b\n" and sock.recv(100) == b""  # then closed
+        assert front.server.open == 0 and front.server.rt.counters["internal_errors"] == 1
+        sock.close()
 
     assert run(scenario()) == []
