@@ -57,6 +57,7 @@ class WriteThrough:
         self._retry_at = 0.0
         self._queued: list[tuple[Job, bool]] = []  # (job, is a rewrite)
         self._rewriting = False  # a rewrite is queued or running
+        self._snapshots = 0  # rewrites queued so far
         self._submitted = 0
         self._settled = 0
         self._waiters: list[tuple[int, concurrent.futures.Future[None]]] = []
@@ -84,12 +85,16 @@ class WriteThrough:
             self.drain()
 
     def write(self, job: Job) -> None:
-        """Queue one change. While the file is behind memory, the next due rewrite covers it;
-        once a rewrite is queued (its snapshot taken), the change queues behind it."""
+        """Queue one change (the owner's memory has it already). While the file is behind
+        memory, the next due rewrite covers it; once a rewrite is queued (its snapshot taken),
+        the change queues behind it."""
+        snapshots = self._snapshots
         self.drain()
         if self._dirty and not self._rewriting:
             self.flush()  # a rewrite queued now takes its snapshot now: this change is in it
             return
+        if self._snapshots != snapshots:
+            return  # that drain queued a rewrite (a resync): its snapshot has this change
         self._enqueue(job)
 
     def flush(self) -> None:
@@ -97,6 +102,7 @@ class WriteThrough:
         self.drain()
         if self._dirty and not self._rewriting and time.monotonic() >= self._retry_at:
             self._rewriting = True
+            self._snapshots += 1
             self._enqueue(self._rewrite(), rewrite=True)
 
     def resync(self) -> None:
@@ -203,7 +209,8 @@ class WriteThrough:
                     db.execute("ROLLBACK")
                 raise
         except FAULTS as exc:
-            self._rewriting = False
+            if rewrites:  # only this batch's rewrite is over: one queued behind a failed batch is not
+                self._rewriting = False
             self._fail(exc)
             return
         if not rewrites:

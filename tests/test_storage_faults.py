@@ -14,12 +14,15 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 from pathlib import Path
 
 import pytest
 
+from authd.lockout.store import LockoutStore
 from authd.sessions import SessionStore
 
 from .daemon import Daemon, wait_for
@@ -312,6 +315,76 @@ def test_a_session_issued_while_the_recovery_rewrite_runs_reaches_the_file(tmp_p
     gate.set()
     store.settle()
     assert store.persist_error is None
+    store.close()
+    again = SessionStore(path)
+    again.open()
+    assert late.id in {s.id for s in again.all()}
+    again.close()
+
+
+def _until_written(file: Any) -> None:
+    """Wait for the writer thread to finish what is queued, without running what it posts back
+    (`settle` would)."""
+    deadline = time.monotonic() + 10
+    while (file._settled < file._submitted or file._rewriting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_change_made_when_a_merge_queues_the_rewrite_is_written_once(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lockout file could not be opened: its first rewrite reads what the file holds and
+    hands it back. The next change runs that merge, which queues the real rewrite with a
+    snapshot already holding the change: the change itself must not be written again."""
+    path = tmp_path / "lockout.db"
+    memory: list[tuple[str, str, float]] = []
+    store = LockoutStore(path, snapshot=lambda: (list(memory), []), merge=lambda rows: memory.extend(rows[0]))
+    file, connect = store._file, store._file._connection
+    faults = [sqlite3.OperationalError("unable to open database file")]
+
+    def flaky() -> sqlite3.Connection:
+        if faults:
+            raise faults.pop()
+        return connect()
+
+    monkeypatch.setattr(file, "_connection", flaky)
+    store.open()  # cannot open, nothing to read: not loaded, behind memory
+    file._retry_at = 0.0
+    memory.append(("user", "alice", 1.0))
+    store.add_failure("user", "alice", 1.0)  # queues the read-and-merge
+    _until_written(file)
+    memory.append(("user", "alice", 2.0))
+    store.add_failure("user", "alice", 2.0)  # runs the merge, which queues the rewrite
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT at FROM failures ORDER BY at").fetchall() == [(1.0,), (2.0,)]
+
+
+def test_a_session_created_after_a_corrupt_file_is_moved_aside_is_written_once(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "sessions.db"
+    store = SessionStore(path)
+    store.open()
+    file, connect = store._file, store._file._connection
+    faults = [sqlite3.OperationalError("disk I/O error")]
+
+    def flaky() -> sqlite3.Connection:
+        if faults:
+            raise faults.pop()
+        return connect()
+
+    monkeypatch.setattr(file, "_connection", flaky)
+    store.create(user="a", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
+    store.settle()
+    assert store.persist_error is not None
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    path.write_bytes(b"garbage" * 1000)  # corrupted while closed
+    file._retry_at = 0.0
+    store.flush()  # the writer finds it corrupt, moves it aside, hands back what it salvaged
+    _until_written(file)
+    late, _ = store.create(user="b", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
+    store.settle()
+    assert store.persist_error is None, store.persist_error  # no UNIQUE failure from a second INSERT
     store.close()
     again = SessionStore(path)
     again.open()
