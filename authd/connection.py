@@ -123,7 +123,6 @@ class Connection(asyncio.Protocol, abc.ABC):
     def data_received(self, data: bytes) -> None:
         if self._input_done:
             return
-        self._read_since = now = self.loop.time()
         try:
             items = self.received(data)
         except Exception:  # a codec bug costs this connection, never the daemon or its log
@@ -135,7 +134,7 @@ class Connection(asyncio.Protocol, abc.ABC):
             return
         if self.unfinished(data):
             if self._partial_since is None:
-                self._partial_since = now
+                self._partial_since = self.loop.time()
                 self._arm()
         else:
             self._partial_since = None

@@ -6,9 +6,11 @@ by a writer thread (`writethrough`), and a request that issued or ended a sessio
 issued. Touches (a lookup moving `last_seen`, which pushes the idle expiry out) are not waited
 for: they are collected and written together at most `TOUCH_INTERVAL` later, so a session
 checked thousands of times a second costs the writer one row a second; a `kill -9` can lose
-that last second of idle time, a clean stop loses none. When the file cannot be written (disk full, read-only, locked by another process,
-corrupt) sessions are still issued and checked from memory: the fault is logged once and shown
-in `status`, and at most once a second (on the next change, or the expiry sweep) the file is
+that last second of idle time, a clean stop loses none.
+
+When the file cannot be written (disk full, read-only, locked by another process, corrupt)
+sessions are still issued and checked from memory: the fault is logged once and shown in
+`status`, and at most once a second (on the next change, or the expiry sweep) the file is
 reopened and rewritten whole from memory, so it catches up once the fault clears. A corrupt
 file is moved aside and what can still be read from it is kept.
 """

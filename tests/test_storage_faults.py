@@ -277,27 +277,44 @@ def test_corrupted_while_running(make_daemon: Callable[..., Daemon]) -> None:
     assert list(d.state.glob("sessions.db.corrupt-*")) and db.exists()
 
 
+def _behind_memory(path: Path) -> SessionStore:
+    """A session store whose file fell behind memory: a session was issued while another
+    process held the file's write lock."""
+    store = SessionStore(path)
+    store.open()
+    with hold_exclusive_lock(path):
+        store.create(user="a", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
+        store.settle()
+    assert "locked" in (store.persist_error or "")
+    return store
+
+
+def _kept_after_restart(path: Path, session_id: str) -> bool:
+    store = SessionStore(path)
+    store.open()
+    try:
+        return session_id in {s.id for s in store.all()}
+    finally:
+        store.close()
+
+
+def _until_written(file: Any) -> None:
+    """Wait for the writer thread to finish what is queued, without running what it posts back
+    (`settle` would)."""
+    deadline = time.monotonic() + 10
+    while (file._settled < file._submitted or file._rewriting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_a_session_issued_while_the_recovery_rewrite_runs_reaches_the_file(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """After a fault the file is rewritten whole from a snapshot of memory. A session issued
     after that snapshot was taken, while the rewrite waits in the writer, is written after it:
-    not dropped as if the rewrite covered it."""
+    not dropped as if the rewrite covered it. (The rewrite is held in the writer thread: the
+    one interleaving a real disk gives only by chance.)"""
     path = tmp_path / "sessions.db"
-    store = SessionStore(path)
-    store.open()
-    file, connect = store._file, store._file._connection
-    faults = [sqlite3.OperationalError("disk I/O error")]
-
-    def flaky() -> sqlite3.Connection:
-        if faults:
-            raise faults.pop()
-        return connect()
-
-    monkeypatch.setattr(file, "_connection", flaky)
-    store.create(user="a", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
-    store.settle()
-    assert store.persist_error is not None  # the file is behind memory
-    gate, snapshot = threading.Event(), file._rewrite
+    store = _behind_memory(path)
+    file, gate, snapshot = store._file, threading.Event(), store._file._rewrite
 
     def held_rewrite() -> Callable[[sqlite3.Connection], bool]:
         job = snapshot()  # taken now, on this side
@@ -316,38 +333,22 @@ def test_a_session_issued_while_the_recovery_rewrite_runs_reaches_the_file(tmp_p
     store.settle()
     assert store.persist_error is None
     store.close()
-    again = SessionStore(path)
-    again.open()
-    assert late.id in {s.id for s in again.all()}
-    again.close()
+    assert _kept_after_restart(path, late.id)
 
 
-def _until_written(file: Any) -> None:
-    """Wait for the writer thread to finish what is queued, without running what it posts back
-    (`settle` would)."""
-    deadline = time.monotonic() + 10
-    while (file._settled < file._submitted or file._rewriting) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def test_a_change_made_when_a_merge_queues_the_rewrite_is_written_once(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The lockout file could not be opened: its first rewrite reads what the file holds and
-    hands it back. The next change runs that merge, which queues the real rewrite with a
-    snapshot already holding the change: the change itself must not be written again."""
+def test_a_change_made_when_a_merge_queues_the_rewrite_is_written_once(tmp_path: Path) -> None:
+    """The lockout file could not be opened or read at start (another process held its lock):
+    its first rewrite reads what the file holds and hands it back. The next change runs that
+    merge, which queues the real rewrite with a snapshot already holding the change: the
+    change itself must not be written again."""
     path = tmp_path / "lockout.db"
     memory: list[tuple[str, str, float]] = []
     store = LockoutStore(path, snapshot=lambda: (list(memory), []), merge=lambda rows: memory.extend(rows[0]))
-    file, connect = store._file, store._file._connection
-    faults = [sqlite3.OperationalError("unable to open database file")]
-
-    def flaky() -> sqlite3.Connection:
-        if faults:
-            raise faults.pop()
-        return connect()
-
-    monkeypatch.setattr(file, "_connection", flaky)
-    store.open()  # cannot open, nothing to read: not loaded, behind memory
+    sqlite3.connect(path).close()
+    with hold_exclusive_lock(path):
+        store.open()  # cannot open, nothing to read: not loaded, behind memory
+    assert "locked" in (store.error or "")
+    file = store._file
     file._retry_at = 0.0
     memory.append(("user", "alice", 1.0))
     store.add_failure("user", "alice", 1.0)  # queues the read-and-merge
@@ -359,34 +360,17 @@ def test_a_change_made_when_a_merge_queues_the_rewrite_is_written_once(tmp_path:
         assert db.execute("SELECT at FROM failures ORDER BY at").fetchall() == [(1.0,), (2.0,)]
 
 
-def test_a_session_created_after_a_corrupt_file_is_moved_aside_is_written_once(tmp_path: Path,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_session_created_after_a_corrupt_file_is_moved_aside_is_written_once(tmp_path: Path) -> None:
     path = tmp_path / "sessions.db"
-    store = SessionStore(path)
-    store.open()
-    file, connect = store._file, store._file._connection
-    faults = [sqlite3.OperationalError("disk I/O error")]
-
-    def flaky() -> sqlite3.Connection:
-        if faults:
-            raise faults.pop()
-        return connect()
-
-    monkeypatch.setattr(file, "_connection", flaky)
-    store.create(user="a", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
-    store.settle()
-    assert store.persist_error is not None
+    store = _behind_memory(path)
     for suffix in ("-wal", "-shm"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
     path.write_bytes(b"garbage" * 1000)  # corrupted while closed
-    file._retry_at = 0.0
+    store._file._retry_at = 0.0
     store.flush()  # the writer finds it corrupt, moves it aside, hands back what it salvaged
-    _until_written(file)
+    _until_written(store._file)
     late, _ = store.create(user="b", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
     store.settle()
     assert store.persist_error is None, store.persist_error  # no UNIQUE failure from a second INSERT
     store.close()
-    again = SessionStore(path)
-    again.open()
-    assert late.id in {s.id for s in again.all()}
-    again.close()
+    assert _kept_after_restart(path, late.id)
