@@ -100,37 +100,42 @@ class AuthCore:
 
         # NSS group lookups cost more than a cheap PAM stack: only when something reads them
         wants_groups = req.protocol == "native" or req.open_session or reads_groups(service)
-        try:
-            attempt = await self._lockout.begin(req.user, req.rhost, req.password)
-        except StoreUnavailable:  # [store] on_store_error = "closed": no budget, no PAM
-            return failed(UNAVAILABLE)
-        if isinstance(attempt, Locked):
-            denied = failed(LOCKED_OUT, attempt.retry_after)
-            await self._delay(service.failure_delay)
-            return denied
-        try:
-            limit = policy.daemon.limits.max_queued_per_uid
-            result, cached = await self._verify(service.name, service.pam_name, req, peer.uid, limit, wants_groups)
-        except BaseException:
-            await self._lockout.cancel(attempt)
-            raise
-        if result.outcome == BUSY:  # this uid has max_queued_per_uid calls waiting for PAM: nothing was tried
-            await self._lockout.cancel(attempt)
-            self._counters["auth:busy"] += 1
-            return Denied(code=BUSY)
-        if result.outcome == UNAVAILABLE:
-            await self._lockout.cancel(attempt)
-            log.error("pam unavailable", service=service.pam_name, stage=result.stage, detail=result.detail)
-            return failed(UNAVAILABLE)
-        for locked in await self._lockout.finish(attempt, success=result.outcome != AUTH_FAILED):
-            if locked.scope == "user":
-                self._cache.flush(req.user)
-            log.warning("lockout", scope=locked.scope, user=req.user, rhost=req.rhost or "-", retry_after=locked.retry_after)
-            emit(events.AUTH_LOCKED_OUT, reason=f"{locked.scope} locked")
-        if result.outcome == AUTH_FAILED:
-            denied = failed(AUTH_FAILED)
-            await self._delay(max(result.fail_delay, service.failure_delay))
-            return denied
+        known = self._known_now(service.name, req, wants_groups)
+        if known is not None:  # vouched for by the cache, nothing reserved or recorded to settle
+            result, cached = known, True
+        else:
+            try:
+                attempt = await self._lockout.begin(req.user, req.rhost, req.password)
+            except StoreUnavailable:  # [store] on_store_error = "closed": no budget, no PAM
+                return failed(UNAVAILABLE)
+            if isinstance(attempt, Locked):
+                denied = failed(LOCKED_OUT, attempt.retry_after)
+                await self._delay(service.failure_delay)
+                return denied
+            try:
+                limit = policy.daemon.limits.max_queued_per_uid
+                result, cached = await self._verify(service.name, service.pam_name, req, peer.uid, limit, wants_groups)
+            except BaseException:
+                await self._lockout.cancel(attempt)
+                raise
+            if result.outcome == BUSY:  # this uid has max_queued_per_uid calls waiting for PAM: nothing was tried
+                await self._lockout.cancel(attempt)
+                self._counters["auth:busy"] += 1
+                return Denied(code=BUSY)
+            if result.outcome == UNAVAILABLE:
+                await self._lockout.cancel(attempt)
+                log.error("pam unavailable", service=service.pam_name, stage=result.stage, detail=result.detail)
+                return failed(UNAVAILABLE)
+            for locked in await self._lockout.finish(attempt, success=result.outcome != AUTH_FAILED):
+                if locked.scope == "user":
+                    self._cache.flush(req.user)
+                log.warning("lockout", scope=locked.scope, user=req.user, rhost=req.rhost or "-",
+                            retry_after=locked.retry_after)
+                emit(events.AUTH_LOCKED_OUT, reason=f"{locked.scope} locked")
+            if result.outcome == AUTH_FAILED:
+                denied = failed(AUTH_FAILED)
+                await self._delay(max(result.fail_delay, service.failure_delay))
+                return denied
         if result.outcome != "ok":
             return failed(result.outcome)
 
@@ -171,6 +176,22 @@ class AuthCore:
         emit(events.SESSION_OPENED, session_id=session.id)
         grant = SessionGrant(id=session.id, token=token, expires_at=session.expires_at)
         return Granted(user=req.user, groups=listed, session=grant, cached=cached)
+
+    def _known_now(self, service: str, req: AuthRequest, wants_groups: bool) -> PamResult | None:
+        """A success decided without waiting: the cache vouches for the password and the account
+        ([cache] account_check = "cached"), and the lockout holds nothing for this user or rhost
+        (no failure, no lock, no guess in PAM), so there is no budget to reserve or reset. Else
+        None, and the login takes the lockout's turn (`_verify` looks the cache up again there)."""
+        cache = self._cache
+        if not cache.enabled or cache.config.account_check != "cached":
+            return None
+        if not self._lockout.untouched(req.user, req.rhost):
+            return None
+        found, known = cache.lookup(service, req.user, req.rhost, req.password)
+        if found != "hit" or (wants_groups and known is None):
+            return None
+        self._counters["cache:hit"] += 1
+        return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=known or ())
 
     async def _verify(self, service: str, pam_service: str, req: AuthRequest, uid: int,
                       max_queued: int, wants_groups: bool) -> tuple[PamResult, bool]:

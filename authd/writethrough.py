@@ -125,10 +125,10 @@ class WriteThrough:
         while True:
             self.drain()
             target = self._submitted
-            future: concurrent.futures.Future[None] = concurrent.futures.Future()
             with self._cond:
                 if target <= self._settled:
                     return
+                future: concurrent.futures.Future[None] = concurrent.futures.Future()
                 self._waiters.append((target, future))
             await asyncio.wrap_future(future)
 

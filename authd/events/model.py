@@ -7,8 +7,8 @@ session token, and unknown keyword arguments are rejected, so a careless
 
 from __future__ import annotations
 
+import os
 import time as _time
-import uuid
 from typing import Any
 
 import msgspec
@@ -40,6 +40,18 @@ EVENT_NAMES: tuple[str, ...] = (
 )
 
 
+def time_ordered_id(now: float) -> str:
+    """A UUIDv7 (RFC 9562) as 32 hex digits: the Unix time in milliseconds, then 74 random bits.
+
+    Unique like a random UUID, but in creation order: the event log's index on `id` (for
+    `subscribe` from an id) grows at its end, where a random id would dirty a page anywhere
+    in the index on every insert.
+    """
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = int(now * 1000) << 80 | 0x7 << 76 | (rand >> 68) << 64 | 0b10 << 62 | rand & (1 << 62) - 1
+    return f"{value:032x}"
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One auth or lifecycle outcome; ``pid``/``uid``/``gid`` are the client's SO_PEERCRED."""
 
@@ -63,7 +75,8 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     @classmethod
     def create(cls, name: str, **fields: Any) -> Event:
         """Build an event with a fresh id and the current time."""
-        return cls(name=name, id=uuid.uuid4().hex, time=_time.time(), **fields)
+        now = _time.time()
+        return cls(name=name, id=time_ordered_id(now), time=now, **fields)
 
     @property
     def sender(self) -> str | None:

@@ -165,6 +165,13 @@ class Lockout:
             else:
                 self._lock(key, limit, now)
 
+    def untouched(self, user: str, rhost: str | None) -> bool:
+        """Nothing recorded or in flight for any budget an attempt by `user` from `rhost` counts
+        against: no failure, no lock, no guess in PAM. A success already known (a credential
+        cache hit) then has nothing to reserve, to wait for or to reset."""
+        ukey = user_key(user)
+        return all(table.get(name) is None for table, name, _ in self._enforced(ukey, rhost))
+
     def finish(self, attempt: Attempt, success: bool) -> tuple[Locked, ...]:
         """Record PAM's verdict. Returns the locks this failure imposed (for auth.locked_out)."""
         if attempt._done:

@@ -105,6 +105,9 @@ class LocalLockout:
     async def begin(self, user: str, rhost: str | None, password: str) -> Attempt | Locked:
         return await self.engine.begin(user, rhost, password)
 
+    def untouched(self, user: str, rhost: str | None) -> bool:
+        return self.engine.untouched(user, rhost)
+
     async def finish(self, attempt: Attempt, success: bool) -> tuple[Locked, ...]:
         locks = self.engine.finish(attempt, success)
         await self.engine.durable()

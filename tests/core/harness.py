@@ -59,7 +59,8 @@ class FakePam:
     """Implements the pool's interface (`authenticate`, `account`) over a dict of passwords.
 
     `account_result` is what the account phase answers; `unavailable` makes every call fail
-    as a dead worker would, `busy` as a full queue of the caller's uid would. Calls are
+    as a dead worker would, `busy` as a full queue of the caller's uid would; while `hold`
+    is an unset event, `authenticate` waits for it (guesses in PAM at once). Calls are
     recorded (never their passwords), with the queue they asked for in `queues` and whether
     they asked for the groups in `group_lookups` (a success without them carries none).
     """
@@ -72,12 +73,15 @@ class FakePam:
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
     queues: list[tuple[int, int]] = field(default_factory=list)
     group_lookups: list[bool] = field(default_factory=list)  # per call: were the groups asked for
+    hold: asyncio.Event | None = None
 
     async def authenticate(self, service: str, user: str, password: str, rhost: str | None = None,
                            ruser: str | None = None, *, uid: int, max_queued: int, groups: bool = True) -> PamResult:
         self.calls.append(("authenticate", user, rhost))
         self.queues.append((uid, max_queued))
         self.group_lookups.append(groups)
+        if self.hold is not None:
+            await self.hold.wait()
         if failed := self._worker_trouble():
             return failed
         if self.users.get(user) != password:

@@ -3,6 +3,7 @@ each invalidation trigger."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -150,6 +151,51 @@ async def test_lockout_comes_first_and_a_lock_flushes_the_user(tmp_path: Path) -
     assert len(h.cache) == 0
     h.clock.advance(61)
     assert not (await h.auth()).cached  # type: ignore[union-attr]
+
+
+NO_PAM_ON_A_HIT = 'account_check = "cached"\n\n[lockout.user]\nmax_failures = 2\ninterval = 600\nlock_time = 60\n'
+
+
+@run
+async def test_a_hit_with_nothing_held_by_the_lockout_is_decided_at_once(tmp_path: Path) -> None:
+    h = cached(tmp_path, NO_PAM_ON_A_HIT)
+    await h.auth(rhost="192.0.2.7")
+    hit = await h.auth(rhost="192.0.2.7")
+    assert isinstance(hit, Granted) and hit.cached and h.pam.count("authenticate") == 1
+    assert [e.cached for e in h.events] == [None, True] and h.counters["cache:hit"] == 1
+    assert h.lockout.untouched("alice", "192.0.2.7") and h.lockout.stats()["keys"] == 0
+
+
+@run
+async def test_a_hit_after_a_failure_goes_through_the_lockout_and_its_success_clears_it(tmp_path: Path) -> None:
+    h = cached(tmp_path, NO_PAM_ON_A_HIT)
+    await h.auth()
+    await h.auth(password="one")  # one failure of two recorded
+    assert (await h.auth()).cached  # type: ignore[union-attr]
+    await h.auth(password="two")  # a first failure again, not a second
+    again = await h.auth()
+    assert isinstance(again, Granted) and again.cached
+
+
+@run
+async def test_a_hit_waits_behind_guesses_in_pam_and_is_refused_when_they_lock(tmp_path: Path) -> None:
+    """No shortcut past a full budget: a correct password answered at once while guesses are
+    still in PAM would tell an attacker which of many candidates is right."""
+    h = cached(tmp_path, NO_PAM_ON_A_HIT)
+    await h.auth()
+    h.pam.hold = asyncio.Event()
+    guesses = [asyncio.create_task(h.auth(password=guess)) for guess in ("one", "two")]
+    while h.pam.count("authenticate") < 3:
+        await asyncio.sleep(0)
+    hit = asyncio.create_task(h.auth())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not hit.done(), "the cached password waits for the budget the guesses hold"
+    h.pam.hold.set()
+    await asyncio.gather(*guesses)
+    out = await hit
+    assert isinstance(out, Denied) and out.code == "locked_out"
+    assert h.pam.count("authenticate") == 3
 
 
 @run

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import msgspec
 import pytest
+from hypothesis import given, strategies as st
 
 import authd.events as events
 from authd.events import AUTH_SUCCEEDED, EVENT_NAMES, Event
+from authd.events.model import time_ordered_id
 
 from .conftest import CANARY, login_event
 
@@ -19,6 +22,23 @@ def test_create_fills_id_and_time() -> None:
     assert a.id != b.id and len(a.id) == 32
     assert a.time > 1_600_000_000
     assert a.name == "auth.succeeded"
+
+
+@given(st.floats(min_value=0, max_value=2**47 / 1000, allow_nan=False))
+def test_an_id_is_a_uuid7_carrying_its_millisecond(now: float) -> None:
+    """RFC 9562 version 7: the id says when, to the millisecond; the rest is random."""
+    made = uuid.UUID(time_ordered_id(now))
+    assert made.version == 7 and made.variant == uuid.RFC_4122
+    assert made.int >> 80 == int(now * 1000)
+
+
+def test_ids_sort_in_creation_order_across_milliseconds() -> None:
+    """Later events get larger ids, so the log's index on `id` is appended to, not scattered."""
+    times = [1_795_000_000.0 + step / 1000 for step in range(200)]
+    ids = [time_ordered_id(t) for t in times]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    event = Event.create(AUTH_SUCCEEDED)
+    assert uuid.UUID(event.id).int >> 80 == int(event.time * 1000)
 
 
 def test_events_are_immutable() -> None:

@@ -54,13 +54,21 @@ class Browser:
             return exc.code, exc.read().decode()
 
 
+def _interruptible() -> None:
+    """Ctrl-C as from a terminal. A suite started in the background (`cmd &` in a script)
+    inherits SIGINT ignored, and a Python started with it ignored installs no
+    KeyboardInterrupt: Flask's and Django's servers would never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def example(name: str, d: Daemon) -> Iterator[tuple[Browser, subprocess.Popen[str]]]:
     port = free_port()
     env = d.env() | {"AUTHD_SOCKET": str(d.socket), "AUTHD_SERVICE": "login", "PORT": str(port)}
     env.pop("LD_PRELOAD", None)  # the app is a PAM-free client; only the daemon needs pam_wrapper
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT prints every thread's stack: what a hung app waits on
     proc = subprocess.Popen([sys.executable, str(EXAMPLES / name)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_interruptible)
     browser = Browser(f"http://127.0.0.1:{port}")
 
     def serving() -> bool:
@@ -80,9 +88,9 @@ def example(name: str, d: Daemon) -> Iterator[tuple[Browser, subprocess.Popen[st
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"{name} did not stop on Ctrl-C") from None
+            proc.send_signal(signal.SIGABRT)
+            stacks = proc.communicate(timeout=30)[0]
+            raise AssertionError(f"{name} did not stop on Ctrl-C; where its threads were:\n{stacks[-6000:]}") from None
 
 
 def output(proc: subprocess.Popen[str]) -> str:

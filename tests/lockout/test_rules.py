@@ -288,3 +288,23 @@ async def test_disabled_scope_neither_counts_nor_refuses(db_path: Path) -> None:
     lockout.configure(config(user={"max_failures": 2}, rhost={"max_failures": 2}))
     assert isinstance(await lockout.begin("alice", "203.0.113.9", "x"), Locked)
     lockout.close()
+
+
+@run
+async def test_untouched_means_no_failure_lock_or_guess_in_flight_for_the_user_or_the_rhost(db_path: Path) -> None:
+    """What lets a success already known (a cache hit) skip the reservation: any trace of a
+    budget in use, on either scope, says no."""
+    lockout = Lockout(config(user={"max_failures": 3}, rhost={"max_failures": 5}, exempt_users=["svc"]), db_path)
+    assert lockout.untouched("alice", "192.0.2.1")
+    attempt = await lockout.begin("alice", "192.0.2.1", "a guess")
+    assert isinstance(attempt, Attempt)
+    assert not lockout.untouched("ALICE", None) and not lockout.untouched("bob", "192.0.2.1")  # in flight
+    lockout.finish(attempt, False)
+    assert not lockout.untouched("alice", None) and not lockout.untouched("bob", "192.0.2.1")  # failures kept
+    assert lockout.untouched("bob", "192.0.2.2") and lockout.untouched("svc", None)  # others; an exempt user
+    await fail_distinct(lockout, "carol", 3)
+    assert not lockout.untouched("carol", None)  # locked
+    await login(lockout, "alice", "right", "192.0.2.1", ok=True)
+    assert lockout.untouched("alice", None), "a success clears the user's failures"
+    assert not lockout.untouched("alice", "192.0.2.1"), "but not the address's"
+    lockout.close()

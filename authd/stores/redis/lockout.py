@@ -111,6 +111,10 @@ class FleetLockout:
             self.fallbacks += 1
             return await self._local.begin(user, rhost, password)
 
+    def untouched(self, user: str, rhost: str | None) -> bool:
+        """The fleet's budgets are in Redis: only a round trip knows, so never said here."""
+        return False
+
     async def finish(self, attempt: Attempt, success: bool) -> tuple[Locked, ...]:
         if not isinstance(attempt, FleetAttempt):
             return self._local.finish(attempt, success)
