@@ -167,10 +167,14 @@ class Lockout:
 
     def untouched(self, user: str, rhost: str | None) -> bool:
         """Nothing recorded or in flight for any budget an attempt by `user` from `rhost` counts
-        against: no failure, no lock, no guess in PAM. A success already known (a credential
-        cache hit) then has nothing to reserve, to wait for or to reset."""
+        against (no failure, no lock, no guess in PAM), and room to track each of them (a full
+        table refuses what it does not track, as `begin` would). A success already known (a
+        credential cache hit) then has nothing to reserve, to wait for or to reset."""
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
         ukey = user_key(user)
-        return all(table.get(name) is None for table, name, _ in self._enforced(ukey, rhost))
+        return all(table.get(name) is None and table.has_room(now) for table, name, _ in self._enforced(ukey, rhost))
 
     def finish(self, attempt: Attempt, success: bool) -> tuple[Locked, ...]:
         """Record PAM's verdict. Returns the locks this failure imposed (for auth.locked_out)."""

@@ -199,6 +199,18 @@ async def test_a_hit_waits_behind_guesses_in_pam_and_is_refused_when_they_lock(t
 
 
 @run
+async def test_a_hit_is_refused_like_any_login_when_the_lockout_table_is_full(tmp_path: Path) -> None:
+    """A full table of locked keys refuses a name it does not track, cached password or not."""
+    h = cached(tmp_path, 'account_check = "cached"\n\n[lockout]\nmax_keys = 1\n'
+                         '[lockout.user]\nmax_failures = 1\nlock_time = 60\n[lockout.rhost]\nmax_failures = 0\n')
+    await h.auth()
+    assert isinstance(await h.auth("bob", "wrong"), Denied)  # bob is locked: the one key there is room for
+    out = await h.auth()
+    assert isinstance(out, Denied) and out.code == "locked_out"
+    assert h.lockout.stats()["refused_full"] == 1
+
+
+@run
 async def test_a_change_of_a_watched_file_flushes_everything(tmp_path: Path) -> None:
     h = cached(tmp_path)
     await h.auth()
