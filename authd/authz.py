@@ -49,7 +49,7 @@ class PermissionsReply(p.Reply):
 p.REPLY_TYPES.update(check=CheckReply, permissions=PermissionsReply)
 
 
-@op(Check)
+@op(Check, instant=True)
 async def check(ctx: Context, peer: Peer, req: Check) -> p.Reply:
     rt = ctx.rt
     policy = rt.policy
@@ -70,7 +70,7 @@ async def check(ctx: Context, peer: Peer, req: Check) -> p.Reply:
                       generation=policy.generation)
 
 
-@op(Permissions)
+@op(Permissions, instant=True)
 async def permissions(ctx: Context, peer: Peer, req: Permissions) -> p.Reply:
     policy = ctx.rt.policy
     session = await ctx.rt.sessions.lookup(req.token)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import protocol as p
+from . import eager, protocol as p
 from .authflow import AuthCore
 from .config import Limits
 from .outcome import AuthRequest, Denied, Outcome
@@ -376,9 +376,22 @@ class Connection(asyncio.Protocol, abc.ABC):
         await self.rt.bus.durable()  # its events are in the log before the front end answers
         return out
 
-    def spawn(self, work: Any) -> None:
-        """Serve one request as its own task; replies leave in completion order."""
-        self.inflight.add(self.loop.create_task(self._served(work)))
+    def spawn(self, work: Any, *, at_once: bool = False) -> None:
+        """Serve one request as its own task; replies leave in completion order. `at_once`:
+        run it now, and give it a task only if it waits (`authd.eager`: only for work whose
+        first step needs no task of its own)."""
+        if not at_once:
+            self.inflight.add(self.loop.create_task(self._served(work)))
+            return
+        try:
+            task = eager.start(self.loop, work, self._served)
+        except BaseException:
+            self._done()
+            raise
+        if task is None:
+            self._done()
+        else:
+            self.inflight.add(task)
 
     async def _served(self, work: Any) -> None:
         """`work`, then its slot is free at once: in the same step as its reply, so the

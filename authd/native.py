@@ -10,7 +10,7 @@ from . import protocol as p
 from .config import Limits
 from .connection import Connection
 from .eventops import Subscribe, serve_subscription
-from .ops import Context, dispatch
+from .ops import INSTANT, Context, dispatch
 
 if TYPE_CHECKING:
     from .server import Server
@@ -58,7 +58,10 @@ class NativeConnection(Connection):
             self.send(p.error(item.id, p.BUSY, "too many requests in flight on this connection"))
         else:
             self.rt.counters[f"op:{item.__struct_config__.tag}"] += 1
-            self.spawn(self._subscribe(item) if isinstance(item, Subscribe) else self._serve(item))
+            if isinstance(item, Subscribe):
+                self.spawn(self._subscribe(item))
+            else:
+                self.spawn(self._serve(item), at_once=type(item) in INSTANT)
 
     async def _serve(self, req: p.Request) -> None:
         structlog.contextvars.bind_contextvars(request_id=req.id, **self.peer.log_fields())

@@ -43,11 +43,16 @@ class Context:
 Op = Callable[[Context, Peer, Any], Awaitable[p.Reply]]
 R = TypeVar("R", bound=p.Request)
 OPS: dict[type[p.Request], Op] = {}
+INSTANT: set[type[p.Request]] = set()  # served at once, a task only if they wait (`authd.eager`)
 
 
-def op(request_type: type[R]) -> Callable[[Callable[[Context, Peer, R], Awaitable[p.Reply]]], Op]:
+def op(request_type: type[R], *, instant: bool = False) -> Callable[[Callable[[Context, Peer, R], Awaitable[p.Reply]]], Op]:
+    """Register the op for `request_type`. `instant`: the hot read ops, whose first step needs
+    no task of its own (nothing before their first wait enters `asyncio.timeout`)."""
     def register(fn: Callable[[Context, Peer, R], Awaitable[p.Reply]]) -> Op:
         OPS[request_type] = fn
+        if instant:
+            INSTANT.add(request_type)
         if request_type not in p.REQUEST_TYPES:
             p.register(request_type)
         return fn
@@ -69,7 +74,8 @@ async def dispatch(ctx: Context, peer: Peer, req: p.Request) -> p.Reply:
     except StoreUnavailable:  # never "invalid_session": an app would log its user out
         rt.counters["store_unavailable"] += 1
         return p.Error(error=p.UNAVAILABLE, message="the session/lockout store is unavailable; nothing was read or changed")
-    await rt.bus.durable()  # the events this request caused are in the log before it is answered
+    if not rt.bus.settled():  # the events this request caused are in the log before it is answered
+        await rt.bus.durable()
     return reply
 
 
@@ -87,12 +93,12 @@ async def authenticate(ctx: Context, peer: Peer, req: p.Auth) -> p.Reply:
     return p.AuthReply(user=out.user, groups=out.groups, session=out.session)
 
 
-@op(p.Hello)
+@op(p.Hello, instant=True)
 async def hello(ctx: Context, peer: Peer, req: p.Hello) -> p.Reply:
     return p.HelloReply(server="authd", version=__version__, protocol=PROTOCOL_VERSION, generation=ctx.rt.policy.generation)
 
 
-@op(p.SessionInfo)
+@op(p.SessionInfo, instant=True)
 async def session(ctx: Context, peer: Peer, req: p.SessionInfo) -> p.Reply:
     found = await ctx.rt.sessions.lookup(req.token)
     if found is None:

@@ -29,6 +29,7 @@ _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 PERMISSION_GRAMMAR = "dot-separated segments of a-z, 0-9, '_' and '-', at most 256 characters"
 DEFAULT = "default"
 MAX_GRANTS = 10_000  # cached (user, groups, service) grants per policy generation
+MAX_DECISIONS = 10_000  # cached (user, groups, service, permission) decisions per generation
 
 
 class RoleConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -120,13 +121,17 @@ class Grant:
 class Roles:
     """The compiled roles of one policy generation.
 
-    Grants are cached per (user, groups, service): a web app asks about the same few sessions
-    over and over. The cache lives and dies with this generation and is emptied whole when it
-    reaches MAX_GRANTS entries, so it stays bounded however many users log in.
+    Grants are cached per (user, groups, service), and the decisions taken from them per
+    permission too: a web app asks the same few questions about the same few sessions over
+    and over. Both caches live and die with this generation and are emptied whole when they
+    reach MAX_GRANTS or MAX_DECISIONS entries, so they stay bounded however many users log in
+    and whatever permissions clients ask about.
     """
 
     roles: tuple[Role, ...] = ()
     _grants: dict[tuple[str, tuple[str, ...], str], Grant] = field(default_factory=dict, compare=False, repr=False)
+    _decisions: dict[tuple[str, tuple[str, ...], str, str], Decision] = field(default_factory=dict, compare=False,
+                                                                             repr=False)
 
     def grant(self, user: str, groups: tuple[str, ...], service: str) -> Grant:
         key = (user, groups, service)
@@ -138,7 +143,13 @@ class Roles:
         return grant
 
     def decide(self, user: str, groups: tuple[str, ...], service: str, permission: str) -> Decision:
-        return self.grant(user, groups, service).decide(permission)
+        key = (user, groups, service, permission)
+        if (found := self._decisions.get(key)) is not None:
+            return found
+        if len(self._decisions) >= MAX_DECISIONS:
+            self._decisions.clear()
+        decision = self._decisions[key] = self.grant(user, groups, service).decide(permission)
+        return decision
 
     def effective(self, user: str, groups: tuple[str, ...], service: str) -> Effective:
         grant = self.grant(user, groups, service)

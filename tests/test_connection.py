@@ -74,6 +74,10 @@ class Calls(Connection):
     def handle(self, item: bytes) -> None:
         if item == b"boom":
             raise RuntimeError("a bug in a front end")
+        if item.startswith(b"now "):  # work that never waits, run at once
+            if self.admit() is None:
+                self.spawn(self._now(item), at_once=True)
+            return
         pam = self.rt.pam
         if self.admit() is not None or pam.queue[self.peer.uid] >= self.rt.policy.daemon.limits.max_queued_per_uid:
             self.send(b"busy " + item + b"\n")
@@ -81,10 +85,13 @@ class Calls(Connection):
         pam.queue[self.peer.uid] += 1
         done = self.loop.create_future()
         self.front.calls.append((self, item, done))
-        self.spawn(self._serve(item, done))
+        self.spawn(self._serve(item, done), at_once=item.startswith(b"eager "))
 
     async def _serve(self, item: bytes, done: asyncio.Future[None]) -> None:
         await done
+        self.send(b"ok " + item + b"\n")
+
+    async def _now(self, item: bytes) -> None:
         self.send(b"ok " + item + b"\n")
 
 
@@ -179,6 +186,50 @@ def test_a_bug_in_a_step_run_from_the_wait_closes_that_connection_and_frees_its_
         await settle()
         assert sock.recv(100) == b"ok b\n" and sock.recv(100) == b""  # then closed
         assert front.server.open == 0 and front.server.rt.counters["internal_errors"] == 1
+        sock.close()
+
+    assert run(scenario()) == []
+
+
+def test_work_run_at_once_that_never_waits_gets_no_task_and_holds_no_slot() -> None:
+    front = Front()
+    created: list[Any] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        sock, conn = await front.connect()
+        loop.set_task_factory(lambda loop, coro, **kw: created.append(coro) or asyncio.Task(coro, loop=loop, **kw))
+        sock.sendall(b"now 1\nnow 2\n")
+        await settle()
+        loop.set_task_factory(None)
+        assert sock.recv(100) == b"ok now 1\nok now 2\n"
+        assert created == [] and conn.inflight == set()
+        sock.close()
+        await settle()
+        assert front.server.open == 0
+
+    assert run(scenario()) == []
+
+
+def test_work_run_at_once_that_waits_goes_on_in_a_task_and_counts_against_max_inflight() -> None:
+    front = Front(max_inflight=2, max_queued_per_uid=8)
+
+    async def scenario() -> None:
+        sock, conn = await front.connect()
+        sock.sendall(b"eager a\neager b\neager c\n")
+        await settle()
+        assert sock.recv(100) == b"busy eager c\n"  # two in flight: the third is refused
+        assert len(conn.inflight) == 2
+        front.complete()
+        front.complete()
+        await settle()
+        assert sock.recv(100) == b"ok eager a\nok eager b\n"
+        assert conn.inflight == set()
+        sock.sendall(b"eager d\n")  # the slots came back
+        await settle()
+        front.complete()
+        await settle()
+        assert sock.recv(100) == b"ok eager d\n"
         sock.close()
 
     assert run(scenario()) == []

@@ -144,6 +144,16 @@ def test_grant_cache_is_bounded_and_per_generation() -> None:
     assert table(a=role(users=["*"], permissions=["x"]))._grants == {}, "a new generation starts empty"
 
 
+def test_decision_cache_is_bounded_and_answers_as_the_rules_do() -> None:
+    t = table(a=role(users=["*"], permissions=["x.*"], deny=["x.secret"]))
+    for i in range(roles.MAX_DECISIONS + 5):
+        assert t.decide("alice", (), "web", f"x.p{i}").allowed
+    assert 0 < len(t._decisions) <= roles.MAX_DECISIONS
+    for _ in range(2):  # computed, then cached: the same answer
+        assert t.decide("alice", (), "web", "x.secret") == roles.Decision(False, "roles.a.deny[0]")
+        assert t.decide("alice", ("adm",), "web", "y") == roles.DENIED_BY_DEFAULT
+
+
 @pytest.mark.parametrize(
     ("name", "ok"),
     [("mail", True), ("mail.send", True), ("a-b_c.0", True), ("", False), ("Mail", False), ("mail.", False),

@@ -70,6 +70,11 @@ class EventBus:
         except Exception:
             log.error("event not dispatched", event_name=event.name, exc_info=True)
 
+    def settled(self) -> bool:
+        """Are the events the calling task emitted in the log? (A request that emitted none,
+        or whose events are committed, need not await `durable`.)"""
+        return self.outbox.settled()
+
     async def durable(self) -> None:
         """Return once the events the calling task emitted are in the log (before its reply)."""
         await self.outbox.durable()

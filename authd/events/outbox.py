@@ -144,6 +144,10 @@ class Outbox:
         with self._cond:
             self._cond.notify()
 
+    def settled(self) -> bool:
+        """Are the events this task emitted committed (true when it emitted none)?"""
+        return _emitted.get() <= self.committed or self._loop is None
+
     async def durable(self) -> None:
         """Wait until the events this task emitted are committed (a no-op when it emitted none)."""
         await self.flushed(_emitted.get())

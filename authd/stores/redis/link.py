@@ -54,9 +54,8 @@ class Link:
     async def run(self, call: Callable[[], Awaitable[T]]) -> T:
         if self.error is not None and self._clock() < self._retry_at:
             raise StoreUnavailable(self.error)
-        try:
-            async with asyncio.timeout(self.config.timeout):
-                result = await call()
+        try:  # not asyncio.timeout: a `session` lookup may start without a task (`authd.eager`)
+            result = await asyncio.wait_for(call(), self.config.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             raise StoreUnavailable(self.error) from None
