@@ -69,6 +69,7 @@ class Connection(asyncio.Protocol, abc.ABC):
         self._linger: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._unstarted = 0  # requests given a task that has not taken its first step yet
 
     # -- what a front end gives ------------------------------------------------------------------
 
@@ -379,24 +380,30 @@ class Connection(asyncio.Protocol, abc.ABC):
     def spawn(self, work: Any, *, at_once: bool = False) -> None:
         """Serve one request as its own task; replies leave in completion order. `at_once`:
         run it now, and give it a task only if it waits (`authd.eager`: only for work whose
-        first step needs no task of its own)."""
-        if not at_once:
-            self.inflight.add(self.loop.create_task(self._served(work)))
+        first step needs no task of its own). Not while a request before it has yet to take
+        its first step (each request's effects begin in the order they came: a `logout`
+        before a `session` of the same token), and not from inside a task (the turns' wait),
+        where a misplaced `asyncio.timeout` would bind to that task instead of failing."""
+        if at_once and not self._unstarted and asyncio.current_task(self.loop) is None:
+            try:
+                task = eager.start(self.loop, work, self._served)
+            except BaseException:
+                self._done()
+                raise
+            if task is None:
+                self._done()
+            else:
+                self.inflight.add(task)
             return
-        try:
-            task = eager.start(self.loop, work, self._served)
-        except BaseException:
-            self._done()
-            raise
-        if task is None:
-            self._done()
-        else:
-            self.inflight.add(task)
+        self._unstarted += 1
+        self.inflight.add(self.loop.create_task(self._served(work, first=True)))
 
-    async def _served(self, work: Any) -> None:
+    async def _served(self, work: Any, first: bool = False) -> None:
         """`work`, then its slot is free at once: in the same step as its reply, so the
         client's next request, however fast, finds it free (a done callback would run a
-        loop turn later)."""
+        loop turn later). `first`: this is the request's first step."""
+        if first:
+            self._unstarted -= 1
         try:
             await work
         finally:

@@ -8,7 +8,9 @@ goes on in a task, in that same context, awaiting exactly what it waited for, an
 cancellation of that task reaches it where it waits.
 
 Only for work whose first step needs no task of its own: `asyncio.timeout` (anything that
-calls `asyncio.current_task()`) before the first wait would find none.
+calls `asyncio.current_task()`) before the first wait would find none. Called from inside a
+task, it would find that one instead, and bind to the wrong task without a word: start work
+this way from callbacks only (`Connection.spawn` checks).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class NativeConnection(Connection):
             if isinstance(item, Subscribe):
                 self.spawn(self._subscribe(item))
             else:
-                self.spawn(self._serve(item), at_once=type(item) in INSTANT)
+                self.spawn(self._serve(item), at_once=type(item) in INSTANT and self.rt.sessions.in_memory)
 
     async def _serve(self, req: p.Request) -> None:
         structlog.contextvars.bind_contextvars(request_id=req.id, **self.peer.log_fields())

@@ -47,6 +47,7 @@ class Front:
         policy = SimpleNamespace(daemon=daemon, is_client=lambda peer: True, is_admin=lambda peer: True)
         self.server = Server(SimpleNamespace(policy=policy, counters=Counter(), pam=Pam()))  # type: ignore[arg-type]
         self.calls: list[tuple[Connection, bytes, asyncio.Future[None]]] = []
+        self.started: list[bytes] = []  # items in the order their work took its first step
 
     def connection(self, server: Server) -> Connection:
         return Calls(server, self)
@@ -88,10 +89,12 @@ class Calls(Connection):
         self.spawn(self._serve(item, done), at_once=item.startswith(b"eager "))
 
     async def _serve(self, item: bytes, done: asyncio.Future[None]) -> None:
+        self.front.started.append(item)
         await done
         self.send(b"ok " + item + b"\n")
 
     async def _now(self, item: bytes) -> None:
+        self.front.started.append(item)
         self.send(b"ok " + item + b"\n")
 
 
@@ -230,6 +233,28 @@ def test_work_run_at_once_that_waits_goes_on_in_a_task_and_counts_against_max_in
         front.complete()
         await settle()
         assert sock.recv(100) == b"ok eager d\n"
+        sock.close()
+
+    assert run(scenario()) == []
+
+
+def test_work_run_at_once_never_starts_before_a_request_that_came_earlier() -> None:
+    """Effects begin in request order: a `logout` pipelined before a `session` of the same
+    token must remove it before the lookup runs, so what follows a request still waiting for
+    its first step takes a task too."""
+    front = Front()
+
+    async def scenario() -> None:
+        sock, _ = await front.connect()
+        sock.sendall(b"a\nnow 1\n")
+        await settle()
+        assert front.started == [b"a", b"now 1"]
+        front.complete()
+        await settle()
+        assert sock.recv(100) == b"ok now 1\nok a\n"  # completion order
+        sock.sendall(b"now 2\n")  # nothing waits to start: at once again
+        await settle()
+        assert sock.recv(100) == b"ok now 2\n"
         sock.close()
 
     assert run(scenario()) == []

@@ -27,6 +27,7 @@ class SessionStore(Protocol):
     """Issued sessions, by token (only its SHA-256 is kept), id and user."""
 
     persist_error: str | None  # why state is not being kept durably right now (for `status`)
+    in_memory: bool  # lookups answer from memory, needing no task of their own (`authd.eager`)
 
     def __len__(self) -> int: ...
 

@@ -17,6 +17,8 @@ SWEEP_SLICE = 10_000  # sessions checked per event-loop turn by the expiry sweep
 
 
 class LocalSessions:
+    in_memory = True
+
     def __init__(self, table: SessionStore) -> None:
         self.table = table
 

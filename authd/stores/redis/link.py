@@ -54,8 +54,9 @@ class Link:
     async def run(self, call: Callable[[], Awaitable[T]]) -> T:
         if self.error is not None and self._clock() < self._retry_at:
             raise StoreUnavailable(self.error)
-        try:  # not asyncio.timeout: a `session` lookup may start without a task (`authd.eager`)
-            result = await asyncio.wait_for(call(), self.config.timeout)
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             raise StoreUnavailable(self.error) from None

@@ -27,6 +27,7 @@ SWEEP_BATCH = 1000
 
 class RedisSessions:
     persist_error: str | None = None  # Redis holds the state; its health is `state()`
+    in_memory = False  # a lookup may ask Redis, under `asyncio.timeout`: it needs a task
 
     def __init__(self, link: Link, *, near_cache: float = 0.0, near_cache_size: int = 100_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
