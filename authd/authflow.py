@@ -180,8 +180,9 @@ class AuthCore:
     def _known_now(self, service: str, req: AuthRequest, wants_groups: bool) -> PamResult | None:
         """A success decided without waiting: the cache vouches for the password and the account
         ([cache] account_check = "cached"), and the lockout holds nothing for this user or rhost
-        (no failure, no lock, no guess in PAM), so there is no budget to reserve or reset. Else
-        None, and the login takes the lockout's turn (`_verify` looks the cache up again there)."""
+        (no failure, no lock, no guess in PAM, room to track them: `Lockout.untouched`), so
+        there is no budget to reserve or reset. Else None, and the login takes the lockout's
+        turn (`_verify` looks the cache up again there)."""
         cache = self._cache
         if not cache.enabled or cache.config.account_check != "cached":
             return None
