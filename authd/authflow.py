@@ -192,7 +192,7 @@ class AuthCore:
         if found != "hit" or (wants_groups and known is None):
             return None
         self._counters["cache:hit"] += 1
-        return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=known or ())
+        return _cached_success(known)
 
     async def _verify(self, service: str, pam_service: str, req: AuthRequest, uid: int,
                       max_queued: int, wants_groups: bool) -> tuple[PamResult, bool]:
@@ -207,7 +207,7 @@ class AuthCore:
             self._counters[f"cache:{found}"] += 1
             if found == "hit":
                 if self._cache.config.account_check == "cached":
-                    return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=known or ()), True
+                    return _cached_success(known), True
                 return await self._pam.account(pam_service, req.user, req.rhost, req.ruser, uid=uid,
                                                max_queued=max_queued, groups=wants_groups), True
         result = await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser, uid=uid,
@@ -216,3 +216,7 @@ class AuthCore:
             self._cache.forget(service, req.user, req.rhost)  # PAM now refuses what the entry vouched for
         return result, False
 
+
+def _cached_success(groups: tuple[str, ...] | None) -> PamResult:
+    """What a hit answers in PAM's place with [cache] account_check = "cached"."""
+    return PamResult(outcome="ok", pam_code=0, stage="acct_mgmt", groups=groups or ())

@@ -81,7 +81,8 @@ class LockoutStore(Protocol):
 
     def untouched(self, user: str, rhost: str | None) -> bool:
         """True only if no budget of this user or rhost holds a failure, a lock or a guess in
-        PAM, known without waiting (a store that would have to ask elsewhere says False)."""
+        PAM, and there is room to track them, known without waiting (a store that would have
+        to ask elsewhere says False)."""
         ...
 
     async def finish(self, attempt: Attempt, success: bool) -> tuple[Locked, ...]: ...
