@@ -109,6 +109,8 @@ async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
             if sock is not None or path is not None:
                 await server.listen(front, path, sock)
         await metrics.listen()
+        await metrics.serve()  # before the auth sockets: a client that is answered finds every socket up
+        await server.serve()
     except BaseException:
         server.stop_accepting()
         await rt.pam.close(0)

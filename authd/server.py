@@ -62,6 +62,7 @@ class Server:
         self.refusing = 0
         self._logged: dict[str, float] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._listening: list[socket.socket] = []
         self._owned_paths: list[Path] = []
         self.drain_started: float | None = None
         self._finishing = False  # past the drain's grace: every connection stops taking input once idle
@@ -73,17 +74,28 @@ class Server:
         return self.rt.pam.queued(uid) >= self.rt.policy.daemon.limits.max_queued_per_uid
 
     async def listen(self, front: FrontEnd, path: Path | None, inherited: socket.socket | None = None) -> None:
-        """Serve `front` on a socket systemd passed in, or else bind our own at `path`."""
+        """Listen for `front` on a socket systemd passed in, or else bind our own at `path`.
+        Clients queue in the kernel until `serve()`: start-up binds every socket first."""
         if inherited is None and path is None:
             raise AuthdError(f"no socket for the {front.name} front end")
         key = "daemon.socket" if front.name == "native" else f"{front.name}.socket"
         sock = inherited if inherited is not None else self._bind(path, key)  # type: ignore[arg-type]
         _raise_fd_limit(self.rt.policy.daemon.limits)
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(functools.partial(front.connection, self), sock=sock, backlog=ACCEPT_BATCH)
-        sock.listen(socket.SOMAXCONN)  # asyncio's `backlog` is also its accept batch; keep the kernel queue deep
+        server = await loop.create_unix_server(functools.partial(front.connection, self), sock=sock,
+                                               backlog=ACCEPT_BATCH, start_serving=False)
+        sock.listen(socket.SOMAXCONN)
         self._servers.append(server)
+        self._listening.append(sock)
         log.info("listening", socket=sock.getsockname(), protocol=front.name, inherited=inherited is not None)
+
+    async def serve(self) -> None:
+        """Start accepting on every socket `listen` set up, the first one (native) last: a client
+        it answers finds every other socket serving too."""
+        for server in reversed(self._servers):
+            await server.start_serving()
+        for sock in self._listening:  # asyncio's `backlog` is also its accept batch; keep the kernel queue deep
+            sock.listen(socket.SOMAXCONN)
 
     def _bind(self, path: Path, key: str) -> socket.socket:
         daemon = self.rt.policy.daemon

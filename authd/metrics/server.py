@@ -42,19 +42,20 @@ class MetricsServer:
         self._owned_path: Path | None = None
 
     async def listen(self) -> None:
-        """Start listening if `[metrics] listen` is set; AuthdError if the address is unusable."""
+        """Listen if `[metrics] listen` is set, accepting from `serve()`; AuthdError if the address is unusable."""
         policy = self.rt.policy
         config = policy.config.metrics
         endpoint = config.endpoint(policy.base_dir)
         if isinstance(endpoint, Unix):
             sock = bind_unix(endpoint.path, "metrics.listen", config.socket_mode, config.socket_group)
             self._owned_path = endpoint.path
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=scrape.MAX_HEAD)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=scrape.MAX_HEAD,
+                                                           start_serving=False)
             address = str(endpoint)
         elif isinstance(endpoint, Tcp):
             try:
-                self._server = await asyncio.start_server(self._serve, endpoint.host, endpoint.port,
-                                                          limit=scrape.MAX_HEAD, reuse_address=True)
+                self._server = await asyncio.start_server(self._serve, endpoint.host, endpoint.port, limit=scrape.MAX_HEAD,
+                                                          reuse_address=True, start_serving=False)
             except OSError as exc:
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise AuthdError(f"metrics.listen: cannot listen on {endpoint}: {reason}") from None
@@ -63,6 +64,11 @@ class MetricsServer:
         else:
             return
         log.info("metrics listening", address=address)
+
+    async def serve(self) -> None:
+        """Start accepting scrapes, if `listen` set up a socket."""
+        if self._server is not None:
+            await self._server.start_serving()
 
     def close(self) -> None:
         if self._server is not None:
