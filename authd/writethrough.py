@@ -219,9 +219,9 @@ class WriteThrough:
         if not complete:
             self._retry_at = 0.0  # the owner merges what the file held (`post`), then asks again
             return
-        was, self._dirty, self.error = self.error, False, None
-        if was is not None:
-            self._recovered_hook()
+        if self.error is not None:
+            self._recovered_hook()  # logged before `error` clears: whoever sees it cleared finds the line
+        self._dirty, self.error = False, None
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:

@@ -170,6 +170,11 @@ class Daemon:
         shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
+def inflight(d: Daemon) -> int:
+    """Requests in flight, not counting the `status` call that asks."""
+    return d.call("status")["connections"]["inflight"] - 1
+
+
 class ClientLoop:
     """A client on its own persistent connection, sending `op` over and over from a thread.
 

@@ -343,7 +343,7 @@ def test_canary_password_appears_nowhere(daemon: Daemon) -> None:
     replies += read_replies(sock, 1)
     replies.append(daemon.call("status"))
     daemon.kill(signal.SIGUSR1)
-    time.sleep(0.5)
+    wait_for(lambda: daemon.log_lines("sessions dumped"), what="the dump")
     assert daemon.stop() == 0
     assert all(CANARY not in str(r) for r in replies)
     assert CANARY not in daemon.output()

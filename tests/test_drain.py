@@ -17,14 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .daemon import BASE_POLICY, PASSWORD, Daemon, raw_connect, read_replies, wait_for
+from .daemon import BASE_POLICY, PASSWORD, Daemon, inflight, raw_connect, read_replies, wait_for
 from .pamenv import PamEnv
 
 HELLO = b'{"id":"h","op":"hello"}\n'
-
-
-def _inflight(d: Daemon) -> int:
-    return d.call("status")["connections"]["inflight"] - 1  # not counting the status call itself
 
 
 def test_lines_after_the_grace_are_all_answered_until_the_last_reply(pam: PamEnv, make_daemon: Callable[..., Daemon],
@@ -37,7 +33,7 @@ def test_lines_after_the_grace_are_all_answered_until_the_last_reply(pam: PamEnv
     d = make_daemon(base=base, extra='\n[[service]]\nname = "hangs"\npam_service = "hangs"\n').start()
     sock = raw_connect(d.socket)
     sock.sendall(b'{"id":"stuck","op":"auth","user":"alice","password":"x","service":"hangs"}\n')
-    wait_for(lambda: _inflight(d) == 1, what="the stuck request to be in flight")
+    wait_for(lambda: inflight(d) == 1, what="the stuck request to be in flight")
     d.kill(signal.SIGTERM)
     while (reply := _ask(sock))["ok"]:  # served until the grace is over
         pass

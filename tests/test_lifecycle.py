@@ -16,7 +16,7 @@ import pytest
 
 from authd.client import Client
 
-from .daemon import BASE_POLICY, CANARY, PASSWORD, ClientLoop, Daemon, raw_connect, read_replies, scan_for, wait_for
+from .daemon import BASE_POLICY, CANARY, PASSWORD, ClientLoop, Daemon, inflight, raw_connect, read_replies, scan_for, wait_for
 from .pamenv import PamEnv
 
 
@@ -107,9 +107,9 @@ def test_workers_never_see_signals(daemon: Daemon) -> None:
 def test_usr1_dumps_sessions(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(base=BASE_POLICY.replace("sweep_interval", "dump_keep = 2\nsweep_interval")).start()
     tokens = [d.auth(user)["session"]["token"] for user in ("alice", "bob", "alice")]
-    for _ in range(3):
+    for i in range(3):
         d.kill(signal.SIGUSR1)
-        time.sleep(0.3)
+        wait_for(lambda: len(d.log_lines("sessions dumped")) == i + 1, what=f"dump {i + 1}")
     dumps = wait_for(lambda: len(list(d.state.glob("sessions-*.json"))) == 2 and sorted(d.state.glob("sessions-*.json")),
                      what="two dumps kept")
     data = json.loads(dumps[-1].read_text())
@@ -139,7 +139,7 @@ def test_term_under_load_answers_everything(make_daemon: Callable[..., Daemon]) 
     lines = [b'{"id":"bad","op":"auth","user":"alice","password":"wrong","service":"login"}\n']
     lines += [b'{"id":%d,"op":"auth","user":"bob","password":"%s","service":"login"}\n' % (i, PASSWORD.encode()) for i in range(30)]
     sock.sendall(b"".join(lines))
-    time.sleep(0.3)
+    wait_for(lambda: inflight(d) == 1, what="bob's logins answered, the failure waiting out its delay")
     started = time.monotonic()
     d.kill(signal.SIGTERM)
     replies = read_replies(sock, len(lines))
@@ -176,7 +176,7 @@ def test_term_while_pam_hangs_exits_within_deadline(pam: PamEnv, make_daemon: Ca
 def test_second_int_exits_at_once(pam: PamEnv, make_daemon: Callable[..., Daemon], crash_modules: dict[str, Path]) -> None:
     d, _hung = _daemon_with_hung_pam_call(pam, make_daemon, crash_modules, drain_timeout=60.0)
     d.kill(signal.SIGINT)
-    time.sleep(0.5)
+    wait_for(lambda: d.log_lines("draining"), what="the first INT to start the drain")
     assert d.proc is not None and d.proc.poll() is None, "first INT drains (and waits for the hung call)"
     started = time.monotonic()
     d.kill(signal.SIGINT)
@@ -193,7 +193,7 @@ def _daemon_with_hung_pam_call(pam: PamEnv, make_daemon: Callable[..., Daemon], 
     d = make_daemon(base=base, extra='\n[[service]]\nname = "hangs"\npam_service = "hangs"\n').start()
     sock = raw_connect(d.socket)
     sock.sendall(b'{"id":1,"op":"auth","user":"alice","password":"x","service":"hangs"}\n')
-    time.sleep(0.5)
+    wait_for(lambda: inflight(d) == 1, what="the request to be stuck in PAM")
     return d, sock
 
 

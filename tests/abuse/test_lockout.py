@@ -49,9 +49,12 @@ def test_locked_out_reply_after_failure_delay_never_reaches_pam(make_daemon: Cal
     assert pam_calls(d) == calls, "a locked attempt never reaches PAM"
     assert d.auth("bob")["ok"], "other users are not affected"
 
-    events = wait_for(lambda: [e for e in audit(d) if e["name"] == "auth.locked_out"], 10, what="auth.locked_out")
+    logged = wait_for(lambda: (r := audit(d)) and any(e["name"] == "auth.locked_out" for e in r)
+                      and any(e["name"] == "auth.failed" and e["reason"] == "locked_out" for e in r) and r,
+                      10, what="auth.locked_out and the refused attempt's auth.failed")
+    events = [e for e in logged if e["name"] == "auth.locked_out"]
     assert [(e["user"], e["reason"], e["service"]) for e in events] == [("alice", "user locked", "login")]
-    refused = [e for e in audit(d) if e["name"] == "auth.failed" and e["reason"] == "locked_out"]
+    refused = [e for e in logged if e["name"] == "auth.failed" and e["reason"] == "locked_out"]
     assert len(refused) == 1 and refused[0]["user"] == "alice"
     (line,) = d.log_lines("lockout")
     assert line["scope"] == "user" and line["user"] == "alice" and line["retry_after"] == 60

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import stat
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,8 +95,7 @@ def test_canary_password_reaches_no_output(pam: PamEnv, make_daemon: Callable[..
     replies.append(d.call("status"))
     replies.append(d.call("sessions"))
     replies.append(d.call("lockouts"))
-    wait_for(lambda: list(d.state.glob("sessions-*.json")), what="a dump")
-    time.sleep(0.3)
+    wait_for(lambda: d.log_lines("sessions dumped") and d.log_lines("status"), what="the dump and the status line")
     assert d.stop() == 0
 
     assert [r for r in replies if CANARY in str(r)] == []

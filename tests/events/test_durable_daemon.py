@@ -138,7 +138,9 @@ def test_subscribe_streams_events_and_resumes_after_a_disconnect_without_a_gap(m
     reader.start()
     reader.join(30)
     second.close()
-    logged = [e for e in audit_lines(d.root / "audit.jsonl") if e["name"].split(".")[0] in ("auth", "session")]
+    logged = wait_for(lambda: (r := [e for e in audit_lines(d.root / "audit.jsonl")
+                                     if e["name"].split(".")[0] in ("auth", "session")])[7:] and r,
+                      what="the audit handler to log the eight events")
     assert [e.id for e in got] == [e["id"] for e in logged[:8]]
     assert [e.name for e in got[:3]] == ["auth.succeeded", "session.opened", "auth.failed"]
     assert d.stop() == 0
