@@ -1,23 +1,32 @@
-"""The floor under authd's cheapest op: a bare asyncio server that answers `hello` lines.
+"""The floors under authd: bare Python servers that answer with nothing of authd's around them.
 
-    python -m benchmarks.bareloop SOCKET
+    python -m benchmarks.bareloop SOCKET [hello|saslauthd|saslauthd-raw]
 
-What one Python event loop can do per request with nothing of authd's around it: an
-`asyncio.Protocol` that splits lines, decodes each with msgspec, and writes the same reply
-authd's `hello` gives, from `data_received` (no task, no timer, no limits, no logging).
-`bench_peers --stacks ops` drives it beside authd's `hello` and `session` with the same
-client, so the ratio says how much of what is left is authd's and how much Python's.
+- ``hello`` (the default): what one Python event loop can do per request on a persistent
+  connection. An `asyncio.Protocol` splits lines, decodes each with msgspec and writes the
+  reply authd's `hello` gives, from `data_received` (no task, no timer, no limits, no logging).
+  `bench_peers --stacks ops` drives it beside authd's `hello` and `session`.
+- ``saslauthd``: the same for a connection per request: an `asyncio.Protocol` that decodes one
+  saslauthd request with authd's own codec, answers `OK` and closes. What asyncio's accept path
+  and transports cost per login before any authentication.
+- ``saslauthd-raw``: the same without asyncio's transports: non-blocking sockets watched with
+  the loop's `add_reader`, accepted, read, answered and closed by hand.
+
+`bench_peers --stacks cache` drives the last two beside saslauthd ``-c`` and authd's cache
+hits, so the ratios say how much of a hit's cost is authd's and how much the connection's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 
 import msgspec
 
 from authd import PROTOCOL_VERSION, __version__
+from authd.saslauthd import codec
 
 
 class Hello(msgspec.Struct):
@@ -50,12 +59,74 @@ class Lines(asyncio.Protocol):
             self.transport.write(b"\n".join(replies) + b"\n")  # type: ignore[attr-defined]
 
 
-async def serve(path: str) -> None:
-    server = await asyncio.get_running_loop().create_unix_server(Lines, path)
+class OneRequest(asyncio.Protocol):
+    """saslauthd's protocol: one request, `OK`, close."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.decoder = codec.Decoder()
+
+    def data_received(self, data: bytes) -> None:
+        if _one_request(self.decoder, data):
+            self.transport.write(codec.ok())  # type: ignore[attr-defined]
+            self.transport.close()
+
+
+def _one_request(decoder: codec.Decoder, data: bytes) -> bool:
+    """True once `data` completed a request (its own writev: a 4-field one, as libsasl 2.1.28 sends)."""
+    item = decoder.feed(data)
+    if item is None and decoder.waiting_for_fifth:
+        item = decoder.finish()
+    return item is not None
+
+
+def _serve_raw(listener: socket.socket) -> None:
+    """Accept, read, answer and close with the sockets themselves: no transport, no protocol."""
+    loop = asyncio.get_running_loop()
+
+    def readable(conn: socket.socket, decoder: codec.Decoder) -> None:
+        try:
+            data = conn.recv(4096)
+        except BlockingIOError:
+            return
+        if data and not _one_request(decoder, data):
+            return
+        loop.remove_reader(conn)
+        if data:
+            conn.send(codec.ok())  # a few bytes into an empty socket buffer: never partial
+        conn.close()
+
+    def accept() -> None:
+        for _ in range(16):
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return
+            conn.setblocking(False)
+            loop.add_reader(conn, readable, conn, codec.Decoder())
+
+    listener.setblocking(False)
+    loop.add_reader(listener, accept)
+
+
+async def serve(path: str, kind: str) -> None:
+    loop = asyncio.get_running_loop()
+    if kind == "saslauthd-raw":
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(socket.SOMAXCONN)
+        os.chmod(path, 0o666)
+        _serve_raw(listener)
+        await loop.create_future()
+    server = await loop.create_unix_server(OneRequest if kind == "saslauthd" else Lines, path)
     os.chmod(path, 0o666)
     async with server:
         await server.serve_forever()
 
 
+KINDS = ("hello", "saslauthd", "saslauthd-raw")
+
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1]))
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in KINDS):
+        raise SystemExit(f"usage: python -m benchmarks.bareloop SOCKET [{'|'.join(KINDS)}]")
+    asyncio.run(serve(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "hello"))

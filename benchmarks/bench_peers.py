@@ -18,7 +18,9 @@ so that a noisy neighbour hits every target alike:
   authd's saslauthd socket, Dovecot auth (``passdb pam``), authd's Dovecot socket, authd's
   native protocol.
 - ``cache``: the pam_unix stack with saslauthd ``-c`` against authd with ``[cache]`` on
-  (``account_check = "cached"``: like saslauthd's cache, a hit skips PAM entirely).
+  (``account_check = "cached"``: like saslauthd's cache, a hit skips PAM entirely), beside
+  two floors for a connection per request: ``benchmarks.bareloop`` answering each saslauthd
+  request `OK` through asyncio's transports, and by hand on raw sockets.
 - ``ops``: authd's cheapest ops, ``session``, ``check`` (allowed) and ``hello``, on the native socket, beside
   ``benchmarks.bareloop``: a bare asyncio server answering ``hello`` lines with nothing else,
   the floor one Python event loop sets.
@@ -252,18 +254,22 @@ def main() -> int:
         if "cache" in stacks:
             service = SERVICES["unix"]
             cred = (USER, PASSWORD, service)
-            with Saslauthd(root / "sasl-c", cache=True) as sasl, Authd(root / "authd-c", args.workers, cache=True) as authd:
+            peer, floor, raw = "saslauthd -a pam -n 5 -c", "bare asyncio server, saslauthd OK", "bare raw sockets, saslauthd OK"
+            with Saslauthd(root / "sasl-c", cache=True) as sasl, Authd(root / "authd-c", args.workers, cache=True) as authd, \
+                    BareLoop(root / "bare", "saslauthd") as bare, BareLoop(root / "bare", "saslauthd-raw") as bare_raw:
                 load = Load(binary, args.conns, [sasl.pid])
                 targets = [
-                    Target("saslauthd -a pam -n 5 -c", load.window(sasl.pid, "sasl", sasl.socket, *cred)),
+                    Target(peer, load.window(sasl.pid, "sasl", sasl.socket, *cred)),
                     Target("authd [cache] saslauthd socket", load.window(authd.pid, "sasl", authd.mux, *cred)),
                     Target("authd [cache] Dovecot socket", load.window(authd.pid, "dovecot", authd.dovecot, *cred)),
                     Target("authd [cache] native", load.window(authd.pid, "native", authd.socket, *cred)),
+                    Target(floor, load.window(bare.pid, "sasl", bare.socket, *cred)),
+                    Target(raw, load.window(bare_raw.pid, "sasl", bare_raw.socket, *cred)),
                 ]
                 results = run_stack("cache", targets, args.rounds, args.seconds)
                 report(f"cache hits: PAM service {service}", results, [
-                    ("authd [cache] saslauthd socket", "saslauthd -a pam -n 5 -c"),
-                    ("authd [cache] native", "saslauthd -a pam -n 5 -c"),
+                    ("authd [cache] saslauthd socket", peer), ("authd [cache] native", peer),
+                    (floor, peer), (raw, peer), ("authd [cache] saslauthd socket", floor),
                 ])
     return 0
 

@@ -6,8 +6,8 @@ for a side-by-side run every daemon (authd too) uses temporary service files in 
 a temporary local user, created here and removed afterwards. That needs root and changes the
 machine while it runs: run it on a throwaway machine or VM, never on a server in use.
 
-Beside them, `BareLoop` starts `benchmarks.bareloop`: no daemon authd replaces, but the floor
-under authd's cheapest ops (one Python event loop answering lines, with nothing else).
+Beside them, `BareLoop` starts `benchmarks.bareloop`: no daemon authd replaces, but the floors
+under authd (one Python event loop answering lines, or a request per connection, with nothing else).
 """
 
 from __future__ import annotations
@@ -149,16 +149,19 @@ class Dovecot(_Server):
 
 
 class BareLoop(_Server):
-    """``benchmarks.bareloop``: a bare asyncio server answering ``hello``, the floor under authd's ops."""
+    """``benchmarks.bareloop``: a bare Python server, the floor under authd. `kind`: ``hello``
+    lines on a persistent connection, or a saslauthd request per connection answered `OK`
+    through asyncio's transports (``saslauthd``) or by hand (``saslauthd-raw``)."""
 
-    def __init__(self, root: Path) -> None:
-        self.socket = root / "bareloop.sock"
+    def __init__(self, root: Path, kind: str = "hello") -> None:
+        self.socket = root / f"bareloop-{kind}.sock"
+        self.kind = kind
 
     def __enter__(self) -> BareLoop:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        self.proc = _started([sys.executable, "-m", "benchmarks.bareloop", str(self.socket)], self.socket,
-                             "benchmarks.bareloop", env=env)
+        self.proc = _started([sys.executable, "-m", "benchmarks.bareloop", str(self.socket), self.kind], self.socket,
+                             f"benchmarks.bareloop {self.kind}", env=env)
         return self
 
 
