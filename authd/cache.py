@@ -7,8 +7,10 @@ the last real PAM success; hits never extend it. At most `max_entries`, least re
 out first. Only successes are stored: the lockout already deduplicates repeated typos.
 
 Dropped for a user on revoke, lock and unlock; for everyone on `authctl cache flush`, on a
-reload that changes [cache], and when a watched file (/etc/shadow, /etc/passwd) changes, which
-catches `passwd` and `passwd -l` for pam_unix. Other backends are bounded by the TTL.
+reload that changes [cache], and when a watched file (/etc/shadow, /etc/passwd, /etc/group)
+changes, which catches `passwd`, `passwd -l` and a change of group membership for local users
+(a hit with account_check = "cached" answers with the groups stored with its entry). Other
+backends are bounded by the TTL.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Annotated, Literal
 import msgspec
 
 Lookup = Literal["hit", "miss", "mismatch"]
+# passwd, passwd -l, usermod; and gpasswd -d, whose effect a hit's stored groups would outlive
+DEFAULT_WATCH = ("/etc/shadow", "/etc/passwd", "/etc/group")
 Key = tuple[str, str, str | None]
 
 
@@ -33,7 +37,7 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_entries: Annotated[int, msgspec.Meta(gt=0, le=10_000_000)] = 10_000
     account_check: Literal["pam", "cached"] = "pam"  # "pam": pam_acct_mgmt still runs on a hit
     key_rhost: bool = False  # cache per client address too (when PAM decides by PAM_RHOST)
-    watch: list[str] = msgspec.field(default_factory=lambda: ["/etc/shadow", "/etc/passwd"])
+    watch: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_WATCH))
 
 
 class _Entry(msgspec.Struct, gc=False):

@@ -33,7 +33,6 @@ import asyncio
 import json
 import logging
 import math
-import multiprocessing
 import os
 import secrets
 import signal
@@ -45,10 +44,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import structlog
 
@@ -67,15 +64,14 @@ from .harness import (
     report_errors,
     scratch_dir,
 )
+from .lifecycle_load import GRACE, REPLY_TIMEOUT, Load, request
 
 PAM_SERVICE = "authd-bench"
 USER, PASSWORD = "alice", "bench-pass-alice"
 INTRUDER, WRONG_PASSWORD = "intruder", "not-the-password"
 FAILURE_DELAY = 2.0
-REPLY_TIMEOUT = 10.0  # a request unanswered this long counts as lost
 PER_CONNECTION = 25  # pipelined requests per connection in the drain phase (max_inflight is 32)
 WRONG_SETTLE = 0.5  # drain phase: time for the wrong passwords to get through PAM into their delay
-GRACE = 60.0  # bound on any single wait
 BENCH_TOKEN = "bench-known-token"
 
 
@@ -86,10 +82,6 @@ def authd_policy(*, sweep: float = 30.0, extra: str = "") -> str:
         failure_delay=FAILURE_DELAY, daemon=f"drain_timeout = 20.0\ndump_keep = 2\nsweep_interval = {sweep}\n",
         service_extra=extra, exempt_users=[INTRUDER],
     )
-
-
-def request(request_id: int, op: str, **fields: Any) -> bytes:
-    return json.dumps({"id": request_id, "op": op, **fields}).encode() + b"\n"
 
 
 def spread(values: list[float]) -> str:
@@ -170,108 +162,6 @@ class LogTail:
         return out
 
 
-# --- client loops in a child process (reload phases) --------------------------------------
-
-
-@dataclass
-class Tally:
-    sent: int = 0
-    answered: int = 0
-    ok: int = 0
-    lost: int = 0
-    codes: Counter[str] = field(default_factory=Counter)
-
-
-async def _client_loop(path: str, fields: dict[str, Any], stop: MpEvent, tally: Tally) -> None:
-    """Requests one after another; a reply that never comes is lost, then reconnect."""
-    request_id = 0
-    conn = await _connect(path, tally)
-    while conn is not None and not stop.is_set():
-        reader, writer = conn
-        request_id += 1
-        tally.sent += 1
-        try:
-            writer.write(request(request_id, **fields))
-            raw = await asyncio.wait_for(reader.readline(), REPLY_TIMEOUT)
-        except (TimeoutError, OSError) as exc:
-            raw, why = b"", f"client: {exc.__class__.__name__}"
-        else:
-            why = "connection closed by authd"
-        if not raw:
-            tally.lost += 1
-            tally.codes[why] += 1
-            writer.close()
-            conn = await _connect(path, tally)
-            continue
-        reply = json.loads(raw)
-        tally.answered += 1
-        if reply.get("id") != request_id:
-            tally.codes["reply with a wrong id"] += 1
-        elif reply.get("ok"):
-            tally.ok += 1
-        else:
-            tally.codes[reply.get("error", "?")] += 1
-    if conn is not None:
-        conn[1].close()
-
-
-async def _connect(path: str, tally: Tally) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-    try:
-        return await asyncio.open_unix_connection(path)
-    except OSError as exc:
-        tally.codes[f"cannot connect: {exc.strerror or exc}"] += 1
-        return None
-
-
-def _load_child(path: str, auth_loops: int, token: str, ready: MpEvent, stop: MpEvent, out: Connection) -> None:
-    async def run() -> list[Tally]:
-        auth = {"op": "auth", "user": USER, "password": PASSWORD, "service": "login", "open_session": False}
-        kinds = [auth] * auth_loops + [{"op": "session", "token": token}]
-        tallies = [Tally() for _ in kinds]
-        tasks = [asyncio.create_task(_client_loop(path, kind, stop, t)) for kind, t in zip(kinds, tallies)]
-        while sum(t.answered for t in tallies) < 10 * len(tallies) and not stop.is_set():
-            await asyncio.sleep(0.01)
-        ready.set()
-        await asyncio.gather(*tasks)
-        return tallies
-
-    tallies = asyncio.run(run())
-    out.send(Tally(
-        sent=sum(t.sent for t in tallies), answered=sum(t.answered for t in tallies), ok=sum(t.ok for t in tallies),
-        lost=sum(t.lost for t in tallies), codes=sum((t.codes for t in tallies), Counter()),
-    ))
-
-
-class Load:
-    """`auth_loops` login loops and one `session` loop in a child process, so the client side
-    shares no GIL with the reload timing."""
-
-    def __init__(self, daemon: Daemon, token: str, auth_loops: int = 3) -> None:
-        ctx = multiprocessing.get_context("fork")
-        self.ready, self.stop = ctx.Event(), ctx.Event()
-        self._recv, send = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_load_child, args=(str(daemon.socket), auth_loops, token, self.ready, self.stop, send))
-
-    def __enter__(self) -> Self:
-        self.proc.start()
-        if not self.ready.wait(GRACE):
-            raise RuntimeError("client loops did not get going")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.proc.join(REPLY_TIMEOUT + GRACE)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-
-    def result(self) -> Tally:
-        if not self._recv.poll(GRACE):
-            raise RuntimeError("client loops reported nothing")
-        result: Tally = self._recv.recv()
-        return result
-
-
 # --- 1 and 2: reloads ----------------------------------------------------------------------
 
 
@@ -307,7 +197,7 @@ def reload_phase(bench: Bench, quick_count: int, loss_count: int) -> None:
         for label, count in (("reload latency", quick_count), ("reloads under load", loss_count)):
             meter = CpuMeter()
             started = time.monotonic()
-            with Load(daemon, token) as load:
+            with Load(daemon, token, USER, PASSWORD) as load:
                 latencies, failures = reloads(daemon, count)
             tally = load.result()
             wall = time.monotonic() - started

@@ -220,6 +220,25 @@ async def test_a_change_of_a_watched_file_flushes_everything(tmp_path: Path) -> 
     assert (await h.auth()).cached  # type: ignore[union-attr]
 
 
+@run
+async def test_leaving_a_group_reaches_a_cached_login_through_the_default_watch(tmp_path: Path) -> None:
+    """With account_check = "cached" a hit answers with the groups stored with its entry:
+    `gpasswd -d` rewrites /etc/group, which the default watch covers, so the next login asks
+    PAM again and sees the new membership."""
+    assert "/etc/group" in CacheConfig().watch
+    group = tmp_path / "group"
+    group.write_text("staff:x:50:alice\n")
+    text = CACHED.format(watch=tmp_path / "shadow").replace(f'watch = ["{tmp_path / "shadow"}"]', f'watch = ["{group}"]')
+    h = Harness(tmp_path, text + 'account_check = "cached"\n')
+    await h.auth()
+    assert isinstance(hit := await h.auth(), Granted) and hit.cached and hit.groups == ("staff",)
+    h.pam.groups = ()
+    group.write_text("staff:x:50:\n")
+    os.utime(group, ns=(0, group.stat().st_mtime_ns + 1_000_000_000))
+    after = await h.auth()
+    assert isinstance(after, Granted) and not after.cached and after.groups == ()
+
+
 def test_flush_by_user_and_all() -> None:
     cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=Clock())
     cache.store("login", "Alice", None, "pw", ())
