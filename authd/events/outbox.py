@@ -146,15 +146,18 @@ class Outbox:
 
     def settled(self) -> bool:
         """Are the events this task emitted committed (true when it emitted none)?"""
-        return _emitted.get() <= self.committed or self._loop is None
+        return self._committed(_emitted.get())
 
     async def durable(self) -> None:
         """Wait until the events this task emitted are committed (a no-op when it emitted none)."""
         await self.flushed(_emitted.get())
 
+    def _committed(self, target: int) -> bool:
+        return target <= self.committed or self._loop is None
+
     async def flushed(self, target: int) -> None:
         """Wait until everything up to sequence number `target` is committed."""
-        if target <= self.committed or self._loop is None:
+        if self._committed(target):
             return
         future = self._loop.create_future()
         self._waiters.append((target, future))
