@@ -140,8 +140,6 @@ class AuthCore:
             return failed(result.outcome)
 
         groups = result.groups if wants_groups else None  # None: not looked up
-        if not cached and self._cache.enabled:
-            self._cache.store(service.name, req.user, req.rhost, req.password, groups)
         if not policy.permits(service, req.user, groups):
             return failed(NOT_AUTHORIZED)
         listed = groups or ()  # what the reply and a session carry
@@ -210,9 +208,13 @@ class AuthCore:
                     return _cached_success(known), True
                 return await self._pam.account(pam_service, req.user, req.rhost, req.ruser, uid=uid,
                                                max_queued=max_queued, groups=wants_groups), True
+        epoch = self._cache.epoch
         result = await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser, uid=uid,
                                               max_queued=max_queued, groups=wants_groups)
-        if vouched and not result.ok and result.outcome not in (BUSY, UNAVAILABLE):
+        if result.ok and self._cache.enabled:
+            self._cache.store(service, req.user, req.rhost, req.password, result.groups if wants_groups else None,
+                              since=epoch)
+        elif vouched and result.outcome not in (BUSY, UNAVAILABLE):
             self._cache.forget(service, req.user, req.rhost)  # PAM now refuses what the entry vouched for
         return result, False
 

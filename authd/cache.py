@@ -51,6 +51,7 @@ class CredentialCache:
         self._clock = clock
         self._secret = os.urandom(32)
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self.epoch = 0  # counts drops: a success PAM began before one may be stale (`store`)
         self.config = config
         self._stamps = self._watched()
 
@@ -81,8 +82,14 @@ class CredentialCache:
         self._entries.move_to_end(key)
         return "hit", entry.groups
 
-    def store(self, service: str, user: str, rhost: str | None, password: str, groups: tuple[str, ...] | None) -> None:
-        """After a real PAM success: (re)start the entry's TTL."""
+    def store(self, service: str, user: str, rhost: str | None, password: str, groups: tuple[str, ...] | None, *,
+              since: int) -> None:
+        """After a real PAM success: (re)start the entry's TTL. `since` is the `epoch` when that
+        PAM call began: if entries were dropped meanwhile (`passwd` seen in a watched file, a
+        revoke, a lock, a flush), PAM may have read what they were dropped for, so nothing is
+        stored; the next login asks PAM again."""
+        if since != self.epoch:
+            return
         key = self._key(service, user, rhost)
         self._entries[key] = _Entry(self._verifier(key, password), self._clock() + self.config.ttl, groups)
         self._entries.move_to_end(key)
@@ -91,10 +98,12 @@ class CredentialCache:
 
     def forget(self, service: str, user: str, rhost: str | None) -> None:
         """Drop the one entry for this login (PAM refused what it vouched for)."""
+        self.epoch += 1
         self._entries.pop(self._key(service, user, rhost), None)
 
     def flush(self, user: str | None = None) -> int:
         """Drop every entry, or those of `user`; returns how many went."""
+        self.epoch += 1
         if user is None:
             count = len(self._entries)
             self._entries.clear()

@@ -113,6 +113,7 @@ async def _run(policy: policy_mod.Policy, ready: Ready) -> int:
         await server.serve()
     except BaseException:
         server.stop_accepting()
+        metrics.close()
         await rt.pam.close(0)
         raise
     rt.emit(events.DAEMON_STARTED, generation=policy.generation)

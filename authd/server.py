@@ -61,8 +61,7 @@ class Server:
         self.per_uid: Counter[int] = Counter()
         self.refusing = 0
         self._logged: dict[str, float] = {}
-        self._servers: list[asyncio.AbstractServer] = []
-        self._listening: list[socket.socket] = []
+        self._servers: list[tuple[asyncio.AbstractServer, socket.socket]] = []  # and the socket each listens on
         self._owned_paths: list[Path] = []
         self.drain_started: float | None = None
         self._finishing = False  # past the drain's grace: every connection stops taking input once idle
@@ -84,18 +83,15 @@ class Server:
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(functools.partial(front.connection, self), sock=sock,
                                                backlog=ACCEPT_BATCH, start_serving=False)
-        sock.listen(socket.SOMAXCONN)
-        self._servers.append(server)
-        self._listening.append(sock)
+        self._servers.append((server, sock))
         log.info("listening", socket=sock.getsockname(), protocol=front.name, inherited=inherited is not None)
 
     async def serve(self) -> None:
         """Start accepting on every socket `listen` set up, the first one (native) last: a client
         it answers finds every other socket serving too."""
-        for server in reversed(self._servers):
+        for server, sock in reversed(self._servers):
             await server.start_serving()
-        for sock in self._listening:  # asyncio's `backlog` is also its accept batch; keep the kernel queue deep
-            sock.listen(socket.SOMAXCONN)
+            sock.listen(socket.SOMAXCONN)  # asyncio's `backlog` is also its accept batch; keep the kernel queue deep
 
     def _bind(self, path: Path, key: str) -> socket.socket:
         daemon = self.rt.policy.daemon
@@ -105,7 +101,7 @@ class Server:
 
     def stop_accepting(self) -> None:
         """Close the listeners; the socket file goes too unless systemd owns it."""
-        for server in self._servers:
+        for server, _ in self._servers:
             server.close()
         for path in self._owned_paths:
             with contextlib.suppress(FileNotFoundError):

@@ -219,9 +219,10 @@ class WriteThrough:
         if not complete:
             self._retry_at = 0.0  # the owner merges what the file held (`post`), then asks again
             return
+        self._dirty = False
         if self.error is not None:
             self._recovered_hook()  # logged before `error` clears: whoever sees it cleared finds the line
-        self._dirty, self.error = False, None
+            self.error = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:

@@ -89,18 +89,24 @@ def _serve_raw(listener: socket.socket) -> None:
             data = conn.recv(4096)
         except BlockingIOError:
             return
+        except OSError:
+            data = b""
         if data and not _one_request(decoder, data):
             return
         loop.remove_reader(conn)
-        if data:
-            conn.send(codec.ok())  # a few bytes into an empty socket buffer: never partial
-        conn.close()
+        try:
+            if data:
+                conn.send(codec.ok())  # a few bytes into an empty socket buffer: never partial
+        except OSError:
+            pass  # the client left: nothing to answer
+        finally:
+            conn.close()
 
     def accept() -> None:
         for _ in range(16):
             try:
                 conn, _ = listener.accept()
-            except BlockingIOError:
+            except OSError:  # nothing more to accept (or EMFILE, ECONNABORTED): next time
                 return
             conn.setblocking(False)
             loop.add_reader(conn, readable, conn, codec.Decoder())

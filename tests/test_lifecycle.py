@@ -107,9 +107,9 @@ def test_workers_never_see_signals(daemon: Daemon) -> None:
 def test_usr1_dumps_sessions(make_daemon: Callable[..., Daemon]) -> None:
     d = make_daemon(base=BASE_POLICY.replace("sweep_interval", "dump_keep = 2\nsweep_interval")).start()
     tokens = [d.auth(user)["session"]["token"] for user in ("alice", "bob", "alice")]
-    for i in range(3):
+    for dumps in range(1, 4):
         d.kill(signal.SIGUSR1)
-        wait_for(lambda: len(d.log_lines("sessions dumped")) == i + 1, what=f"dump {i + 1}")
+        wait_for(lambda n=dumps: len(d.log_lines("sessions dumped")) == n, what=f"dump {dumps}")
     dumps = wait_for(lambda: len(list(d.state.glob("sessions-*.json"))) == 2 and sorted(d.state.glob("sessions-*.json")),
                      what="two dumps kept")
     data = json.loads(dumps[-1].read_text())

@@ -14,8 +14,8 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 from itertools import cycle
+from typing import Any
 
 import pytest
 

@@ -7,6 +7,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from authd.cache import CacheConfig, CredentialCache
 from authd.outcome import Denied, Granted
 
@@ -239,11 +241,42 @@ async def test_leaving_a_group_reaches_a_cached_login_through_the_default_watch(
     assert isinstance(after, Granted) and not after.cached and after.groups == ()
 
 
+@pytest.mark.parametrize("drop", ["passwd", "revoke", "flush", "refused"])
+@run
+async def test_a_success_pam_began_before_the_cache_dropped_entries_is_not_stored(tmp_path: Path, drop: str) -> None:
+    """A login whose PAM call was under way when `passwd` was seen (or a revoke, a flush, PAM
+    refusing what an entry vouched for) may have been decided on what was dropped: its
+    password must not go back into the cache, where no later change of the file would drop it."""
+    h = cached(tmp_path, 'account_check = "cached"\n')
+    await h.auth("bob")  # an entry: a lookup checks the watched files only when there are some
+    h.pam.hold = asyncio.Event()
+    old = asyncio.ensure_future(h.auth())  # in PAM with the old password
+    await asyncio.sleep(0)
+    if drop == "passwd":
+        shadow = tmp_path / "shadow"
+        os.utime(shadow, ns=(0, shadow.stat().st_mtime_ns + 1_000_000_000))
+        bob = asyncio.ensure_future(h.auth("bob", "new"))  # its lookup sees the change first
+        await asyncio.sleep(0)
+        assert len(h.cache) == 0
+    elif drop == "revoke":
+        h.cache.flush("alice")
+    elif drop == "flush":
+        h.cache.flush()
+    else:
+        h.cache.forget("login", "alice", None)
+    h.pam.hold.set()
+    assert isinstance(await old, Granted)
+    if drop == "passwd":
+        assert isinstance(await bob, Denied)
+    assert not (await h.auth()).cached, "PAM again: nothing was stored for the old login"  # type: ignore[union-attr]
+    assert (await h.auth()).cached  # type: ignore[union-attr]
+
+
 def test_flush_by_user_and_all() -> None:
     cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=Clock())
-    cache.store("login", "Alice", None, "pw", ())
-    cache.store("imap", "alice", None, "pw", ())
-    cache.store("login", "bob", None, "pw", ())
+    cache.store("login", "Alice", None, "pw", (), since=cache.epoch)
+    cache.store("imap", "alice", None, "pw", (), since=cache.epoch)
+    cache.store("login", "bob", None, "pw", (), since=cache.epoch)
     assert cache.flush("ALICE") == 2 and len(cache) == 1
     assert cache.flush() == 1 and len(cache) == 0
 
@@ -251,7 +284,7 @@ def test_flush_by_user_and_all() -> None:
 def test_a_reload_that_changes_the_section_flushes() -> None:
     config = CacheConfig(enabled=True, watch=[])
     cache = CredentialCache(config, clock=Clock())
-    cache.store("login", "alice", None, "pw", ())
+    cache.store("login", "alice", None, "pw", (), since=cache.epoch)
     cache.configure(CacheConfig(enabled=True, watch=[]))
     assert len(cache) == 1, "an unchanged [cache] keeps its entries"
     cache.configure(CacheConfig(enabled=True, watch=[], ttl=5))
@@ -260,12 +293,12 @@ def test_a_reload_that_changes_the_section_flushes() -> None:
 
 def test_key_rhost_separates_client_addresses() -> None:
     cache = CredentialCache(CacheConfig(enabled=True, watch=[], key_rhost=True), clock=Clock())
-    cache.store("login", "alice", "192.0.2.1", "pw", ())
+    cache.store("login", "alice", "192.0.2.1", "pw", (), since=cache.epoch)
     assert cache.lookup("login", "alice", "192.0.2.1", "pw")[0] == "hit"
     assert cache.lookup("login", "alice", "192.0.2.2", "pw")[0] == "miss"
 
 
 def test_nothing_derived_from_the_password_is_kept_in_clear() -> None:
     cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=Clock())
-    cache.store("login", "alice", None, PASSWORD, ())
+    cache.store("login", "alice", None, PASSWORD, (), since=cache.epoch)
     assert PASSWORD not in repr(cache._entries) and PASSWORD.encode() not in repr(cache._entries).encode()
