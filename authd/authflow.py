@@ -27,7 +27,8 @@ from .peer import Peer
 from .policy import Policy, reads_groups
 from .protocol import AUTH_FAILED, BUSY, LOCKED_OUT, NOT_AUTHORIZED, SESSION_LIMIT, UNAVAILABLE
 from .sessions import SessionLimitReached
-from .stores import LockoutStore, SessionStore, StoreUnavailable
+from .stores import CacheDrops, LockoutStore, SessionStore, StoreUnavailable
+from .stores.local import LocalCacheDrops
 
 log = structlog.get_logger("authd.auth")
 
@@ -56,6 +57,7 @@ class AuthCore:
         counters: Counter[str],
         delay: Callable[[float], Awaitable[None]],
         cache: CredentialCache,
+        cache_drops: CacheDrops | None = None,
         decisions: Decisions | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -67,6 +69,7 @@ class AuthCore:
         self._counters = counters
         self._delay = delay
         self._cache = cache
+        self._drops = cache_drops or LocalCacheDrops()
         self._decisions = decisions or Decisions()
         self._clock = clock
 
@@ -128,7 +131,7 @@ class AuthCore:
                 return failed(UNAVAILABLE)
             for locked in await self._lockout.finish(attempt, success=result.outcome != AUTH_FAILED):
                 if locked.scope == "user":
-                    self._cache.flush(req.user)
+                    await self.drop_cached(req.user)
                 log.warning("lockout", scope=locked.scope, user=req.user, rhost=req.rhost or "-",
                             retry_after=locked.retry_after)
                 emit(events.AUTH_LOCKED_OUT, reason=f"{locked.scope} locked")
@@ -175,6 +178,17 @@ class AuthCore:
         grant = SessionGrant(id=session.id, token=token, expires_at=session.expires_at)
         return Granted(user=req.user, groups=listed, session=grant, cached=cached)
 
+    async def drop_cached(self, user: str) -> None:
+        """After a change that already happened (a lock, a revoked session): `user`'s cache
+        entries go here and, on a fleet, everywhere, so none vouches again once it is over. If
+        the fleet cannot be told, this host's are still dropped."""
+        self._cache.flush(user)
+        if self._drops.shared:
+            try:
+                await self._drops.drop(user)
+            except StoreUnavailable:
+                log.warning("other hosts' credential caches could not be told to drop a user's entries", user=user)
+
     def _known_now(self, service: str, req: AuthRequest, wants_groups: bool) -> PamResult | None:
         """A success decided without waiting: the cache vouches for the password and the account
         ([cache] account_check = "cached"), and the lockout holds nothing for this user or rhost
@@ -182,7 +196,7 @@ class AuthCore:
         there is no budget to reserve or reset. Else None, and the login takes the lockout's
         turn (`_verify` looks the cache up again there)."""
         cache = self._cache
-        if not cache.enabled or cache.config.account_check != "cached":
+        if not cache.enabled or cache.config.account_check != "cached" or self._drops.shared:
             return None
         if not self._lockout.untouched(req.user, req.rhost):
             return None
@@ -196,10 +210,18 @@ class AuthCore:
                       max_queued: int, wants_groups: bool) -> tuple[PamResult, bool]:
         """PAM's verdict, and whether the cache vouched for the password instead of pam_authenticate.
         The PAM call waits in `uid`'s queue (`busy` if `max_queued` already wait there); a
-        success carries the user's groups if `wants_groups`."""
+        success carries the user's groups if `wants_groups`. On a fleet the cache is used only
+        under the drops every host has made (`CacheDrops.mark`): if they cannot be read, PAM
+        decides and nothing is stored."""
         vouched = False
-        if self._cache.enabled:
-            found, known = self._cache.lookup(service, req.user, req.rhost, req.password)
+        caching, mark = self._cache.enabled, None
+        if caching and self._drops.shared:
+            try:
+                mark = await self._drops.mark(req.user)
+            except StoreUnavailable:
+                caching = False
+        if caching:
+            found, known = self._cache.lookup(service, req.user, req.rhost, req.password, mark)
             if found == "hit" and self._cache.config.account_check == "cached" and wants_groups and known is None:
                 found, vouched = "miss", True  # stored without groups, asked with them: PAM looks them up
             self._counters[f"cache:{found}"] += 1
@@ -211,9 +233,9 @@ class AuthCore:
         epoch = self._cache.epoch
         result = await self._pam.authenticate(pam_service, req.user, req.password, req.rhost, req.ruser, uid=uid,
                                               max_queued=max_queued, groups=wants_groups)
-        if result.ok and self._cache.enabled:
+        if result.ok and caching:
             self._cache.store(service, req.user, req.rhost, req.password, result.groups if wants_groups else None,
-                              since=epoch)
+                              since=epoch, mark=mark)
         elif vouched and result.outcome not in (BUSY, UNAVAILABLE):
             self._cache.forget(service, req.user, req.rhost)  # PAM now refuses what the entry vouched for
         return result, False

@@ -10,7 +10,9 @@ Dropped for a user on revoke, lock and unlock; for everyone on `authctl cache fl
 reload that changes [cache], and when a watched file (/etc/shadow, /etc/passwd, /etc/group)
 changes, which catches `passwd`, `passwd -l` and a change of group membership for local users
 (a hit with account_check = "cached" answers with the groups stored with its entry). Other
-backends are bounded by the TTL.
+backends are bounded by the TTL. On a fleet an entry also keeps the mark of the drops every
+host shares (`authd.stores.redis.cachedrops`), so a revoke, unlock, lock or flush anywhere
+reaches it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -44,6 +46,7 @@ class _Entry(msgspec.Struct, gc=False):
     verifier: bytes
     expires: float
     groups: tuple[str, ...] | None  # None: the login that stored it did not look them up
+    mark: Any  # the fleet's drops when it was stored (`authd.stores.CacheDrops.mark`); None on one host
 
 
 class CredentialCache:
@@ -66,15 +69,16 @@ class CredentialCache:
             self.config = config
             self._stamps = self._watched()
 
-    def lookup(self, service: str, user: str, rhost: str | None, password: str) -> tuple[Lookup, tuple[str, ...] | None]:
+    def lookup(self, service: str, user: str, rhost: str | None, password: str,
+               mark: Any = None) -> tuple[Lookup, tuple[str, ...] | None]:
         """`hit` (with the groups PAM gave, None if they were not asked for) only for the
-        password PAM accepted, within the TTL."""
+        password PAM accepted, within the TTL, under the fleet's `mark` it was stored with."""
         self._check_watched()
         key = self._key(service, user, rhost)
         entry = self._entries.get(key)
         if entry is None:
             return "miss", None
-        if self._clock() >= entry.expires:
+        if self._clock() >= entry.expires or entry.mark != mark:
             del self._entries[key]
             return "miss", None
         if not hmac.compare_digest(entry.verifier, self._verifier(key, password)):
@@ -83,15 +87,16 @@ class CredentialCache:
         return "hit", entry.groups
 
     def store(self, service: str, user: str, rhost: str | None, password: str, groups: tuple[str, ...] | None, *,
-              since: int) -> None:
+              since: int, mark: Any = None) -> None:
         """After a real PAM success: (re)start the entry's TTL. `since` is the `epoch` when that
         PAM call began: if entries were dropped meanwhile (`passwd` seen in a watched file, a
         revoke, a lock, a flush), PAM may have read what they were dropped for, so nothing is
-        stored; the next login asks PAM again."""
+        stored; the next login asks PAM again. `mark`: the fleet's, read before that call (a
+        drop elsewhere during it makes the entry vouch for nothing)."""
         if since != self.epoch:
             return
         key = self._key(service, user, rhost)
-        self._entries[key] = _Entry(self._verifier(key, password), self._clock() + self.config.ttl, groups)
+        self._entries[key] = _Entry(self._verifier(key, password), self._clock() + self.config.ttl, groups, mark)
         self._entries.move_to_end(key)
         while len(self._entries) > self.config.max_entries:
             self._entries.popitem(last=False)

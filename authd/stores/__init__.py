@@ -1,6 +1,6 @@
 """Where sessions and lockout state live: the interfaces the daemon uses, and the factory.
 
-The auth core, the ops and the lifecycle only see the two async protocols below; `build`
+The auth core, the ops and the lifecycle only see the async protocols below; `build`
 picks the backend `[store] backend` names. "sqlite" (the default) is one host's in-memory
 tables written through to SQLite in the state dir; "redis" shares sessions and the lockout
 budget across every host pointing at the same Redis, so a fleet behaves as one authd.
@@ -96,16 +96,30 @@ class LockoutStore(Protocol):
     async def close(self) -> None: ...
 
 
-def build(policy: Any) -> tuple[SessionStore, LockoutStore]:
+class CacheDrops(Protocol):
+    """Drops of credential-cache entries that other hosts' caches must see (`revoke --user`,
+    `unlock`, `cache flush`). A login that may use the cache asks for the user's `mark` first;
+    an entry vouches only under the mark it was stored with."""
+
+    shared: bool  # False: one host, whose own cache is all there is (marks are always None)
+
+    async def mark(self, user: str) -> Any: ...
+
+    async def drop(self, user: str | None) -> None:
+        """Count a drop of `user`'s entries (None: everyone's) where every host sees it."""
+        ...
+
+
+def build(policy: Any) -> tuple[SessionStore, LockoutStore, CacheDrops]:
     """The stores `[store]` names, built (not yet started) for `policy` (an `authd.policy.Policy`)."""
     from ..lockout import Lockout
     from ..sessions import SessionStore as SessionTable
-    from .local import LocalLockout, LocalSessions
+    from .local import LocalCacheDrops, LocalLockout, LocalSessions
 
     config = policy.config.store
     local = Lockout(policy.config.lockout, policy.state_dir / "lockout.db")
     if config.backend == "sqlite":
-        return LocalSessions(SessionTable(policy.state_dir / "sessions.db")), LocalLockout(local)
+        return LocalSessions(SessionTable(policy.state_dir / "sessions.db")), LocalLockout(local), LocalCacheDrops()
     from .redis import connect
 
     return connect(policy, local)

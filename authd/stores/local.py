@@ -128,3 +128,15 @@ class LocalLockout:
 
     async def close(self) -> None:
         self.engine.close()
+
+
+class LocalCacheDrops:
+    """One host: its own cache is all there is, flushed in memory; nothing to share or read."""
+
+    shared = False
+
+    async def mark(self, user: str) -> None:
+        return None
+
+    async def drop(self, user: str | None) -> None:
+        return None

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from authd.cache import CacheConfig, CredentialCache
 from authd.outcome import Denied, Granted
+from authd.stores import StoreUnavailable
 
 from .harness import PASSWORD, Clock, Harness, policy, run
 
@@ -270,6 +272,82 @@ async def test_a_success_pam_began_before_the_cache_dropped_entries_is_not_store
         assert isinstance(await bob, Denied)
     assert not (await h.auth()).cached, "PAM again: nothing was stored for the old login"  # type: ignore[union-attr]
     assert (await h.auth()).cached  # type: ignore[union-attr]
+
+
+class FleetDrops:
+    """`CacheDrops` as Redis keeps them for a fleet (a generation, a count per user), in memory."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self.counts: Counter[str] = Counter()
+        self.down = False
+        self.marks = 0
+
+    async def mark(self, user: str) -> tuple[int, int]:
+        if self.down:
+            raise StoreUnavailable("redis: down")
+        self.marks += 1
+        return self.gen, self.counts[user.casefold()]
+
+    async def drop(self, user: str | None) -> None:
+        if user is None:
+            self.gen, self.counts = self.gen + 1, Counter()
+        else:
+            self.counts[user.casefold()] += 1
+
+
+def fleet(tmp: Path, extra: str = "") -> tuple[Harness, FleetDrops]:
+    drops = FleetDrops()
+    (tmp / "shadow").write_text("v1")
+    text = CACHED.format(watch=tmp / "shadow") + 'account_check = "cached"\n' + extra
+    return Harness(tmp, text, cache_drops=drops), drops
+
+
+@pytest.mark.parametrize("who", ["ALICE", None])
+@run
+async def test_a_drop_made_on_another_host_reaches_this_hosts_hits(tmp_path: Path, who: str | None) -> None:
+    h, drops = fleet(tmp_path)
+    await h.auth()
+    assert (await h.auth()).cached  # type: ignore[union-attr]
+    await drops.drop(who)  # `revoke --user alice` or `cache flush` on another host
+    assert not (await h.auth()).cached, "PAM again"  # type: ignore[union-attr]
+    assert (await h.auth()).cached  # type: ignore[union-attr]
+    assert drops.marks == 4, "every login on a fleet reads the drops: none is decided from memory alone"
+
+
+@run
+async def test_a_drop_made_elsewhere_while_pam_ran_leaves_the_entry_vouching_for_nothing(tmp_path: Path) -> None:
+    h, drops = fleet(tmp_path)
+    h.pam.hold = asyncio.Event()
+    login = asyncio.ensure_future(h.auth())
+    await asyncio.sleep(0)
+    await drops.drop("alice")
+    h.pam.hold.set()
+    assert isinstance(await login, Granted)
+    assert not (await h.auth()).cached  # type: ignore[union-attr]
+    assert (await h.auth()).cached  # type: ignore[union-attr]
+
+
+@run
+async def test_when_the_fleets_drops_cannot_be_read_pam_decides_and_nothing_is_stored(tmp_path: Path) -> None:
+    h, drops = fleet(tmp_path)
+    await h.auth()
+    drops.down = True
+    assert not (await h.auth()).cached  # type: ignore[union-attr]
+    drops.down = False
+    assert (await h.auth()).cached, "the entry from before, its drops unchanged"  # type: ignore[union-attr]
+    assert h.pam.count("authenticate") == 2
+
+
+@run
+async def test_a_users_lock_drops_their_entries_on_every_host(tmp_path: Path) -> None:
+    """A lock that ends by expiry must not leave other hosts' entries vouching again."""
+    h, drops = fleet(tmp_path, "[lockout.user]\nmax_failures = 1\nlock_time = 60\n[lockout.rhost]\nmax_failures = 0\n")
+    await h.auth()
+    assert isinstance(await h.auth(password="wrong"), Denied)
+    assert drops.counts["alice"] == 1 and len(h.cache) == 0
 
 
 def test_flush_by_user_and_all() -> None:

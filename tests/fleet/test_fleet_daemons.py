@@ -122,3 +122,18 @@ def test_metrics_show_redis_down_and_the_lockout_fallbacks(make_daemon: Callable
     wait_for(lambda: d.auth(open_session=True).get("ok"), what="Redis to be used again")
     back = samples(scrape(d)[2])
     assert back['authd_store_up{store="sessions"}'] == back['authd_store_up{store="lockout"}'] == 1
+
+
+def test_a_revoke_or_a_flush_on_one_host_reaches_the_other_hosts_credential_cache(
+        make_daemon: Callable[..., Daemon], redis_server: RedisServer, prefix: str, tmp_path: Path) -> None:
+    a, b = pair(make_daemon, redis_server, prefix, tmp_path, '[cache]\nenabled = true\naccount_check = "cached"\n')
+
+    def hits(d: Daemon) -> int:
+        return d.call("status")["counters"].get("cache:hit", 0)
+
+    for command in ({"op": "revoke", "user": "alice"}, {"op": "cache_flush"}, {"op": "cache_flush", "user": "alice"}):
+        assert b.auth(open_session=False)["ok"] and b.auth(open_session=False)["ok"]
+        before = hits(b)
+        assert b.auth(open_session=False)["ok"] and hits(b) == before + 1, "answered from b's cache"
+        assert a.call(command.pop("op"), **command)["ok"]
+        assert b.auth(open_session=False)["ok"] and hits(b) == before + 1, "b asked PAM again"

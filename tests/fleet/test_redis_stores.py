@@ -13,6 +13,7 @@ import pytest
 from authd.lockout import Attempt, Locked, Lockout, LockoutConfig
 from authd.stores import StoreUnavailable
 from authd.stores.config import StoreConfig
+from authd.stores.redis.cachedrops import FleetCacheDrops
 from authd.stores.redis.link import Link
 from authd.stores.redis.lockout import FleetAttempt, FleetLockout
 from authd.stores.redis.sessions import RedisSessions
@@ -196,3 +197,32 @@ async def test_redis_down_falls_back_to_the_local_engine_or_refuses_when_closed(
         a.clock.advance(a.store.retry_interval)
         assert await a.sessions.lookup(token) is not None  # recovered
         assert a.sessions.state()["state"] == "ok"
+
+
+@run
+async def test_cache_drops_made_on_one_host_change_the_mark_every_host_reads(redis_server: RedisServer, prefix: str,
+                                                                           tmp_path: Path) -> None:
+    async with hosts(redis_server, prefix, tmp_path) as (a, b):
+        here, there = FleetCacheDrops(a.link), FleetCacheDrops(b.link)
+        alice, bob = await here.mark("alice"), await here.mark("bob")
+        assert alice[0] == bob[0] and alice[1] == bob[1] == 0, "one generation, no drops yet"
+        await there.drop("Alice")  # `revoke --user Alice` on b; cache keys fold case
+        assert (await here.mark("ALICE"), await here.mark("bob")) == ((alice[0], 1), bob)
+        await there.drop(None)  # `cache flush` on b: a new generation for everyone
+        after = await here.mark("alice")
+        assert after[0] != alice[0] and await here.mark("bob") == after
+        assert await a.link.client.ttl(f"{prefix}cd") == -1, "no TTL: nothing expires back to an old mark"
+
+
+@run
+async def test_lost_cache_drops_come_back_as_a_new_generation_never_an_old_mark(redis_server: RedisServer, prefix: str,
+                                                                               tmp_path: Path) -> None:
+    """Redis restarted without persistence, or the key evicted: entries stored before must miss,
+    or a drop made before the loss would be undone."""
+    async with hosts(redis_server, prefix, tmp_path) as (a, b):
+        drops = FleetCacheDrops(a.link)
+        before = await drops.mark("alice")
+        await FleetCacheDrops(b.link).drop("alice")
+        await a.link.client.delete(f"{prefix}cd")
+        after = await drops.mark("alice")
+        assert after not in (before, (before[0], 1)) and after == await FleetCacheDrops(b.link).mark("alice")

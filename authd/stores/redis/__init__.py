@@ -12,6 +12,7 @@ from typing import Any
 from ...errors import ConfigError
 from ...lockout import Lockout
 from ...securefs import UnsafePath, open_file
+from .cachedrops import FleetCacheDrops
 from .link import Link
 from .lockout import FleetLockout
 from .sessions import RedisSessions
@@ -19,14 +20,14 @@ from .sessions import RedisSessions
 MIN_SECRET = 32
 
 
-def connect(policy: Any, local: Lockout) -> tuple[RedisSessions, FleetLockout]:
+def connect(policy: Any, local: Lockout) -> tuple[RedisSessions, FleetLockout, FleetCacheDrops]:
     config = policy.config.store
     if config.secret_file is None:
         raise ConfigError("store.secret_file: required with backend = \"redis\" (the fleet's shared lockout key)")
     secret = read_secret(policy.path(config.secret_file))
     link = Link(config)
     sessions = RedisSessions(link, near_cache=config.near_cache, near_cache_size=config.near_cache_size)
-    return sessions, FleetLockout(link, config, policy.config.lockout, secret, local)
+    return sessions, FleetLockout(link, config, policy.config.lockout, secret, local), FleetCacheDrops(link)
 
 
 def read_secret(path: Any) -> bytes:
