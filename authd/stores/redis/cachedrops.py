@@ -2,16 +2,18 @@
 user's lock on one host reach every host's cache.
 
 Each host's credential cache is its own memory. The drops live in one Redis hash,
-`{prefix}cd`, with no TTL: `gen`, a random value replaced by a drop of everyone, and a counter
+`{prefix}cd`, with no TTL: `gen`, a random value replaced by a drop of everyone, and a count
 per user (case-folded) counted up by a drop of that user. A login that may use the cache reads
-its user's pair (`gen`, count) in one round trip before it looks up or stores an entry; an
-entry keeps the pair it was stored under and vouches only while the pair is unchanged. So a
-drop reaches every login that reads the pair after it, including one whose PAM call was
-under way when the drop was made.
+its mark in one round trip before it looks up or stores an entry: the server's `run_id`,
+`gen` and the user's count. An entry keeps the mark it was stored under and vouches only while
+it is unchanged, so a drop reaches every login that reads the mark after it, including one
+whose PAM call was under way when the drop was made.
 
-A hash that is lost (Redis restarted without persistence, evicted, a failover that missed it)
-comes back with a new `gen`, created by whoever reads it first: every entry then misses, and
-no drop is ever undone.
+No loss of drops brings an old mark back. A Redis restart or a failover changes `run_id`,
+even when a snapshot or a replica restores the hash as it was before the latest drops; a hash
+lost or evicted comes back with a new `gen`, made by whoever reads it first. Either way every
+entry misses once and goes to PAM. Counts are kept for every user ever dropped (a lock of any
+name typed counts too), so past `MAX_USERS` of them a drop starts a new generation instead.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import secrets
 
 from .link import Link
 
-Mark = tuple[str, int]
+MAX_USERS = 100_000
+Mark = tuple[str, str, int]
 
 
 class FleetCacheDrops:
@@ -31,24 +34,25 @@ class FleetCacheDrops:
         self._key = f"{link.prefix}cd"
 
     async def mark(self, user: str) -> Mark:
-        async def read() -> list[bytes | None]:
+        async def read() -> list[object]:
             async with self._link.client.pipeline(transaction=True) as pipe:
-                pipe.hsetnx(self._key, "gen", secrets.token_hex(16)).hmget(self._key, "gen", _field(user))
-                return (await pipe.execute())[1]  # type: ignore[no-any-return]
+                pipe.info("server").hsetnx(self._key, "gen", secrets.token_hex(16)).hmget(self._key, "gen", _field(user))
+                return await pipe.execute()  # type: ignore[no-any-return]
 
-        gen, count = await self._link.run(read)
-        return (gen or b"").decode(), int(count or 0)
+        server, _, (gen, count) = await self._link.run(read)
+        return str(server["run_id"]), (gen or b"").decode(), int(count or 0)  # type: ignore[index]
 
     async def drop(self, user: str | None) -> None:
-        async def count() -> None:
+        async def count() -> int:
             async with self._link.client.pipeline(transaction=True) as pipe:
-                if user is None:  # everyone: a new generation, and the users' counts go with the old one
-                    pipe.delete(self._key).hset(self._key, "gen", secrets.token_hex(16))
+                if user is None:
+                    pipe.unlink(self._key).hset(self._key, "gen", secrets.token_hex(16)).hlen(self._key)
                 else:
-                    pipe.hsetnx(self._key, "gen", secrets.token_hex(16)).hincrby(self._key, _field(user), 1)
-                await pipe.execute()
+                    pipe.hsetnx(self._key, "gen", secrets.token_hex(16)).hincrby(self._key, _field(user), 1).hlen(self._key)
+                return (await pipe.execute())[-1]  # type: ignore[no-any-return]
 
-        await self._link.run(count)
+        if await self._link.run(count) - 1 > MAX_USERS:  # the fields less `gen`
+            await self.drop(None)  # everyone's entries miss once; the counts start over
 
 
 def _field(user: str) -> str:
