@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import secrets
 
+from . import scripts
 from .link import Link
 
 MAX_USERS = 100_000
@@ -32,15 +33,11 @@ class FleetCacheDrops:
     def __init__(self, link: Link) -> None:
         self._link = link
         self._key = f"{link.prefix}cd"
+        self._mark = link.script(scripts.MARK)
 
     async def mark(self, user: str) -> Mark:
-        async def read() -> list[object]:
-            async with self._link.client.pipeline(transaction=True) as pipe:
-                pipe.info("server").hsetnx(self._key, "gen", secrets.token_hex(16)).hmget(self._key, "gen", _field(user))
-                return await pipe.execute()  # type: ignore[no-any-return]
-
-        server, _, (gen, count) = await self._link.run(read)
-        return str(server["run_id"]), (gen or b"").decode(), int(count or 0)  # type: ignore[index]
+        run, gen, count = await self._link.run(lambda: self._mark(keys=[self._key], args=[secrets.token_hex(16), _field(user)]))
+        return run.decode(), gen.decode(), int(count)
 
     async def drop(self, user: str | None) -> None:
         async def count() -> int:

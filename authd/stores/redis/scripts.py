@@ -14,6 +14,8 @@ Lockout, per budget (scope, key), Cluster-safe hash tag `lo:{scope:key}`:
   in-flight one's slot, answers `wait` while failures + in-flight fill the budget, else takes
   a slot. FINISH returns it: a failure is recorded (and locks a full budget), a success
   clears the user's failures and lock.
+Credential-cache drops (`cachedrops`): cd  HASH gen (random), u:<user> drops counted.
+  MARK makes `gen` if there is none and answers the server's run_id, gen and the user's count.
 """
 
 from __future__ import annotations
@@ -254,4 +256,10 @@ local k, now = KEYS[1], clock()
 local l = redis.call('HMGET', k .. 'l', 'since', 'until', 'strikes')
 local n = redis.call('ZCOUNT', k .. 'f', num(now - tonumber(ARGV[1])), '+inf')
 return {n, l[1] or '', l[2] or '', l[3] or '0', num(now)}
+"""
+
+MARK = """
+redis.call('HSETNX', KEYS[1], 'gen', ARGV[1])
+local gen, count = unpack(redis.call('HMGET', KEYS[1], 'gen', ARGV[2]))
+return {string.match(redis.call('INFO', 'server'), 'run_id:(%x+)'), gen, count or '0'}
 """
