@@ -178,16 +178,19 @@ class AuthCore:
         grant = SessionGrant(id=session.id, token=token, expires_at=session.expires_at)
         return Granted(user=req.user, groups=listed, session=grant, cached=cached)
 
-    async def drop_cached(self, user: str) -> None:
-        """After a change that already happened (a lock, a revoked session): `user`'s cache
-        entries go here and, on a fleet, everywhere, so none vouches again once it is over. If
-        the fleet cannot be told, this host's are still dropped."""
-        self._cache.flush(user)
+    async def drop_cached(self, user: str | None, *, or_fail: bool = False) -> int:
+        """`user`'s credential-cache entries (None: everyone's) go here and, on a fleet, on every
+        host; returns how many went here. `or_fail` (an admin's revoke, unlock or flush):
+        StoreUnavailable if the fleet cannot be told, before anything is dropped. Else (after a
+        lock or a revoked session, changes already made) this host's go anyway, with a warning."""
         if self._drops.shared:
             try:
                 await self._drops.drop(user)
             except StoreUnavailable:
+                if or_fail:
+                    raise
                 log.warning("other hosts' credential caches could not be told to drop a user's entries", user=user)
+        return self._cache.flush(user)
 
     def _known_now(self, service: str, req: AuthRequest, wants_groups: bool) -> PamResult | None:
         """A success decided without waiting: the cache vouches for the password and the account

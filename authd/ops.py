@@ -124,8 +124,8 @@ async def sessions(ctx: Context, peer: Peer, req: p.Sessions) -> p.Reply:
 async def revoke(ctx: Context, peer: Peer, req: p.Revoke) -> p.Reply:
     if req.session_id is None and req.user is None:
         return failure(p.BAD_REQUEST, "revoke needs `session_id` or `user`")
-    if req.user is not None:
-        await drop_cached(ctx, req.user)  # first: if the fleet cannot hear it, nothing was changed
+    if req.user is not None:  # first: if the fleet cannot hear it, nothing was changed
+        await ctx.rt.core.drop_cached(req.user, or_fail=True)
     gone = await ctx.rt.sessions.revoke(session_id=req.session_id, user=req.user)
     for user in {s.user for s in gone} - {req.user}:
         await ctx.rt.core.drop_cached(user)
@@ -161,7 +161,7 @@ async def lockouts(ctx: Context, peer: Peer, req: p.Lockouts) -> p.Reply:
 @op(p.Unlock)
 async def unlock(ctx: Context, peer: Peer, req: p.Unlock) -> p.Reply:
     if req.scope != "rhost":
-        await drop_cached(ctx, req.key)
+        await ctx.rt.core.drop_cached(req.key, or_fail=True)
     if not await ctx.rt.lockout.unlock(req.key, req.scope):
         return failure(p.NOT_FOUND, "nothing recorded for that user or rhost")
     return p.UnlockReply(unlocked=req.key)
@@ -177,15 +177,7 @@ async def lastlog(ctx: Context, peer: Peer, req: p.Lastlog) -> p.Reply:
 
 @op(p.CacheFlush)
 async def cache_flush(ctx: Context, peer: Peer, req: p.CacheFlush) -> p.Reply:
-    return p.CacheFlushReply(flushed=await drop_cached(ctx, req.user))
-
-
-async def drop_cached(ctx: Context, user: str | None) -> int:
-    """An admin's drop of `user`'s credential-cache entries (None: all), on every host of a
-    fleet; how many went here. StoreUnavailable if the fleet cannot be told, before anything
-    was dropped (`AuthCore.drop_cached` is for drops that follow a change already made)."""
-    await ctx.rt.cache_drops.drop(user)
-    return ctx.rt.cache.flush(user)
+    return p.CacheFlushReply(flushed=await ctx.rt.core.drop_cached(req.user, or_fail=True))
 
 
 def closed(rt: Runtime, gone: list[Session], reason: str, peer: Peer | None = None) -> None:

@@ -34,7 +34,7 @@ class Runtime:
         prepare_state_dir(policy)
         self.pam = PamPool(size=daemon.workers or default_workers(os.cpu_count()), max_calls=daemon.worker_max_calls, timeout=daemon.pam_timeout,
                            keep_modules=daemon.pam_keep_modules)
-        self.sessions, self.lockout, self.cache_drops = build_stores(policy)
+        self.sessions, self.lockout, cache_drops = build_stores(policy)
         outbox = Outbox(policy.state_dir / OUTBOX_FILE if daemon.event_log else None, event_retention(daemon))
         self.bus = EventBus(outbox, queue_size=daemon.event_queue, handler_timeout=daemon.handler_timeout)
         self.cache = CredentialCache(policy.config.cache)
@@ -43,7 +43,7 @@ class Runtime:
         self.core = AuthCore(
             policy=lambda: self.policy, pam=self.pam, lockout=self.lockout, sessions=self.sessions,
             emit=self.bus.emit, counters=self.counters, delay=self.delay, cache=self.cache, decisions=self.decisions,
-            cache_drops=self.cache_drops,
+            cache_drops=cache_drops,
         )
 
     async def start(self) -> None:

@@ -292,6 +292,8 @@ class FleetDrops:
         return self.gen, self.counts[user.casefold()]
 
     async def drop(self, user: str | None) -> None:
+        if self.down:
+            raise StoreUnavailable("redis: down")
         if user is None:
             self.gen, self.counts = self.gen + 1, Counter()
         else:
@@ -348,6 +350,17 @@ async def test_a_users_lock_drops_their_entries_on_every_host(tmp_path: Path) ->
     await h.auth()
     assert isinstance(await h.auth(password="wrong"), Denied)
     assert drops.counts["alice"] == 1 and len(h.cache) == 0
+
+
+@run
+async def test_an_admins_drop_the_fleet_cannot_hear_changes_nothing_a_locks_still_drops_here(tmp_path: Path) -> None:
+    h, drops = fleet(tmp_path)
+    await h.auth()
+    drops.down = True
+    with pytest.raises(StoreUnavailable):
+        await h.core.drop_cached("alice", or_fail=True)  # `revoke --user`, `unlock`, `cache flush`: `unavailable`
+    assert len(h.cache) == 1, "nothing was dropped"
+    assert await h.core.drop_cached("alice") == 1 and len(h.cache) == 0  # after a lock: this host's go anyway
 
 
 def test_flush_by_user_and_all() -> None:

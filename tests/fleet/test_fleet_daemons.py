@@ -90,6 +90,7 @@ def test_redis_stopped_then_killed_then_restarted(make_daemon: Callable[..., Dae
     assert b.auth(open_session=False)["user"] == "alice"  # lockout falls back to the local engine
     assert b.auth(open_session=True)["error"] == "unavailable"  # no session Redis does not hold
     assert b.call("revoke", user="alice")["error"] == "unavailable"
+    assert b.call("cache_flush")["error"] == "unavailable"  # other hosts' caches could not be told
     assert a.call("status")["store"]["state"] == "down"
     private_redis.kill()
     assert a.call("session", token=token)["error"] == "unavailable"

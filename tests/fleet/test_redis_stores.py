@@ -13,7 +13,6 @@ import pytest
 from authd.lockout import Attempt, Locked, Lockout, LockoutConfig
 from authd.stores import StoreUnavailable
 from authd.stores.config import StoreConfig
-from authd.stores.redis import cachedrops
 from authd.stores.redis.cachedrops import FleetCacheDrops
 from authd.stores.redis.link import Link
 from authd.stores.redis.lockout import FleetAttempt, FleetLockout
@@ -236,12 +235,11 @@ async def test_no_loss_of_the_cache_drops_brings_an_old_mark_back(private_redis:
 
 
 @run
-async def test_past_max_users_a_drop_starts_a_new_generation(redis_server: RedisServer, prefix: str, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_past_max_users_a_drop_starts_a_new_generation(redis_server: RedisServer, prefix: str,
+                                                              tmp_path: Path) -> None:
     """Locks of names sprayed at the lockout count drops too: the hash stays bounded."""
-    monkeypatch.setattr(cachedrops, "MAX_USERS", 3)
     async with hosts(redis_server, prefix, tmp_path) as (a, _):
-        drops = FleetCacheDrops(a.link)
+        drops = FleetCacheDrops(a.link, max_users=3)
         first = await drops.mark("u0")
         for i in range(3):
             await drops.drop(f"u{i}")

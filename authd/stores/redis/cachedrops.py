@@ -30,8 +30,9 @@ Mark = tuple[str, str, int]
 class FleetCacheDrops:
     shared = True
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, *, max_users: int = MAX_USERS) -> None:
         self._link = link
+        self._max_users = max_users
         self._key = f"{link.prefix}cd"
         self._mark = link.script(scripts.MARK)
 
@@ -48,7 +49,7 @@ class FleetCacheDrops:
                     pipe.hsetnx(self._key, "gen", secrets.token_hex(16)).hincrby(self._key, _field(user), 1).hlen(self._key)
                 return (await pipe.execute())[-1]  # type: ignore[no-any-return]
 
-        if await self._link.run(count) - 1 > MAX_USERS:  # the fields less `gen`
+        if await self._link.run(count) - 1 > self._max_users:  # the fields less `gen`
             await self.drop(None)  # everyone's entries miss once; the counts start over
 
 
