@@ -43,8 +43,10 @@ class WriteThrough:
     def __init__(
         self, path: Path, schema: str, *, name: str, rewrite: Callable[[], Rewrite], failed: Callable[[str], None],
         recovered: Callable[[], None], quarantined: Callable[[Path, sqlitefile.Corrupt], None],
+        retry_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
+        self._retry_clock = retry_clock  # paces the retries after a fault: monotonic, passed in for tests
         self.error: str | None = None  # why the file is behind memory right now (for `status`)
         self._schema = schema
         self._name = name
@@ -100,7 +102,7 @@ class WriteThrough:
     def flush(self) -> None:
         """After a fault, queue the whole-file rewrite if one is due (at most once a second)."""
         self.drain()
-        if self._dirty and not self._rewriting and time.monotonic() >= self._retry_at:
+        if self._dirty and not self._rewriting and self._retry_clock() >= self._retry_at:
             self._rewriting = True
             self._snapshots += 1
             self._enqueue(self._rewrite(), rewrite=True)
@@ -244,7 +246,7 @@ class WriteThrough:
             self._db.close()
             self._db = None
         self._dirty = True
-        self._retry_at = time.monotonic() + RETRY_INTERVAL
+        self._retry_at = self._retry_clock() + RETRY_INTERVAL
         message = f"{exc.__class__.__name__}: {exc}"
         if self.error is None:
             self._failed_hook(message)

@@ -1,6 +1,6 @@
 """The floors under authd: bare Python servers that answer with nothing of authd's around them.
 
-    python -m benchmarks.bareloop SOCKET [hello|saslauthd|saslauthd-raw]
+    python -m benchmarks.bareloop SOCKET [hello|saslauthd|saslauthd-raw] [PROCESSES]
 
 - ``hello`` (the default): what one Python event loop can do per request on a persistent
   connection. An `asyncio.Protocol` splits lines, decodes each with msgspec and writes the
@@ -12,14 +12,22 @@
 - ``saslauthd-raw``: the same without asyncio's transports: non-blocking sockets watched with
   the loop's `add_reader`, accepted, read, answered and closed by hand.
 
+`PROCESSES` (default 1) binds the socket once and forks that many processes in all, each
+with its own event loop accepting from it, as saslauthd's `-n` workers share theirs: the
+lever of "more than one event-loop process sharing the listening sockets", with nothing
+else in the way.
+
 `bench_peers --stacks cache` drives the last two beside saslauthd ``-c`` and authd's cache
-hits, so the ratios say how much of a hit's cost is authd's and how much the connection's.
+hits, one process and two, so the ratios say how much of a hit's cost is authd's, how much
+the connection's, and what more loops would buy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
+import signal
 import socket
 import sys
 
@@ -115,24 +123,34 @@ def _serve_raw(listener: socket.socket) -> None:
     loop.add_reader(listener, accept)
 
 
-async def serve(path: str, kind: str) -> None:
+async def serve(listener: socket.socket, kind: str) -> None:
     loop = asyncio.get_running_loop()
     if kind == "saslauthd-raw":
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(socket.SOMAXCONN)
-        os.chmod(path, 0o666)
         _serve_raw(listener)
         await loop.create_future()
-    server = await loop.create_unix_server(OneRequest if kind == "saslauthd" else Lines, path)
-    os.chmod(path, 0o666)
+    server = await loop.create_unix_server(OneRequest if kind == "saslauthd" else Lines, sock=listener)
     async with server:
         await server.serve_forever()
+
+
+def main(path: str, kind: str, processes: int) -> None:
+    """Bind once, fork the other processes, and serve in each until killed (the children die
+    with the parent: `PR_SET_PDEATHSIG` is Linux's, and so is this benchmark)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(socket.SOMAXCONN)
+    os.chmod(path, 0o666)
+    for _ in range(processes - 1):
+        if os.fork() == 0:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            break
+    asyncio.run(serve(listener, kind))
 
 
 KINDS = ("hello", "saslauthd", "saslauthd-raw")
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in KINDS):
-        raise SystemExit(f"usage: python -m benchmarks.bareloop SOCKET [{'|'.join(KINDS)}]")
-    asyncio.run(serve(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "hello"))
+    if not 2 <= len(sys.argv) <= 4 or (len(sys.argv) >= 3 and sys.argv[2] not in KINDS) \
+            or (len(sys.argv) == 4 and not sys.argv[3].isdigit()):
+        raise SystemExit(f"usage: python -m benchmarks.bareloop SOCKET [{'|'.join(KINDS)}] [PROCESSES]")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) >= 3 else "hello", max(1, int(sys.argv[3]) if len(sys.argv) == 4 else 1))

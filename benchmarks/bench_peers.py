@@ -19,8 +19,9 @@ so that a noisy neighbour hits every target alike:
   native protocol.
 - ``cache``: the pam_unix stack with saslauthd ``-c`` against authd with ``[cache]`` on
   (``account_check = "cached"``: like saslauthd's cache, a hit skips PAM entirely), beside
-  two floors for a connection per request: ``benchmarks.bareloop`` answering each saslauthd
-  request `OK` through asyncio's transports, and by hand on raw sockets.
+  floors for a connection per request: ``benchmarks.bareloop`` answering each saslauthd
+  request `OK` through asyncio's transports, and by hand on raw sockets; each in one
+  event-loop process and in two sharing the socket.
 - ``ops``: authd's cheapest ops, ``session``, ``check`` (allowed) and ``hello``, on the native socket, beside
   ``benchmarks.bareloop``: a bare asyncio server answering ``hello`` lines with nothing else,
   the floor one Python event loop sets.
@@ -165,8 +166,9 @@ def median_window(windows: list[Window]) -> Window:
 
 
 def report(stack: str, results: dict[str, list[Window]], ratios: list[tuple[str, str]]) -> None:
+    width = max([34, *map(len, results)])
     print(f"\n== {stack}")
-    print(f"  {'target':<34} {'req/s':>9} {'range':>17} {'p50':>9} {'p99':>9} {'CPU/req':>9} {'others':>7}")
+    print(f"  {'target':<{width}} {'req/s':>9} {'range':>17} {'p50':>9} {'p99':>9} {'CPU/req':>9} {'others':>7}")
     for label, windows in results.items():
         mid = median_window(windows)
         rates = [w.rate for w in windows]
@@ -175,7 +177,7 @@ def report(stack: str, results: dict[str, list[Window]], ratios: list[tuple[str,
         flag = " !" if others > NOISY else ""
         per_request = "—" if math.isnan(cpu) else f"{cpu:.3f}ms"
         print(
-            f"  {label:<34} {mid.rate:>9,.0f} {min(rates):>8,.0f}–{max(rates):<8,.0f} {mid.p50 * 1e3:>7.2f}ms "
+            f"  {label:<{width}} {mid.rate:>9,.0f} {min(rates):>8,.0f}–{max(rates):<8,.0f} {mid.p50 * 1e3:>7.2f}ms "
             f"{mid.p99 * 1e3:>7.2f}ms {per_request:>9} {others:>6.2f}{flag}"
         )
         bad = sum(w.failed for w in windows), sum(w.errors for w in windows)
@@ -255,8 +257,10 @@ def main() -> int:
             service = SERVICES["unix"]
             cred = (USER, PASSWORD, service)
             peer, floor, raw = "saslauthd -a pam -n 5 -c", "bare asyncio server, saslauthd OK", "bare raw sockets, saslauthd OK"
+            floor2, raw2 = f"{floor}, 2 loops", f"{raw}, 2 loops"
             with Saslauthd(root / "sasl-c", cache=True) as sasl, Authd(root / "authd-c", args.workers, cache=True) as authd, \
-                    BareLoop(root / "bare", "saslauthd") as bare, BareLoop(root / "bare", "saslauthd-raw") as bare_raw:
+                    BareLoop(root / "bare", "saslauthd") as bare, BareLoop(root / "bare", "saslauthd-raw") as bare_raw, \
+                    BareLoop(root / "bare", "saslauthd", 2) as bare2, BareLoop(root / "bare", "saslauthd-raw", 2) as bare_raw2:
                 load = Load(binary, args.conns, [sasl.pid])
                 targets = [
                     Target(peer, load.window(sasl.pid, "sasl", sasl.socket, *cred)),
@@ -265,11 +269,13 @@ def main() -> int:
                     Target("authd [cache] native", load.window(authd.pid, "native", authd.socket, *cred)),
                     Target(floor, load.window(bare.pid, "sasl", bare.socket, *cred)),
                     Target(raw, load.window(bare_raw.pid, "sasl", bare_raw.socket, *cred)),
+                    Target(floor2, load.window(bare2.pid, "sasl", bare2.socket, *cred)),
+                    Target(raw2, load.window(bare_raw2.pid, "sasl", bare_raw2.socket, *cred)),
                 ]
                 results = run_stack("cache", targets, args.rounds, args.seconds)
                 report(f"cache hits: PAM service {service}", results, [
                     ("authd [cache] saslauthd socket", peer), ("authd [cache] native", peer),
-                    (floor, peer), (raw, peer), ("authd [cache] saslauthd socket", floor),
+                    (floor, peer), (raw, peer), (floor2, peer), (raw2, peer), ("authd [cache] saslauthd socket", floor),
                 ])
     return 0
 

@@ -151,16 +151,19 @@ class Dovecot(_Server):
 class BareLoop(_Server):
     """``benchmarks.bareloop``: a bare Python server, the floor under authd. `kind`: ``hello``
     lines on a persistent connection, or a saslauthd request per connection answered `OK`
-    through asyncio's transports (``saslauthd``) or by hand (``saslauthd-raw``)."""
+    through asyncio's transports (``saslauthd``) or by hand (``saslauthd-raw``); in `processes`
+    event-loop processes sharing the socket."""
 
-    def __init__(self, root: Path, kind: str = "hello") -> None:
-        self.socket = root / f"bareloop-{kind}.sock"
+    def __init__(self, root: Path, kind: str = "hello", processes: int = 1) -> None:
+        self.socket = root / f"bareloop-{kind}-{processes}.sock"
         self.kind = kind
+        self.processes = processes
 
     def __enter__(self) -> BareLoop:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        self.proc = _started([sys.executable, "-m", "benchmarks.bareloop", str(self.socket), self.kind], self.socket,
+        self.proc = _started([sys.executable, "-m", "benchmarks.bareloop", str(self.socket), self.kind, str(self.processes)],
+                             self.socket,
                              f"benchmarks.bareloop {self.kind}", env=env)
         return self
 

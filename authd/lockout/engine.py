@@ -84,7 +84,8 @@ class Lockout:
     """
 
     def __init__(
-        self, config: LockoutConfig, db_path: Path, *, clock: Callable[[], float] = time.time
+        self, config: LockoutConfig, db_path: Path, *, clock: Callable[[], float] = time.time,
+        retry_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
         self._secret = os.urandom(32)
@@ -93,7 +94,7 @@ class Lockout:
         self._refused_full = 0
         self._full_logged: dict[Scope, float] = {}
         self.locks_imposed: Counter[Scope] = Counter()  # for metrics
-        self._store = LockoutStore(db_path, snapshot=self._rows, merge=self._merge)
+        self._store = LockoutStore(db_path, snapshot=self._rows, merge=self._merge, retry_clock=retry_clock)
         self.configure(config)
         self._store.open()
 

@@ -11,6 +11,7 @@ fault clears. A corrupt file is moved aside, never silently reused.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,14 +45,15 @@ class LockoutStore:
     """Write-through SQLite mirror (WAL, mode 0600) of failures and locks."""
 
     def __init__(
-        self, path: Path, *, snapshot: Callable[[], Rows], merge: Callable[[Rows], None]
+        self, path: Path, *, snapshot: Callable[[], Rows], merge: Callable[[Rows], None],
+        retry_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._path = Path(path)
         self._snapshot = snapshot
         self._merge = merge
         self._loaded = False
         self._file = WriteThrough(self._path, _SCHEMA, name="lockout", rewrite=self._rewrite, failed=self._failed,
-                                  recovered=self._recovered, quarantined=self._quarantined)
+                                  recovered=self._recovered, quarantined=self._quarantined, retry_clock=retry_clock)
 
     @property
     def error(self) -> str | None:

@@ -1,8 +1,7 @@
-"""Each lockout rule, against a real SQLite file and real (short) lock times."""
+"""Each lockout rule, against a real SQLite file; time is a manual clock the tests move."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from authd.lockout import Attempt, Locked, LockInfo, Lockout
 
-from .helpers import config, fail_distinct, login, run
+from .helpers import Clock, config, fail_distinct, login, run
 
 NO_RHOST = {"rhost": {"max_failures": 0}}
 
@@ -71,11 +70,13 @@ async def test_identical_wrong_password_counts_once(db_path: Path) -> None:
 
 @run
 async def test_lock_expires_after_lock_time_with_a_fresh_budget(db_path: Path) -> None:
-    lockout = Lockout(config(user={"max_failures": 2, "lock_time": 0.5}, **NO_RHOST), db_path)
+    clock = Clock()
+    lockout = Lockout(config(user={"max_failures": 2, "lock_time": 0.5}, **NO_RHOST), db_path, clock=clock)
     (lock,) = (await fail_distinct(lockout, "alice", 2))[1]
     assert lock.retry_after == 1
+    clock.now = lock.until - 0.001
     assert isinstance(await lockout.begin("alice", None, "x"), Locked)
-    await asyncio.sleep(lock.until - time.time() + 0.2)
+    clock.now = lock.until
     assert await login(lockout, "alice", "after-1") == ()
     assert len(await login(lockout, "alice", "after-2")) == 1
     lockout.close()
@@ -83,10 +84,16 @@ async def test_lock_expires_after_lock_time_with_a_fresh_budget(db_path: Path) -
 
 @run
 async def test_interval_is_a_sliding_window(db_path: Path) -> None:
-    lockout = Lockout(config(user={"max_failures": 3, "interval": 1.0}, **NO_RHOST), db_path)
-    await fail_distinct(lockout, "alice", 2, tag="old")
-    await asyncio.sleep(1.3)
-    assert await fail_distinct(lockout, "alice", 2, tag="new") == [(), ()]
+    clock = Clock()
+    lockout = Lockout(config(user={"max_failures": 3, "interval": 1.0}, **NO_RHOST), db_path, clock=clock)
+    await fail_distinct(lockout, "alice", 1, tag="oldest")
+    clock.now += 0.5
+    await fail_distinct(lockout, "alice", 1, tag="old")
+    clock.now += 0.6  # the first failure is out of the window, the second still in it
+    assert await fail_distinct(lockout, "alice", 1, tag="middle") == [()]
+    assert lockout.lockouts()[0].failures == 2
+    clock.now += 0.5  # now the second is out too
+    assert await fail_distinct(lockout, "alice", 1, tag="new") == [()]
     assert lockout.lockouts()[0].failures == 2
     assert len(await login(lockout, "alice", "newest")) == 1
     lockout.close()
@@ -109,20 +116,21 @@ async def _lock_once(lockout: Lockout, user: str, tag: str) -> Locked:
     return lock
 
 
-async def _wait_out(lock: Locked) -> None:
+def _wait_out(clock: Clock, lock: Locked) -> None:
     assert lock.until is not None
-    await asyncio.sleep(max(0.0, lock.until - time.time()) + 0.05)
+    clock.now = lock.until
 
 
 @run
 async def test_progressive_lock_times_double_up_to_the_cap(db_path: Path) -> None:
     table = {"user": {"max_failures": 1, "lock_time": 0.2}, "progressive": True, "max_lock_time": 0.7}
-    lockout = Lockout(config(**table, **NO_RHOST), db_path)
+    clock = Clock()
+    lockout = Lockout(config(**table, **NO_RHOST), db_path, clock=clock)
     lengths = []
     for i in range(4):
         lock = await _lock_once(lockout, "alice", f"p{i}")
         lengths.append((lock.lock_count, lock.until - lock.locked_at))
-        await _wait_out(lock)
+        _wait_out(clock, lock)
     assert lengths == [
         (1, pytest.approx(0.2)), (2, pytest.approx(0.4)), (3, pytest.approx(0.7)), (4, pytest.approx(0.7)),
     ]
@@ -134,11 +142,12 @@ async def test_progressive_lock_times_double_up_to_the_cap(db_path: Path) -> Non
 
 @run
 async def test_without_progressive_every_lock_has_the_same_length(db_path: Path) -> None:
-    lockout = Lockout(config(user={"max_failures": 1, "lock_time": 0.2}, **NO_RHOST), db_path)
+    clock = Clock()
+    lockout = Lockout(config(user={"max_failures": 1, "lock_time": 0.2}, **NO_RHOST), db_path, clock=clock)
     for i in range(3):
         lock = await _lock_once(lockout, "alice", f"p{i}")
         assert (lock.lock_count, lock.until - lock.locked_at) == (i + 1, pytest.approx(0.2))
-        await _wait_out(lock)
+        _wait_out(clock, lock)
     lockout.close()
 
 
@@ -178,10 +187,11 @@ async def test_root_is_exempt_only_when_configured(db_path: Path) -> None:
 @run
 async def test_permanent_lock_stays_until_unlocked(db_path: Path) -> None:
     table = {"user": {"max_failures": 2, "lock_time": 0, "permanent": True}, **NO_RHOST}
-    lockout = Lockout(config(**table), db_path)
+    clock = Clock()
+    lockout = Lockout(config(**table), db_path, clock=clock)
     (lock,) = (await fail_distinct(lockout, "alice", 2))[1]
     assert (lock.until, lock.retry_after) == (None, None)
-    await asyncio.sleep(0.3)
+    clock.now += 10 * 365 * 86400.0
     refused = await lockout.begin("alice", None, "x")
     assert isinstance(refused, Locked) and refused.until is None
     assert lockout.unlock("alice")
@@ -249,10 +259,11 @@ async def test_state_survives_restart(db_path: Path) -> None:
 @run
 async def test_lock_count_survives_restart_for_progressive_locks(db_path: Path) -> None:
     table = {"user": {"max_failures": 1, "lock_time": 0.2}, "progressive": True, "max_lock_time": 5, **NO_RHOST}
-    first = Lockout(config(**table), db_path)
-    await _wait_out(await _lock_once(first, "alice", "a"))
+    clock = Clock()
+    first = Lockout(config(**table), db_path, clock=clock)
+    _wait_out(clock, await _lock_once(first, "alice", "a"))
     first.close()
-    second = Lockout(config(**table), db_path)
+    second = Lockout(config(**table), db_path, clock=clock)
     lock = await _lock_once(second, "alice", "b")
     assert (lock.lock_count, lock.until - lock.locked_at) == (2, pytest.approx(0.4))
     second.close()

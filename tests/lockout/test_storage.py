@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import stat
 from collections.abc import Iterator
@@ -12,12 +11,19 @@ import pytest
 from structlog.testing import capture_logs
 
 from authd.lockout import Attempt, Locked, Lockout
+from authd.writethrough import RETRY_INTERVAL
 
 from ..filesystems import fill, remount, tmpfs
-from .helpers import config, fail_distinct, login, run
+from .helpers import Clock, config, fail_distinct, login, run
 
 CANARY = "canary-Pw-7f3a9c1e-\u00e9t\u00e9"
-RETRY = 1.1  # the store retries a failed write at most once a second
+
+
+async def _retry_is_due(lockout: Lockout, retry_clock: Clock) -> None:
+    """The fault is mended: no retry before its interval, then the next change rewrites the file."""
+    await login(lockout, "too-soon", "x")
+    assert lockout.storage_error
+    retry_clock.now += RETRY_INTERVAL
 
 
 def _mode(path: Path) -> int:
@@ -90,20 +96,21 @@ async def test_unusable_location_keeps_authenticating_and_recovers(tmp_path: Pat
     blocker.write_text("a file where the state dir should be")
     db_path = blocker / "lockout.db"
 
-    lockout = Lockout(config(user={"max_failures": 2}), db_path)
+    retry_clock = Clock()
+    lockout = Lockout(config(user={"max_failures": 2}), db_path, retry_clock=retry_clock)
     assert lockout.storage_error
     await fail_distinct(lockout, "alice", 2)
     assert isinstance(await lockout.begin("alice", None, "x"), Locked)
 
     blocker.unlink()
     blocker.mkdir(mode=0o700)
-    await asyncio.sleep(RETRY)
+    await _retry_is_due(lockout, retry_clock)
     assert await login(lockout, "bob", "x") == ()
     assert lockout.storage_error is None
     lockout.close()
 
     again = Lockout(config(user={"max_failures": 2}), db_path)
-    assert [(r.key, r.failures, r.locked) for r in again.lockouts()] == [("alice", 0, True), ("bob", 1, False)]
+    assert [(r.key, r.failures, r.locked) for r in again.lockouts()] == [("alice", 0, True), ("bob", 1, False), ("too-soon", 1, False)]
     again.close()
 
 
@@ -118,7 +125,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 async def test_disk_full_keeps_authenticating_and_loses_nothing(small_fs: Path) -> None:
     db_path = small_fs / "lockout.db"
     table = {"user": {"max_failures": 2}, "rhost": {"max_failures": 0}}
-    lockout = Lockout(config(**table), db_path)
+    retry_clock = Clock()
+    lockout = Lockout(config(**table), db_path, retry_clock=retry_clock)
     await login(lockout, "before", "x")
     filler = fill(small_fs)
 
@@ -128,14 +136,14 @@ async def test_disk_full_keeps_authenticating_and_loses_nothing(small_fs: Path) 
     assert isinstance(await lockout.begin("user7", None, "x"), Locked)
 
     filler.unlink()
-    await asyncio.sleep(RETRY)
+    await _retry_is_due(lockout, retry_clock)
     await login(lockout, "after", "x")
     assert lockout.storage_error is None
     lockout.close()
 
     again = Lockout(config(**table), db_path)
     rows = {r.key: (r.failures, r.locked) for r in again.lockouts()}
-    assert rows == {"before": (1, False), "after": (1, False)} | {f"user{i}": (0, True) for i in range(20)}
+    assert rows == {"before": (1, False), "after": (1, False), "too-soon": (1, False)} | {f"user{i}": (0, True) for i in range(20)}
     again.close()
 
 
@@ -149,19 +157,20 @@ async def test_read_only_state_dir_still_enforces_locks_and_recovers(small_fs: P
     first.close()
 
     remount(small_fs, "ro")
-    lockout = Lockout(config(**table), db_path)
+    retry_clock = Clock()
+    lockout = Lockout(config(**table), db_path, retry_clock=retry_clock)
     assert lockout.storage_error
     assert isinstance(await lockout.begin("alice", None, "y"), Locked)
     await login(lockout, "carol", "x")
 
     remount(small_fs, "rw")
-    await asyncio.sleep(RETRY)
+    await _retry_is_due(lockout, retry_clock)
     await login(lockout, "bob", "y")
     assert lockout.storage_error is None
     lockout.close()
 
     again = Lockout(config(**table), db_path)
     assert [(r.key, r.failures, r.locked) for r in again.lockouts()] == [
-        ("alice", 0, True), ("bob", 2, False), ("carol", 1, False),
+        ("alice", 0, True), ("bob", 2, False), ("carol", 1, False), ("too-soon", 1, False),
     ]
     again.close()
