@@ -80,6 +80,7 @@ class Outbox:
         self.clock = clock
         self.appended = 0  # highest sequence number handed out
         self.committed = 0  # highest one written (or given up on: see `storage_error`)
+        self._unwritable = False  # on the loop: the last write failed, so no reply waits for one
         self.cursors: dict[str, int] = {}
         self.storage_error: str | None = None
         self.pruned_undelivered = 0
@@ -153,7 +154,7 @@ class Outbox:
         await self.flushed(_emitted.get())
 
     def _committed(self, target: int) -> bool:
-        return target <= self.committed or self._loop is None
+        return target <= self.committed or self._loop is None or self._unwritable
 
     async def flushed(self, target: int) -> None:
         """Wait until everything up to sequence number `target` is committed."""
@@ -246,6 +247,15 @@ class Outbox:
         return {"last_seq": self.appended, "storage_error": self.storage_error,
                 "pruned_undelivered": self.pruned_undelivered, "unwritten_dropped": self.unwritten_dropped}
 
+    def _gave_up(self) -> None:
+        """A write failed: release every reply waiting for one, and until a write succeeds
+        again, let new ones go at once instead of waiting a retry out."""
+        self._unwritable = True
+        self._settle(self.appended)
+
+    def _writable(self) -> None:
+        self._unwritable = False
+
     def _settle(self, committed: int) -> None:
         self.committed = max(self.committed, committed)
         still = []
@@ -318,6 +328,7 @@ class Outbox:
                 self._pending.cursors = {**batch.cursors, **self._pending.cursors}
                 self._pending.dead = batch.dead + self._pending.dead
             self._retry_at = time.monotonic() + RETRY_WRITE
+            self._call(self._gave_up)
         if upto:
             self._call(self._settle, upto)
         for job, future in batch.jobs:
@@ -368,6 +379,7 @@ class Outbox:
         if self.storage_error is not None and self.path is not None:  # not the in-memory fallback
             log.info("event log writable again", path=str(self.path))
             self.storage_error = None
+            self._call(self._writable)
 
     def _failed(self, exc: sqlite3.Error, events: int) -> None:
         if self.storage_error is None:

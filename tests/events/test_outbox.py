@@ -14,6 +14,7 @@ from authd.events import AUTH_FAILED, AUTH_SUCCEEDED, Event, EventBus, Handler, 
 from authd.events.outbox import Outbox, Retention
 
 from ..clock import ManualClock
+from ..filesystems import fill, tmpfs
 from .conftest import eventually, run
 
 
@@ -289,3 +290,33 @@ def test_an_unwritable_log_never_holds_a_reply_back(tmp_path: Path) -> None:
         await bus.close(5)
 
     run(main())
+
+
+def test_a_full_disk_holds_no_reply_back_while_the_writer_waits_to_retry(tmp_path: Path) -> None:
+    """A failed write releases its replies; the events emitted before the writer's next try
+    (a second later) do not wait for it either, and none of them is lost once space is back."""
+    with tmpfs(tmp_path / "fs") as fs:
+        path = fs / "events.db"
+
+        async def main() -> None:
+            bus = EventBus(Outbox(path))
+            await bus.start()
+            filler = fill(fs)
+            emitted = []
+            for _ in range(500):  # until a commit needs a page the disk no longer has
+                emitted.append(Event.create(AUTH_SUCCEEDED, user="alice"))
+                bus.emit(emitted[-1])
+                await bus.durable()
+                if bus.outbox.storage_error:
+                    break
+            assert bus.outbox.storage_error and "full" in bus.outbox.storage_error
+            for _ in range(5):
+                emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
+                bus.emit(emitted[-1])
+                assert bus.settled(), "not held until the writer's next try"
+                await bus.durable()
+            filler.unlink()
+            await bus.close(5)
+            assert committed_ids(path) == [event.id for event in emitted]
+
+        run(main())
