@@ -112,9 +112,13 @@ class SessionLimitReached(Exception):
 
 
 class SessionStore:
-    def __init__(self, path: Path, *, touch_interval: float = TOUCH_INTERVAL) -> None:
+    def __init__(
+        self, path: Path, *, touch_interval: float = TOUCH_INTERVAL, clock: Callable[[], float] = time.time,
+        retry_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self.touch_interval = touch_interval
+        self._clock = clock  # seconds since the epoch: a session's times are wall-clock times
         self._by_hash: dict[bytes, Session] = {}
         self._by_id: dict[str, Session] = {}
         self._by_owner: dict[tuple[str, str], dict[str, Session]] = {}  # (user, service) -> its sessions
@@ -123,7 +127,7 @@ class SessionStore:
         self._touched: dict[str, float] = {}  # session id -> last_seen, not yet queued for the file
         self._touch_timer: asyncio.TimerHandle | None = None
         self._file = WriteThrough(path, _SCHEMA, name="sessions", rewrite=self._rewrite, failed=self._failed,
-                                  recovered=self._recovered, quarantined=self._quarantined)
+                                  recovered=self._recovered, quarantined=self._quarantined, retry_clock=retry_clock)
 
     @property
     def persist_error(self) -> str | None:
@@ -136,7 +140,7 @@ class SessionStore:
         except (sqlite3.Error, OSError):
             rows, self._complete = _read_only(self.path)
             self._load(rows)
-        now = time.time()
+        now = self._clock()
         self._write("DELETE FROM sessions WHERE created + ttl <= ? OR (idle_timeout > 0 AND last_seen + idle_timeout <= ?)",
                     (now, now))
         log.info("sessions loaded", count=len(self._by_id), path=str(self.path))
@@ -166,7 +170,7 @@ class SessionStore:
         self, *, user: str, groups: Iterable[str], service: str, rhost: str | None, ttl: float, idle_timeout: float
     ) -> tuple[Session, str]:
         token = new_token()
-        now = time.time()
+        now = self._clock()
         session = Session(
             id=new_session_id(), token_hash=hash_token(token), user=user, groups=tuple(groups),
             service=service, rhost=rhost, created=now, last_seen=now, ttl=ttl, idle_timeout=idle_timeout,
@@ -184,7 +188,7 @@ class SessionStore:
         owned = self._by_owner.get((user, service))
         if owned is None or len(owned) < limit:
             return []
-        now = time.time()
+        now = self._clock()
         live = [s for s in owned.values() if not s.expired(now)]
         if len(live) < limit:
             return []
@@ -200,7 +204,7 @@ class SessionStore:
         session = self._by_hash.get(hash_token(token))
         if session is None:
             return None
-        now = time.time()
+        now = self._clock()
         if session.expired(now):
             return None
         if touch:
@@ -223,7 +227,7 @@ class SessionStore:
 
     def remove_token(self, token: str) -> Session | None:
         session = self._by_hash.get(hash_token(token))
-        if session is None or session.expired(time.time()):
+        if session is None or session.expired(self._clock()):
             return None
         self._remove([session])
         return session
@@ -234,7 +238,7 @@ class SessionStore:
         return doomed
 
     def list(self, user: str | None = None) -> list[Session]:
-        now = time.time()
+        now = self._clock()
         return [s for s in self._by_id.values() if (user is None or s.user == user) and not s.expired(now)]
 
     def all(self) -> list[Session]:
@@ -243,7 +247,7 @@ class SessionStore:
     def expire(self, now: float | None = None, candidates: Iterable[Session] | None = None) -> list[Session]:
         """Drop expired sessions (among `candidates`, by default all); run periodically, it is
         also when a faulted file is retried."""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         pool = self._by_id.values() if candidates is None else candidates
         doomed = [s for s in pool if s.expired(now) and self._by_id.get(s.id) is s]
         self._remove(doomed)
@@ -257,7 +261,7 @@ class SessionStore:
 
     def _load(self, rows: Iterable[Row]) -> None:
         """Add persisted sessions that are still live and not already (or no longer) in memory."""
-        now = time.time()
+        now = self._clock()
         for row in rows:
             session = _session(row)
             if session is None or session.expired(now) or session.id in self._by_id or session.id in self._gone:

@@ -1,4 +1,9 @@
-"""A clock the test drives: `sleep` returns when `advance` has moved time past its deadline."""
+"""A clock the test drives: time moves only when the test moves it (`advance`, or `now` set),
+and `sleep` returns when time has passed its deadline.
+
+Components take it as an `authd.clock.Clock` (`time`, `sleep`) or as a bare callable (the
+lockout, the sessions, the credential cache, a store's retry pacing): both read `now`, so
+one clock can stand for the wall clock and the monotonic one at once."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ class ManualClock:
 
     def time(self) -> float:
         return self.now
+
+    __call__ = time
 
     async def sleep(self, seconds: float) -> None:
         future = asyncio.get_running_loop().create_future()

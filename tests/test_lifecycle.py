@@ -18,6 +18,7 @@ from authd.client import Client
 
 from .daemon import BASE_POLICY, CANARY, PASSWORD, ClientLoop, Daemon, inflight, raw_connect, read_replies, scan_for, wait_for
 from .pamenv import PamEnv
+from .procs import children, ignored_signals
 
 
 def generation(d: Daemon) -> int:
@@ -67,7 +68,8 @@ def test_hup_burst_loses_nothing(daemon: Daemon) -> None:
                 daemon.write_policy(daemon.policy + f"# revision {i}\n" + ('deny_users = ["bob"]\n' if i == 150 else ""))
             daemon.kill(signal.SIGHUP)
         wait_for(lambda: daemon.auth("bob").get("error") == "not_authorized", what="last file's policy")
-        time.sleep(0.5)
+        sent = loop.sent
+        wait_for(lambda: loop.sent >= sent + 20, what="logins under the last policy")
     assert loop.errors == [] and loop.failures() == [] and len(loop.replies) == loop.sent
     status = daemon.call("status")
     assert status["state"] == "ready" and 2 <= status["generation"] <= 201
@@ -92,11 +94,18 @@ def test_restart_only_settings_are_reported(daemon: Daemon) -> None:
 
 
 def test_workers_never_see_signals(daemon: Daemon) -> None:
+    """The workers ignore the operator's signals, so the kernel discards them as they are sent
+    (no wait is needed to see that nothing happens): a `kill` of the process group reloads
+    and dumps, and leaves every worker alone."""
     before = daemon.call("status")["pam"]
-    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signals = {signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    workers = children(daemon.pid)
+    assert len(workers) == before["size"] and all(signals <= ignored_signals(pid) for pid in workers)
+    for signum in signals:
         os.killpg(daemon.pid, signum) if os.getpgid(daemon.pid) == daemon.pid else daemon.kill(signum)
-    time.sleep(0.5)
+    wait_for(lambda: generation(daemon) == 2, what="the reload SIGHUP asked for")
     assert daemon.auth("alice")["ok"]
+    assert sorted(children(daemon.pid)) == sorted(workers)
     after = daemon.call("status")["pam"]
     assert after["crashed"] == before["crashed"] == 0 and after["spawned"] == before["spawned"]
 

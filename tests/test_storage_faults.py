@@ -24,7 +24,9 @@ import pytest
 
 from authd.lockout.store import LockoutStore
 from authd.sessions import SessionStore
+from authd.writethrough import RETRY_INTERVAL
 
+from .clock import ManualClock
 from .daemon import Daemon, wait_for
 from .filesystems import fill, remount, tmpfs
 
@@ -277,10 +279,10 @@ def test_corrupted_while_running(make_daemon: Callable[..., Daemon]) -> None:
     assert list(d.state.glob("sessions.db.corrupt-*")) and db.exists()
 
 
-def _behind_memory(path: Path) -> SessionStore:
+def _behind_memory(path: Path, retry_clock: ManualClock) -> SessionStore:
     """A session store whose file fell behind memory: a session was issued while another
-    process held the file's write lock."""
-    store = SessionStore(path)
+    process held the file's write lock. Its next try is due once `retry_clock` has moved on."""
+    store = SessionStore(path, retry_clock=retry_clock)
     store.open()
     with hold_exclusive_lock(path):
         store.create(user="a", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
@@ -313,7 +315,8 @@ def test_a_session_issued_while_the_recovery_rewrite_runs_reaches_the_file(tmp_p
     not dropped as if the rewrite covered it. (The rewrite is held in the writer thread: the
     one interleaving a real disk gives only by chance.)"""
     path = tmp_path / "sessions.db"
-    store = _behind_memory(path)
+    retry_clock = ManualClock()
+    store = _behind_memory(path, retry_clock)
     file, gate, snapshot = store._file, threading.Event(), store._file._rewrite
 
     def held_rewrite() -> Callable[[sqlite3.Connection], bool]:
@@ -326,7 +329,7 @@ def test_a_session_issued_while_the_recovery_rewrite_runs_reaches_the_file(tmp_p
         return run
 
     monkeypatch.setattr(file, "_rewrite", held_rewrite)
-    file._retry_at = 0.0
+    retry_clock.advance(RETRY_INTERVAL)
     store.flush()  # the recovery rewrite, its snapshot taken
     late, _ = store.create(user="b", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)
     gate.set()
@@ -343,13 +346,15 @@ def test_a_change_made_when_a_merge_queues_the_rewrite_is_written_once(tmp_path:
     change itself must not be written again."""
     path = tmp_path / "lockout.db"
     memory: list[tuple[str, str, float]] = []
-    store = LockoutStore(path, snapshot=lambda: (list(memory), []), merge=lambda rows: memory.extend(rows[0]))
+    retry_clock = ManualClock()
+    store = LockoutStore(path, snapshot=lambda: (list(memory), []), merge=lambda rows: memory.extend(rows[0]),
+                         retry_clock=retry_clock)
     sqlite3.connect(path).close()
     with hold_exclusive_lock(path):
         store.open()  # cannot open, nothing to read: not loaded, behind memory
     assert "locked" in (store.error or "")
     file = store._file
-    file._retry_at = 0.0
+    retry_clock.advance(RETRY_INTERVAL)
     memory.append(("user", "alice", 1.0))
     store.add_failure("user", "alice", 1.0)  # queues the read-and-merge
     _until_written(file)
@@ -362,11 +367,12 @@ def test_a_change_made_when_a_merge_queues_the_rewrite_is_written_once(tmp_path:
 
 def test_a_session_created_after_a_corrupt_file_is_moved_aside_is_written_once(tmp_path: Path) -> None:
     path = tmp_path / "sessions.db"
-    store = _behind_memory(path)
+    retry_clock = ManualClock()
+    store = _behind_memory(path, retry_clock)
     for suffix in ("-wal", "-shm"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
     path.write_bytes(b"garbage" * 1000)  # corrupted while closed
-    store._file._retry_at = 0.0
+    retry_clock.advance(RETRY_INTERVAL)
     store.flush()  # the writer finds it corrupt, moves it aside, hands back what it salvaged
     _until_written(store._file)
     late, _ = store.create(user="b", groups=(), service="s", rhost=None, ttl=3600, idle_timeout=0)

@@ -106,14 +106,14 @@ def test_client_that_never_reads_is_cut_off_with_bounded_memory(make_daemon: Cal
 
         def attack() -> list[int]:
             answered = []
-            for _ in range(10):
+            for cut in range(1, 11):
                 sock = raw_connect(d.socket)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 try:
                     sock.sendall(burst)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                time.sleep(0.2)
+                wait_for(lambda: counters(d)["connections_closed_not_reading"] >= cut, what="the cut-off")
                 try:
                     answered.append(len(replies_of(_read_to_eof(sock).rpartition(b"\n")[0])))
                 except ConnectionResetError:

@@ -23,6 +23,8 @@ from authd.policy import Policy
 from authd.sessions import SessionStore
 from authd.stores.local import LocalLockout, LocalSessions
 
+from ..clock import ManualClock
+
 PASSWORD = "correct horse"
 PEER = Peer(pid=4242, uid=1000, gid=1000, groups=frozenset({1000}))
 POLICY = """
@@ -39,19 +41,6 @@ def run(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
         asyncio.run(asyncio.wait_for(test(*args, **kwargs), 20.0))
 
     return wrapper
-
-
-class Clock:
-    """Time as the test says: `advance` moves it; wall and monotonic views share one origin."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
@@ -122,7 +111,7 @@ class Harness:
     """An AuthCore wired to in-memory parts; `events`, `delays` and `pam.calls` record what it did."""
 
     def __init__(self, tmp: Path, text: str = POLICY, **core: Any) -> None:
-        self.clock = Clock()
+        self.clock = ManualClock()
         self.policy = policy(text)
         self.pam = FakePam()
         self.lockout = Lockout(self.policy.config.lockout, tmp / "lockout.db", clock=self.clock)

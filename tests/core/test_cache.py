@@ -14,7 +14,8 @@ from authd.cache import CacheConfig, CredentialCache
 from authd.outcome import Denied, Granted
 from authd.stores import StoreUnavailable
 
-from .harness import PASSWORD, Clock, Harness, policy, run
+from ..clock import ManualClock
+from .harness import PASSWORD, Harness, policy, run
 
 CACHED = """
 [[service]]
@@ -364,7 +365,7 @@ async def test_an_admins_drop_the_fleet_cannot_hear_changes_nothing_a_locks_stil
 
 
 def test_flush_by_user_and_all() -> None:
-    cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=Clock())
+    cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=ManualClock())
     cache.store("login", "Alice", None, "pw", (), since=cache.epoch)
     cache.store("imap", "alice", None, "pw", (), since=cache.epoch)
     cache.store("login", "bob", None, "pw", (), since=cache.epoch)
@@ -374,7 +375,7 @@ def test_flush_by_user_and_all() -> None:
 
 def test_a_reload_that_changes_the_section_flushes() -> None:
     config = CacheConfig(enabled=True, watch=[])
-    cache = CredentialCache(config, clock=Clock())
+    cache = CredentialCache(config, clock=ManualClock())
     cache.store("login", "alice", None, "pw", (), since=cache.epoch)
     cache.configure(CacheConfig(enabled=True, watch=[]))
     assert len(cache) == 1, "an unchanged [cache] keeps its entries"
@@ -383,13 +384,13 @@ def test_a_reload_that_changes_the_section_flushes() -> None:
 
 
 def test_key_rhost_separates_client_addresses() -> None:
-    cache = CredentialCache(CacheConfig(enabled=True, watch=[], key_rhost=True), clock=Clock())
+    cache = CredentialCache(CacheConfig(enabled=True, watch=[], key_rhost=True), clock=ManualClock())
     cache.store("login", "alice", "192.0.2.1", "pw", (), since=cache.epoch)
     assert cache.lookup("login", "alice", "192.0.2.1", "pw")[0] == "hit"
     assert cache.lookup("login", "alice", "192.0.2.2", "pw")[0] == "miss"
 
 
 def test_nothing_derived_from_the_password_is_kept_in_clear() -> None:
-    cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=Clock())
+    cache = CredentialCache(CacheConfig(enabled=True, watch=[]), clock=ManualClock())
     cache.store("login", "alice", None, PASSWORD, (), since=cache.epoch)
     assert PASSWORD not in repr(cache._entries) and PASSWORD.encode() not in repr(cache._entries).encode()

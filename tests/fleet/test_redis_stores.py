@@ -18,7 +18,8 @@ from authd.stores.redis.link import Link
 from authd.stores.redis.lockout import FleetAttempt, FleetLockout
 from authd.stores.redis.sessions import RedisSessions
 
-from ..core.harness import Clock, run
+from ..clock import ManualClock
+from ..core.harness import run
 from .redisserver import RedisServer
 
 SECRET = os.urandom(32)
@@ -32,7 +33,7 @@ def lockout_config(**user: object) -> LockoutConfig:
 
 class Host:
     def __init__(self, server: RedisServer, prefix: str, tmp: Path, name: str, **store: object) -> None:
-        self.clock = Clock()
+        self.clock = ManualClock()
         self.store = StoreConfig(backend="redis", url=server.url, prefix=prefix, timeout=1.0, **store)  # type: ignore[arg-type]
         self.link = Link(self.store, clock=self.clock)
         self.sessions = RedisSessions(self.link, near_cache=self.store.near_cache, clock=self.clock)

@@ -22,16 +22,6 @@ def run(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     return wrapper
 
 
-class Clock:
-    """A manual clock for Lockout(clock=...): time moves only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def config(**table: Any) -> LockoutConfig:
     """A LockoutConfig from a [lockout] table written as keyword arguments."""
     return load_config(table)

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from authd.lockout import Attempt, Locked, Lockout
 
-from .helpers import Clock, config, fail_distinct, login, run
+from ..clock import ManualClock
+from .helpers import config, fail_distinct, login, run
 
 USER_ONLY = {"rhost": {"max_failures": 0}}
 
@@ -36,19 +37,19 @@ async def flood(lockout: Lockout, count: int, tag: str = "flood") -> None:
 
 @run
 async def test_a_flood_of_names_stays_within_the_cap(db_path: Path) -> None:
-    lockout = Lockout(config(user={"max_failures": 5}, max_keys=50, **USER_ONLY), db_path, clock=Clock())
+    lockout = Lockout(config(user={"max_failures": 5}, max_keys=50, **USER_ONLY), db_path, clock=ManualClock())
     await flood(lockout, 500)
     assert lockout.stats() == {"keys": 50, "evicted": 450, "refused_full": 0}
     assert sorted(tracked(lockout)) == sorted(f"flood-{i}" for i in range(450, 500)), "the least recent went"
     lockout.close()
-    restarted = Lockout(config(user={"max_failures": 5}, max_keys=50, **USER_ONLY), db_path, clock=Clock())
+    restarted = Lockout(config(user={"max_failures": 5}, max_keys=50, **USER_ONLY), db_path, clock=ManualClock())
     assert len(restarted.lockouts()) == 50, "evicted keys are gone from the file too"
     restarted.close()
 
 
 @run
 async def test_the_fewest_failures_go_first_and_past_locks_last(db_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     table = {"user": {"max_failures": 3, "lock_time": 10.0}, "max_keys": 3, **USER_ONLY}
     lockout = Lockout(config(**table), db_path, clock=clock)
     await fail_distinct(lockout, "veteran", 3)  # locked once ...
@@ -73,7 +74,7 @@ async def test_the_fewest_failures_go_first_and_past_locks_last(db_path: Path) -
 
 @run
 async def test_a_lock_is_never_evicted(db_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     lockout = Lockout(config(user={"max_failures": 3, "lock_time": 600.0}, max_keys=10, **USER_ONLY), db_path, clock=clock)
     (lock,) = (await fail_distinct(lockout, "alice", 3))[2]
     await flood(lockout, 1000)
@@ -85,7 +86,7 @@ async def test_a_lock_is_never_evicted(db_path: Path) -> None:
 
 @run
 async def test_a_key_with_an_attempt_in_pam_is_never_evicted(db_path: Path) -> None:
-    lockout = Lockout(config(user={"max_failures": 3}, max_keys=5, **USER_ONLY), db_path, clock=Clock())
+    lockout = Lockout(config(user={"max_failures": 3}, max_keys=5, **USER_ONLY), db_path, clock=ManualClock())
     await fail_distinct(lockout, "alice", 1)
     in_pam = await lockout.begin("alice", None, "second-guess")
     assert isinstance(in_pam, Attempt)
@@ -97,7 +98,7 @@ async def test_a_key_with_an_attempt_in_pam_is_never_evicted(db_path: Path) -> N
 
 @run
 async def test_a_table_full_of_locks_refuses_new_names_until_locks_end(db_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     table = {"user": {"max_failures": 1, "lock_time": 300.0}, "max_keys": 4, **USER_ONLY}
     lockout = Lockout(config(**table), db_path, clock=clock)
     await flood(lockout, 4, tag="locked")
@@ -120,7 +121,7 @@ async def test_a_table_full_of_locks_refuses_new_names_until_locks_end(db_path: 
 @run
 async def test_a_user_refused_for_room_does_not_leave_a_key_in_the_other_scope(db_path: Path) -> None:
     table = {"user": {"max_failures": 5}, "rhost": {"max_failures": 1, "lock_time": 300.0}, "max_keys": 2}
-    lockout = Lockout(config(**table), db_path, clock=Clock())
+    lockout = Lockout(config(**table), db_path, clock=ManualClock())
     await login(lockout, "a", "x", "192.0.2.1")
     await login(lockout, "b", "x", "192.0.2.2")  # two rhost locks fill that scope; users a, b have one failure
     assert isinstance(await lockout.begin("c", "192.0.2.3", "x"), Locked)
@@ -131,7 +132,7 @@ async def test_a_user_refused_for_room_does_not_leave_a_key_in_the_other_scope(d
 @run
 async def test_lowering_the_cap_evicts_down_to_it_but_keeps_locks(db_path: Path) -> None:
     table = {"user": {"max_failures": 2}, **USER_ONLY}
-    lockout = Lockout(config(**table, max_keys=100), db_path, clock=Clock())
+    lockout = Lockout(config(**table, max_keys=100), db_path, clock=ManualClock())
     await fail_distinct(lockout, "alice", 2)
     await fail_distinct(lockout, "bob", 2)
     await flood(lockout, 20)
@@ -144,7 +145,7 @@ async def test_lowering_the_cap_evicts_down_to_it_but_keeps_locks(db_path: Path)
 
 @run
 async def test_a_restart_with_a_smaller_cap_keeps_every_lock(db_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     table = {"user": {"max_failures": 2}, **USER_ONLY}
     lockout = Lockout(config(**table, max_keys=100), db_path, clock=clock)
     await fail_distinct(lockout, "alice", 2)
@@ -171,7 +172,7 @@ def test_under_any_flood_the_cap_holds_and_no_lock_is_lifted_early(
     """Twelve names against a cap of at most six: the table never holds more than the cap; a
     lock, once imposed, refuses its user until it ends; a name is refused for want of room
     only when every tracked key is locked."""
-    clock = Clock()
+    clock = ManualClock()
     table = {"user": {"max_failures": max_failures, "interval": 60.0, "lock_time": 30.0},
              "progressive": progressive, "max_lock_time": 120.0, "max_keys": cap, **USER_ONLY}
     locks: dict[str, float] = {}

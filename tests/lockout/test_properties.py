@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from authd.lockout import Attempt, Locked, Lockout, LockoutConfig
 
-from .helpers import Clock, config
+from ..clock import ManualClock
+from .helpers import config
 
 USERS = ["alice", "bob"]
 PASSWORDS = ["p0", "p1", "p2", "p3", "p4"]
@@ -119,7 +120,7 @@ def test_engine_matches_reference_model(
     max_failures: int, interval: float, lock_time: float, progressive: bool, steps: list[tuple[Any, ...]]
 ) -> None:
     model = Model(max_failures, interval, lock_time, progressive, max_lock_time=60.0)
-    clock = Clock()
+    clock = ManualClock()
 
     def make_config() -> LockoutConfig:
         return config(

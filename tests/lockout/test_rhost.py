@@ -11,7 +11,8 @@ from authd import rhost
 from authd.lockout import Locked, Lockout
 from authd.protocol import ProtocolError, decode_line
 
-from .helpers import Clock, config, login, run
+from ..clock import ManualClock
+from .helpers import config, login, run
 
 RHOST_ONLY = {"user": {"max_failures": 0}}
 
@@ -78,7 +79,7 @@ def test_the_prefix_is_configurable() -> None:
 
 @run
 async def test_spellings_of_one_ipv4_share_a_budget(db_path: Path) -> None:
-    lockout = Lockout(config(rhost={"max_failures": 3}, **RHOST_ONLY), db_path, clock=Clock())
+    lockout = Lockout(config(rhost={"max_failures": 3}, **RHOST_ONLY), db_path, clock=ManualClock())
     await login(lockout, "u1", "x", "198.51.100.7")
     await login(lockout, "u2", "x", "::ffff:198.51.100.7")
     (lock,) = await login(lockout, "u3", "x", "64:ff9b::c633:6407")
@@ -88,7 +89,7 @@ async def test_spellings_of_one_ipv4_share_a_budget(db_path: Path) -> None:
 
 @run
 async def test_addresses_in_one_ipv6_64_share_a_budget(db_path: Path) -> None:
-    lockout = Lockout(config(rhost={"max_failures": 20}, **RHOST_ONLY), db_path, clock=Clock())
+    lockout = Lockout(config(rhost={"max_failures": 20}, **RHOST_ONLY), db_path, clock=ManualClock())
     imposed = [await login(lockout, f"u{i}", "x", f"2001:db8:5:6::{i + 1:x}") for i in range(20)]
     assert imposed[:19] == [()] * 19
     (lock,) = imposed[19]
@@ -103,7 +104,7 @@ async def test_addresses_in_one_ipv6_64_share_a_budget(db_path: Path) -> None:
 
 @run
 async def test_prefix_128_counts_each_address(db_path: Path) -> None:
-    lockout = Lockout(config(rhost={"max_failures": 2}, ipv6_prefix=128, **RHOST_ONLY), db_path, clock=Clock())
+    lockout = Lockout(config(rhost={"max_failures": 2}, ipv6_prefix=128, **RHOST_ONLY), db_path, clock=ManualClock())
     for i in range(5):
         assert await login(lockout, "u", f"x{i}", f"2001:db8::{i + 1}") == ()
     lockout.close()
@@ -112,7 +113,7 @@ async def test_prefix_128_counts_each_address(db_path: Path) -> None:
 @run
 async def test_an_exempt_address_inside_a_counted_64_stays_exempt(db_path: Path) -> None:
     table = {"rhost": {"max_failures": 2}, "exempt_rhosts": ["2001:db8::10"], **RHOST_ONLY}
-    lockout = Lockout(config(**table), db_path, clock=Clock())
+    lockout = Lockout(config(**table), db_path, clock=ManualClock())
     for i in range(5):
         assert await login(lockout, "monitor", f"x{i}", "2001:db8::10") == ()
     await login(lockout, "u", "a", "2001:db8::1")
@@ -125,7 +126,7 @@ async def test_an_exempt_address_inside_a_counted_64_stays_exempt(db_path: Path)
 
 @run
 async def test_host_names_count_case_folded(db_path: Path) -> None:
-    lockout = Lockout(config(rhost={"max_failures": 2}, **RHOST_ONLY), db_path, clock=Clock())
+    lockout = Lockout(config(rhost={"max_failures": 2}, **RHOST_ONLY), db_path, clock=ManualClock())
     await login(lockout, "u", "a", "Mail.Example.org")
     (lock,) = await login(lockout, "u", "b", "mail.example.org.")
     assert lock.key == "mail.example.org"
@@ -135,7 +136,7 @@ async def test_host_names_count_case_folded(db_path: Path) -> None:
 @run
 async def test_values_a_front_end_let_through_share_one_key(db_path: Path) -> None:
     """The native protocol refuses them; another front end that did not still cannot use them to rotate keys."""
-    lockout = Lockout(config(rhost={"max_failures": 2}, **RHOST_ONLY), db_path, clock=Clock())
+    lockout = Lockout(config(rhost={"max_failures": 2}, **RHOST_ONLY), db_path, clock=ManualClock())
     await login(lockout, "u", "a", "3325256711")
     (lock,) = await login(lockout, "u", "b", "198.051.100.007")
     assert lock.key == "(invalid)"

@@ -9,7 +9,8 @@ import pytest
 
 from authd.lockout import Attempt, Locked, LockInfo, Lockout
 
-from .helpers import Clock, config, fail_distinct, login, run
+from ..clock import ManualClock
+from .helpers import config, fail_distinct, login, run
 
 NO_RHOST = {"rhost": {"max_failures": 0}}
 
@@ -70,7 +71,7 @@ async def test_identical_wrong_password_counts_once(db_path: Path) -> None:
 
 @run
 async def test_lock_expires_after_lock_time_with_a_fresh_budget(db_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     lockout = Lockout(config(user={"max_failures": 2, "lock_time": 0.5}, **NO_RHOST), db_path, clock=clock)
     (lock,) = (await fail_distinct(lockout, "alice", 2))[1]
     assert lock.retry_after == 1
@@ -84,7 +85,7 @@ async def test_lock_expires_after_lock_time_with_a_fresh_budget(db_path: Path) -
 
 @run
 async def test_interval_is_a_sliding_window(db_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     lockout = Lockout(config(user={"max_failures": 3, "interval": 1.0}, **NO_RHOST), db_path, clock=clock)
     await fail_distinct(lockout, "alice", 1, tag="oldest")
     clock.now += 0.5
@@ -116,7 +117,7 @@ async def _lock_once(lockout: Lockout, user: str, tag: str) -> Locked:
     return lock
 
 
-def _wait_out(clock: Clock, lock: Locked) -> None:
+def _wait_out(clock: ManualClock, lock: Locked) -> None:
     assert lock.until is not None
     clock.now = lock.until
 
@@ -124,7 +125,7 @@ def _wait_out(clock: Clock, lock: Locked) -> None:
 @run
 async def test_progressive_lock_times_double_up_to_the_cap(db_path: Path) -> None:
     table = {"user": {"max_failures": 1, "lock_time": 0.2}, "progressive": True, "max_lock_time": 0.7}
-    clock = Clock()
+    clock = ManualClock()
     lockout = Lockout(config(**table, **NO_RHOST), db_path, clock=clock)
     lengths = []
     for i in range(4):
@@ -142,7 +143,7 @@ async def test_progressive_lock_times_double_up_to_the_cap(db_path: Path) -> Non
 
 @run
 async def test_without_progressive_every_lock_has_the_same_length(db_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     lockout = Lockout(config(user={"max_failures": 1, "lock_time": 0.2}, **NO_RHOST), db_path, clock=clock)
     for i in range(3):
         lock = await _lock_once(lockout, "alice", f"p{i}")
@@ -187,7 +188,7 @@ async def test_root_is_exempt_only_when_configured(db_path: Path) -> None:
 @run
 async def test_permanent_lock_stays_until_unlocked(db_path: Path) -> None:
     table = {"user": {"max_failures": 2, "lock_time": 0, "permanent": True}, **NO_RHOST}
-    clock = Clock()
+    clock = ManualClock()
     lockout = Lockout(config(**table), db_path, clock=clock)
     (lock,) = (await fail_distinct(lockout, "alice", 2))[1]
     assert (lock.until, lock.retry_after) == (None, None)
@@ -259,7 +260,7 @@ async def test_state_survives_restart(db_path: Path) -> None:
 @run
 async def test_lock_count_survives_restart_for_progressive_locks(db_path: Path) -> None:
     table = {"user": {"max_failures": 1, "lock_time": 0.2}, "progressive": True, "max_lock_time": 5, **NO_RHOST}
-    clock = Clock()
+    clock = ManualClock()
     first = Lockout(config(**table), db_path, clock=clock)
     _wait_out(clock, await _lock_once(first, "alice", "a"))
     first.close()

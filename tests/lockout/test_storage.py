@@ -13,13 +13,14 @@ from structlog.testing import capture_logs
 from authd.lockout import Attempt, Locked, Lockout
 from authd.writethrough import RETRY_INTERVAL
 
+from ..clock import ManualClock
 from ..filesystems import fill, remount, tmpfs
-from .helpers import Clock, config, fail_distinct, login, run
+from .helpers import config, fail_distinct, login, run
 
 CANARY = "canary-Pw-7f3a9c1e-\u00e9t\u00e9"
 
 
-async def _retry_is_due(lockout: Lockout, retry_clock: Clock) -> None:
+async def _retry_is_due(lockout: Lockout, retry_clock: ManualClock) -> None:
     """The fault is mended: no retry before its interval, then the next change rewrites the file."""
     await login(lockout, "too-soon", "x")
     assert lockout.storage_error
@@ -96,7 +97,7 @@ async def test_unusable_location_keeps_authenticating_and_recovers(tmp_path: Pat
     blocker.write_text("a file where the state dir should be")
     db_path = blocker / "lockout.db"
 
-    retry_clock = Clock()
+    retry_clock = ManualClock()
     lockout = Lockout(config(user={"max_failures": 2}), db_path, retry_clock=retry_clock)
     assert lockout.storage_error
     await fail_distinct(lockout, "alice", 2)
@@ -125,7 +126,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 async def test_disk_full_keeps_authenticating_and_loses_nothing(small_fs: Path) -> None:
     db_path = small_fs / "lockout.db"
     table = {"user": {"max_failures": 2}, "rhost": {"max_failures": 0}}
-    retry_clock = Clock()
+    retry_clock = ManualClock()
     lockout = Lockout(config(**table), db_path, retry_clock=retry_clock)
     await login(lockout, "before", "x")
     filler = fill(small_fs)
@@ -157,7 +158,7 @@ async def test_read_only_state_dir_still_enforces_locks_and_recovers(small_fs: P
     first.close()
 
     remount(small_fs, "ro")
-    retry_clock = Clock()
+    retry_clock = ManualClock()
     lockout = Lockout(config(**table), db_path, retry_clock=retry_clock)
     assert lockout.storage_error
     assert isinstance(await lockout.begin("alice", None, "y"), Locked)
