@@ -142,12 +142,17 @@ class Daemon:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.kill(signum)
+        return self.wait(timeout, f"after {signal.Signals(signum).name}")
+
+    def wait(self, timeout: float = 30.0, what: str = "") -> int:
+        """Its exit status, once it exits by itself (or was told to already); killed if it takes longer."""
+        assert self.proc is not None
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"authd did not exit within {timeout}s after {signal.Signals(signum).name}") from None
+            raise AssertionError(f"authd did not exit within {timeout}s {what}".rstrip()) from None
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

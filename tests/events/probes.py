@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -18,16 +19,26 @@ class Recorder:
     """Factory: appends ``{"event": ..., "started": t0, "finished": t1}`` per event to
     ``path`` (relative to the state dir) after sleeping ``delay`` seconds, and touches
     ``path + ".closed"`` when the bus closes it. ``started`` / ``finished`` let a test
-    compare when the handler ran with when a reply arrived, without timing anything."""
+    compare when the handler ran with when a reply arrived, without timing anything.
 
-    def __init__(self, context: Any, *, path: str, delay: float = 0.0) -> None:
+    With ``gate`` (the name of a FIFO the test made in the state dir: `gate`), it finishes
+    each event only when it reads a byte from it: the test holds the handler for as long as
+    it needs (`release`), instead of the handler sleeping for a time the test must guess."""
+
+    def __init__(self, context: Any, *, path: str, delay: float = 0.0, gate: str = "") -> None:
         self.path = Path(context.state_dir) / path
         self.delay = delay
+        self.gate = Path(context.state_dir) / gate if gate else None
+        self._gate: Any = None
 
     def __call__(self, event: Any) -> None:
         started = time.time()
         if self.delay:
             time.sleep(self.delay)
+        if self.gate is not None:
+            if self._gate is None:
+                self._gate = self.gate.open("rb", buffering=0)  # blocks until the test opens it to release
+            self._gate.read(1)
         line = {"event": event.to_dict(), "started": started, "finished": time.time()}
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
@@ -48,6 +59,18 @@ def hangs(event: Any) -> None:
 async def hangs_async(event: Any) -> None:
     """Async, never returns unless cancelled."""
     await asyncio.Event().wait()
+
+
+def gate(path: Path) -> Path:
+    """Make the FIFO a gated :class:`Recorder` waits at (for the test side)."""
+    os.mkfifo(path, 0o600)
+    return path
+
+
+def release(gate: Path, events: int) -> None:
+    """Let a gated :class:`Recorder` finish `events` events (for the test side)."""
+    with gate.open("wb", buffering=0) as f:  # blocks until the handler waits at its gate
+        f.write(b"x" * events)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from authd.events import EVENT_NAMES
 
 from ..daemon import BASE_POLICY, CANARY, PASSWORD, Daemon, scan_for, wait_for
 from .conftest import PLUGIN_DIR, HttpReceiver, SmtpServer
-from .probes import read_records
+from .probes import gate, read_records, release
 
 REPO = Path(__file__).resolve().parents[2]
 PROBES = "tests.events.probes"
@@ -46,12 +46,12 @@ def wait_counter(d: Daemon, name: str, count: int, key: str = "delivered") -> No
     wait_for(lambda: counter(d, name, key) >= count, what=f"{name}.{key} >= {count}")
 
 
-def recorder(name: str, path: str, events: str = '["*"]', delay: float = 0.0, **extra: Any) -> str:
+def recorder(name: str, path: str, events: str = '["*"]', delay: float = 0.0, gate: str = "", **extra: Any) -> str:
     """A `python` handler table for the probe Recorder."""
     more = "".join(f"{key} = {value}\n" for key, value in extra.items())
     return (
         f'\n[[handler]]\ntype = "python"\nname = "{name}"\ncallable = "{PROBES}:Recorder"\n'
-        f'factory = true\noptions = {{ path = "{path}", delay = {delay} }}\nevents = {events}\n{more}'
+        f'factory = true\noptions = {{ path = "{path}", delay = {delay}, gate = "{gate}" }}\nevents = {events}\n{more}'
     )
 
 
@@ -330,17 +330,18 @@ def test_unknown_plugin_names_the_installed_ones(make_daemon: MakeDaemon) -> Non
 
 
 def test_broken_handlers_never_touch_replies_or_each_other(make_daemon: MakeDaemon) -> None:
-    base = BASE_POLICY.replace("drain_timeout = 10.0", "drain_timeout = 3.0")
+    base = BASE_POLICY.replace("drain_timeout = 10.0", "drain_timeout = 1.0")  # the hung thread holds the stop this long
     d = make_daemon(
         '\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\n'
         f'\n[[handler]]\ntype = "python"\nname = "raises"\ncallable = "{PROBES}:raises"\nevents = ["auth.*"]\n'
-        f'\n[[handler]]\ntype = "python"\nname = "hangs"\ncallable = "{PROBES}:hangs"\nevents = ["auth.*"]\ntimeout = 1\n'
+        f'\n[[handler]]\ntype = "python"\nname = "hangs"\ncallable = "{PROBES}:hangs"\nevents = ["auth.*"]\ntimeout = 0.2\n'
         f'\n[[handler]]\ntype = "python"\nname = "hangs_async"\ncallable = "{PROBES}:hangs_async"\n'
-        'events = ["auth.*"]\ntimeout = 1\n'
-        + recorder("slow", "slow.jsonl", '["auth.succeeded"]', delay=5.0, timeout=30)
+        'events = ["auth.*"]\ntimeout = 0.2\n'
+        + recorder("slow", "slow.jsonl", '["auth.succeeded"]', gate="slow.gate", timeout=30)
         + recorder("fast", "fast.jsonl"),
         base=base,
     ).start()
+    held = gate(d.state / "slow.gate")
     replies: list[tuple[dict[str, Any], float]] = []
     with Client(d.socket, timeout=30) as client:
         for password in (PASSWORD, CANARY, PASSWORD, CANARY):
@@ -350,7 +351,9 @@ def test_broken_handlers_never_touch_replies_or_each_other(make_daemon: MakeDaem
                 reply = exc.reply
             replies.append((reply, time.time()))
     assert [r.get("ok") or r["error"] for r, _ in replies] == [True, "auth_failed", True, "auth_failed"]
+    assert read_records(d.state / "slow.jsonl") == [], "every reply came while the slow handler was held"
 
+    release(held, 2)
     slow = wait_for(lambda: len(r := read_records(d.state / "slow.jsonl")) == 2 and r, timeout=30, what="slow handler")
     arrived = [t for r, t in replies if r.get("ok")]
     for record, reply_time in zip(slow, arrived):
@@ -378,9 +381,9 @@ def test_broken_handlers_never_touch_replies_or_each_other(make_daemon: MakeDaem
 
 
 def test_a_full_queue_spills_to_the_log_and_is_delivered_after_a_restart(make_daemon: MakeDaemon) -> None:
-    base = BASE_POLICY.replace("drain_timeout = 10.0", "drain_timeout = 2.0")
+    base = BASE_POLICY.replace("drain_timeout = 10.0", "drain_timeout = 1.0")
     hangs = f'\n[[handler]]\ntype = "python"\nname = "stuck"\ncallable = "{PROBES}:hangs"\nevents = ["auth.*"]\n'
-    d = make_daemon(hangs + "queue_size = 2\ntimeout = 1\n" + recorder("fast", "fast.jsonl", '["auth.*"]'), base=base)
+    d = make_daemon(hangs + "queue_size = 2\ntimeout = 0.2\n" + recorder("fast", "fast.jsonl", '["auth.*"]'), base=base)
     d.start()
     with Client(d.socket, timeout=30) as client:
         client.auth("alice", PASSWORD, "login", open_session=False)
@@ -406,12 +409,17 @@ def test_a_full_queue_spills_to_the_log_and_is_delivered_after_a_restart(make_da
 
 
 def test_drain_delivers_queued_events(make_daemon: MakeDaemon) -> None:
-    d = make_daemon(recorder("slowish", "drain.jsonl", delay=0.2)).start()
+    d = make_daemon(recorder("slowish", "drain.jsonl", gate="drain.gate"))
+    d.state.mkdir(mode=0o700)
+    held = gate(d.state / "drain.gate")
+    d.start()  # its first event, daemon.started, waits at the gate: the logins queue behind it
     with Client(d.socket, timeout=30) as client:
         for _ in range(12):
             client.auth("alice", PASSWORD, "login", open_session=False)
     term = time.time()
-    assert d.stop() == 0
+    d.kill(signal.SIGTERM)
+    release(held, 15)
+    assert d.wait() == 0
     records = read_records(d.state / "drain.jsonl")
     assert names([r["event"] for r in records]) == [
         "daemon.started", *["auth.succeeded"] * 12, "daemon.draining", "daemon.stopped"]
@@ -423,7 +431,8 @@ def test_drain_delivers_queued_events(make_daemon: MakeDaemon) -> None:
 
 def test_hup_adds_and_removes_handlers(make_daemon: MakeDaemon) -> None:
     audit = '\n[[handler]]\ntype = "audit"\npath = "audit.jsonl"\n'
-    d = make_daemon(audit + recorder("leaving", "leaving.jsonl", '["auth.*"]', delay=0.5)).start()
+    d = make_daemon(audit + recorder("leaving", "leaving.jsonl", '["auth.*"]', gate="leaving.gate")).start()
+    held = gate(d.state / "leaving.gate")
     with Client(d.socket, timeout=30) as client:
         for _ in range(6):
             client.auth("alice", PASSWORD, "login", open_session=False)
@@ -432,6 +441,7 @@ def test_hup_adds_and_removes_handlers(make_daemon: MakeDaemon) -> None:
     d.kill(signal.SIGHUP)
     wait_for(lambda: d.call("status")["generation"] == 2, what="generation 2")
     assert d.auth("bob", open_session=False)["ok"]
+    release(held, 6)
 
     wait_for(lambda: (d.state / "leaving.jsonl.closed").exists(), what="the removed handler to finish and close")
     leaving = read_records(d.state / "leaving.jsonl")
