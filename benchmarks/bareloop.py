@@ -140,9 +140,13 @@ def main(path: str, kind: str, processes: int) -> None:
     listener.bind(path)
     listener.listen(socket.SOMAXCONN)
     os.chmod(path, 0o666)
+    parent = os.getpid()
     for _ in range(processes - 1):
         if os.fork() == 0:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+            if os.getppid() != parent:  # the parent died before the signal was asked for
+                os._exit(0)
             break
     asyncio.run(serve(listener, kind))
 
@@ -151,6 +155,6 @@ KINDS = ("hello", "saslauthd", "saslauthd-raw")
 
 if __name__ == "__main__":
     if not 2 <= len(sys.argv) <= 4 or (len(sys.argv) >= 3 and sys.argv[2] not in KINDS) \
-            or (len(sys.argv) == 4 and not sys.argv[3].isdigit()):
-        raise SystemExit(f"usage: python -m benchmarks.bareloop SOCKET [{'|'.join(KINDS)}] [PROCESSES]")
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) >= 3 else "hello", max(1, int(sys.argv[3]) if len(sys.argv) == 4 else 1))
+            or (len(sys.argv) == 4 and not (sys.argv[3].isdigit() and int(sys.argv[3]) >= 1)):
+        raise SystemExit(f"usage: python -m benchmarks.bareloop SOCKET [{'|'.join(KINDS)}] [PROCESSES >= 1]")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) >= 3 else "hello", int(sys.argv[3]) if len(sys.argv) == 4 else 1)

@@ -8,12 +8,11 @@ one clock can stand for the wall clock and the monotonic one at once."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 
 class ManualClock:
-    def __init__(self, now: float | None = None) -> None:
-        self.now = time.time() if now is None else now  # events made with Event.create are "now"
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now  # fixed, so a run repeats exactly; `ManualClock(time.time())` beside real events
         self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def time(self) -> float:

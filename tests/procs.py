@@ -10,7 +10,10 @@ def children(pid: int) -> list[int]:
     """The live children of `pid`, from every one of its threads."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += map(int, (task / "children").read_text().split())
+        try:
+            found += map(int, (task / "children").read_text().split())
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
     return found
 
 

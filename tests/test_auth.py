@@ -215,7 +215,7 @@ def test_failed_login_delay_does_not_delay_others(make_daemon: Callable[..., Dae
     """Eleven clients waiting out 1.5 s failure delays; good logins on the same connection are not held."""
     d = make_daemon("failure_delay = 1.5\n").start()
 
-    async def scenario() -> tuple[float, float, list[float]]:
+    async def scenario() -> tuple[float, list[float], int]:
         shared = await d.aclient().connect()
         bad_clients = [await d.aclient().connect() for _ in range(10)]
         started = time.monotonic()
@@ -227,16 +227,16 @@ def test_failed_login_delay_does_not_delay_others(make_daemon: Callable[..., Dae
             t0 = time.monotonic()
             await shared.auth("bob", PASSWORD, "login")
             good.append(time.monotonic() - t0)
-        good_done = time.monotonic() - started
+        answered_meanwhile = sum(t.done() for t in bad)
         await asyncio.gather(*bad)
         bad_done = time.monotonic() - started
         for c in [shared, *bad_clients]:
             await c.close()
-        return good_done, bad_done, good
+        return bad_done, good, answered_meanwhile
 
-    good_done, bad_done, good = asyncio.run(scenario())
+    bad_done, good, answered_meanwhile = asyncio.run(scenario())
     assert bad_done >= 1.5, "the failing clients did wait"
-    assert good_done < bad_done and good_done < 1.5, (good_done, good)
+    assert answered_meanwhile == 0, f"the good logins were answered while every failure was still held back: {good}"
 
 
 async def _until_failed(d: Daemon, count: int) -> None:
@@ -326,9 +326,9 @@ def test_each_services_ttl_and_idle_timeout_reach_its_sessions(make_daemon: Call
                     '\n[[service]]\nname = "batch"\npam_service = "authd-test"\nsession_ttl = 90.0\nidle_timeout = 0\n').start()
     issued = d.auth("alice")["session"]
     idle = d.call("session", token=issued["token"])["session"]
-    assert idle["expires_at"] == pytest.approx(idle["last_seen"] + 60.0) and idle["expires_at"] >= issued["expires_at"]
+    assert idle["expires_at"] == pytest.approx(idle["last_seen"] + 60.0, abs=1.0) and idle["expires_at"] >= issued["expires_at"]
     hard = d.call("session", token=d.auth("bob", service="batch")["session"]["token"])["session"]
-    assert hard["expires_at"] == pytest.approx(hard["created"] + 90.0), "no idle timeout: the ttl alone"
+    assert hard["expires_at"] == pytest.approx(hard["created"] + 90.0, abs=1.0), "no idle timeout: the ttl alone"
 
 
 def test_state_is_private(daemon: Daemon) -> None:

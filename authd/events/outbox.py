@@ -73,21 +73,28 @@ class _Batch:
 
 
 class Outbox:
-    def __init__(self, path: Path | None, retention: Retention = Retention(), *, clock: Clock = SYSTEM) -> None:
-        """`path` None keeps the log in memory (tests, and `check-config`): same code, no file."""
+    def __init__(
+        self, path: Path | None, retention: Retention = Retention(), *, clock: Clock = SYSTEM,
+        retry_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`path` None keeps the log in memory (tests, and `check-config`): same code, no file.
+        `retry_clock` (monotonic) paces the writer's tries at a failing log."""
         self.path = path
         self.retention = retention
         self.clock = clock
         self.appended = 0  # highest sequence number handed out
-        self.committed = 0  # highest one written (or given up on: see `storage_error`)
+        self.committed = 0  # highest one written, or given up on by the replies (see `storage_error`)
+        self.written = 0  # highest one written: what a reader of the log can find there
         self._unwritable = False  # on the loop: the last write failed, so no reply waits for one
+        self._retry_clock = retry_clock
         self.cursors: dict[str, int] = {}
         self.storage_error: str | None = None
         self.pruned_undelivered = 0
         self.unwritten_dropped = 0
         self._pending = _Batch()
         self._cond = threading.Condition()
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # replies: until committed
+        self._readers: list[tuple[int, asyncio.Future[None]]] = []  # readers of the log: until written
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
@@ -114,7 +121,7 @@ class Outbox:
             self.path = None
             self._db = self._connect()
         (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
-        self.appended = self.committed = last
+        self.appended = self.committed = self.written = last
         self.cursors = dict(self._db.execute("SELECT handler, seq FROM cursors"))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -157,11 +164,21 @@ class Outbox:
         return target <= self.committed or self._loop is None or self._unwritable
 
     async def flushed(self, target: int) -> None:
-        """Wait until everything up to sequence number `target` is committed."""
+        """Wait until everything up to sequence number `target` is committed (or, while the log
+        cannot be written, given up on: a reply never waits for a broken disk)."""
         if self._committed(target):
             return
         future = self._loop.create_future()
         self._waiters.append((target, future))
+        await future
+
+    async def written_upto(self, target: int) -> None:
+        """Wait until everything up to `target` is in the log, for `read`: while the log cannot
+        be written, that is when the fault clears (or close, which gives up)."""
+        if target <= self.written or self._loop is None:
+            return
+        future = self._loop.create_future()
+        self._readers.append((target, future))
         await future
 
     def set_cursor(self, handler: str, seq: int) -> None:
@@ -251,21 +268,21 @@ class Outbox:
         """A write failed: release every reply waiting for one, and until a write succeeds
         again, let new ones go at once instead of waiting a retry out."""
         self._unwritable = True
-        self._settle(self.appended)
+        self.committed = max(self.committed, self.appended)
+        self._waiters = _release(self._waiters, self.committed)
 
-    def _writable(self) -> None:
+    def _wrote(self, upto: int) -> None:
+        """A write succeeded, with the events up to `upto` (0: none) in it: replies wait for
+        their commit again."""
         self._unwritable = False
+        self.written = max(self.written, upto)
+        self.committed = max(self.committed, upto)
+        self._waiters = _release(self._waiters, self.committed)
+        self._readers = _release(self._readers, self.written)
 
-    def _settle(self, committed: int) -> None:
-        self.committed = max(self.committed, committed)
-        still = []
-        for target, future in self._waiters:
-            if target <= self.committed:
-                if not future.done():
-                    future.set_result(None)
-            else:
-                still.append((target, future))
-        self._waiters = still
+    def _closed(self) -> None:
+        """The writer stopped: nothing more will be written, so no reader waits for it."""
+        self._readers = _release(self._readers, self.appended)
 
     # -- in the writer thread ---------------------------------------------------------------
 
@@ -287,20 +304,32 @@ class Outbox:
         while True:
             with self._cond:
                 while True:
-                    now = time.monotonic()
-                    if self._closing or (self._pending.busy() and now >= self._retry_at) or self._prune_due(now):
+                    wait = self._retry_at - self._retry_clock()
+                    if self._closing or (self._pending.busy() and wait <= 0) or self._prune_due(time.monotonic()):
                         break
-                    self._cond.wait(max(self._retry_at - now, 0.01) if self._pending.busy() else PRUNE_EVERY)
+                    self._cond.wait(max(wait, 0.01) if self._pending.busy() else PRUNE_EVERY)
                 batch, self._pending = self._pending, _Batch()
             if self._closing and not batch.busy():
                 self._db.close()
+                self._call(self._closed)
                 return
-            if batch.busy():
-                self._write(batch)
+            if batch.busy() and not self._write(batch) and self._closing:
+                self._abandon()
             if self._prune_due(time.monotonic()):
                 self._prune()
 
-    def _write(self, batch: _Batch) -> None:
+    def _abandon(self) -> None:
+        """Closing, and the last try failed too: what is still unwritten is given up (counted),
+        so that close ends. A handler's undelivered events are reported by the bus as always."""
+        with self._cond:
+            lost = len(self._pending.events)
+            self._pending.events, self._pending.cursors, self._pending.dead = [], {}, []
+        self.unwritten_dropped += lost
+        log.error("event log not writable at close; events not written", path=str(self.path), unwritten=lost,
+                  error=self.storage_error)
+
+    def _write(self, batch: _Batch) -> bool:
+        """One transaction for the batch, then its jobs; False if the write failed."""
         assert self._db is not None and self._loop is not None
         upto = batch.events[-1][0] if batch.events else 0
         try:
@@ -317,6 +346,8 @@ class Outbox:
                     self._db.executemany(
                         "INSERT OR REPLACE INTO dead (handler, seq, attempts, error, time) VALUES (?, ?, ?, ?, ?)", batch.dead)
             self._healthy()
+            self._call(self._wrote, upto)
+            written = True
         except sqlite3.Error as exc:
             # Replies must not wait on a broken disk: they go out, the events are delivered from
             # memory, and the batch is written when the disk is back (the newest MAX_UNWRITTEN).
@@ -327,10 +358,9 @@ class Outbox:
                 self._pending.events = unwritten[-MAX_UNWRITTEN:]
                 self._pending.cursors = {**batch.cursors, **self._pending.cursors}
                 self._pending.dead = batch.dead + self._pending.dead
-            self._retry_at = time.monotonic() + RETRY_WRITE
+            self._retry_at = self._retry_clock() + RETRY_WRITE
             self._call(self._gave_up)
-        if upto:
-            self._call(self._settle, upto)
+            written = False
         for job, future in batch.jobs:
             try:
                 result = job(self._db)
@@ -342,6 +372,7 @@ class Outbox:
             else:
                 if future is not None:
                     self._call(_resolve, future, result)
+        return written
 
     def _prune(self) -> None:
         assert self._db is not None
@@ -379,7 +410,6 @@ class Outbox:
         if self.storage_error is not None and self.path is not None:  # not the in-memory fallback
             log.info("event log writable again", path=str(self.path))
             self.storage_error = None
-            self._call(self._writable)
 
     def _failed(self, exc: sqlite3.Error, events: int) -> None:
         if self.storage_error is None:
@@ -393,6 +423,17 @@ class Outbox:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
+
+
+def _release(waiters: list[tuple[int, asyncio.Future[None]]], upto: int) -> list[tuple[int, asyncio.Future[None]]]:
+    """Resolve the waiters for `upto` or before; the others still wait."""
+    still = []
+    for target, future in waiters:
+        if target > upto:
+            still.append((target, future))
+        elif not future.done():
+            future.set_result(None)
+    return still
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

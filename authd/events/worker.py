@@ -203,7 +203,7 @@ class Worker:
     async def _refill(self) -> None:
         """Read the next window of this handler's events from the log; leave spilling when caught up."""
         target = self.outbox.appended
-        await self.outbox.flushed(target)
+        await self.outbox.written_upto(target)  # while the log cannot be written: until it can
         rows = await self.outbox.read(self.position, target, self.limit)
         self.queue.extend((seq, e) for seq, e in rows if self.handler.accepts(e))
         self.position = rows[-1][0] if len(rows) == self.limit else target

@@ -7,6 +7,7 @@ a test needs to see is written to files, never kept in memory.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import threading
@@ -35,10 +36,13 @@ class Recorder:
         started = time.time()
         if self.delay:
             time.sleep(self.delay)
-        if self.gate is not None:
+        while self.gate is not None:
             if self._gate is None:
                 self._gate = self.gate.open("rb", buffering=0)  # blocks until the test opens it to release
-            self._gate.read(1)
+            if self._gate.read(1):
+                break
+            self._gate.close()  # that release is used up (end of file): wait for the next one
+            self._gate = None
         line = {"event": event.to_dict(), "started": started, "finished": time.time()}
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
@@ -67,10 +71,22 @@ def gate(path: Path) -> Path:
     return path
 
 
-def release(gate: Path, events: int) -> None:
-    """Let a gated :class:`Recorder` finish `events` events (for the test side)."""
-    with gate.open("wb", buffering=0) as f:  # blocks until the handler waits at its gate
-        f.write(b"x" * events)
+def release(gate: Path, events: int, timeout: float = 20.0) -> None:
+    """Let a gated :class:`Recorder` finish `events` more events (for the test side), once it
+    waits at its gate; fails if it does not within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:  # ENXIO: nobody at the gate yet
+                raise
+            time.sleep(0.01)
+    try:
+        os.write(fd, b"x" * events)
+    finally:
+        os.close(fd)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from structlog.testing import capture_logs
 
 from authd.events import AUTH_FAILED, AUTH_SUCCEEDED, Event, EventBus, Handler, HandlerError
-from authd.events.outbox import Outbox, Retention
+from authd.events.outbox import RETRY_WRITE, Outbox, Retention
 
 from ..clock import ManualClock
 from ..filesystems import fill, tmpfs
@@ -137,7 +138,7 @@ def test_a_new_handler_starts_with_the_next_event_and_a_removed_ones_cursor_is_f
 
 
 def test_retryable_failures_back_off_hold_later_events_and_succeed_in_order() -> None:
-    clock = ManualClock()
+    clock = ManualClock(time.time())  # the events are made now
 
     async def main() -> None:
         bus = EventBus(clock=clock)
@@ -166,7 +167,7 @@ def test_retryable_failures_back_off_hold_later_events_and_succeed_in_order() ->
 
 
 def test_an_event_older_than_max_age_becomes_a_dead_letter_and_can_be_replayed() -> None:
-    clock = ManualClock()
+    clock = ManualClock(time.time())  # the events are made now
 
     async def main() -> None:
         bus = EventBus(clock=clock)
@@ -203,7 +204,7 @@ def test_a_final_failure_is_not_retried() -> None:
             raise HandlerError("HTTP 404")
 
     async def main() -> None:
-        bus = EventBus(clock=ManualClock())
+        bus = EventBus(clock=ManualClock(time.time()))
         hook = Refuses()
         bus.set_handlers([hook])
         await bus.start()
@@ -220,7 +221,7 @@ def test_stopping_while_retrying_leaves_the_event_in_the_log(tmp_path: Path) -> 
     path = tmp_path / "events.db"
 
     async def first() -> None:
-        bus = EventBus(Outbox(path), clock=ManualClock())
+        bus = EventBus(Outbox(path), clock=ManualClock(time.time()))
         bus.set_handlers([Flaky()])
         await bus.start()
         bus.emit(Event.create(AUTH_SUCCEEDED, user="alice"))
@@ -292,31 +293,96 @@ def test_an_unwritable_log_never_holds_a_reply_back(tmp_path: Path) -> None:
     run(main())
 
 
+async def _until_full(bus: EventBus, fs: Path, emitted: list[Event]) -> Path:
+    """Fill `fs`, then emit until a commit needs a page the disk no longer has."""
+    filler = fill(fs)
+    for _ in range(500):
+        emitted.append(Event.create(AUTH_SUCCEEDED, user="alice"))
+        bus.emit(emitted[-1])
+        await bus.durable()
+        if bus.outbox.storage_error:
+            break
+    assert bus.outbox.storage_error and "full" in bus.outbox.storage_error
+    return filler
+
+
 def test_a_full_disk_holds_no_reply_back_while_the_writer_waits_to_retry(tmp_path: Path) -> None:
     """A failed write releases its replies; the events emitted before the writer's next try
-    (a second later) do not wait for it either, and none of them is lost once space is back."""
+    do not wait for it either; once it writes again, replies wait for their commit again, and
+    none of the events is lost."""
     with tmpfs(tmp_path / "fs") as fs:
         path = fs / "events.db"
 
         async def main() -> None:
-            bus = EventBus(Outbox(path))
+            retry_clock = ManualClock()
+            bus = EventBus(Outbox(path, retry_clock=retry_clock))
             await bus.start()
-            filler = fill(fs)
-            emitted = []
-            for _ in range(500):  # until a commit needs a page the disk no longer has
-                emitted.append(Event.create(AUTH_SUCCEEDED, user="alice"))
-                bus.emit(emitted[-1])
-                await bus.durable()
-                if bus.outbox.storage_error:
-                    break
-            assert bus.outbox.storage_error and "full" in bus.outbox.storage_error
+            emitted: list[Event] = []
+            filler = await _until_full(bus, fs, emitted)
             for _ in range(5):
                 emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
                 bus.emit(emitted[-1])
                 assert bus.settled(), "not held until the writer's next try"
                 await bus.durable()
             filler.unlink()
-            await bus.close(5)
+            retry_clock.advance(RETRY_WRITE)
+            emitted.append(Event.create(AUTH_SUCCEEDED, user="carol"))
+            bus.emit(emitted[-1])  # wakes the writer, whose try is due
+            await eventually(lambda: bus.outbox.storage_error is None)
             assert committed_ids(path) == [event.id for event in emitted]
+            emitted.append(Event.create(AUTH_SUCCEEDED, user="dave"))
+            bus.emit(emitted[-1])
+            assert not bus.settled(), "a reply waits for its commit again"
+            await bus.durable()
+            assert committed_ids(path)[-1] == emitted[-1].id
+            await bus.close(5)
+
+        run(main())
+
+
+def test_a_handler_reading_the_log_back_waits_out_a_full_disk_and_loses_nothing(tmp_path: Path) -> None:
+    """A handler that fell behind reads its events back from the log; those emitted while the
+    log cannot be written are not there yet, so it waits for them instead of passing them by."""
+    permits = threading.Semaphore(0)
+    with tmpfs(tmp_path / "fs") as fs:
+        path = fs / "events.db"
+
+        async def main() -> None:
+            retry_clock = ManualClock()
+            bus = EventBus(Outbox(path, retry_clock=retry_clock), queue_size=2)
+            behind = Gated("audit", permits)
+            bus.set_handlers([behind])
+            await bus.start()
+            emitted: list[Event] = []
+            filler = await _until_full(bus, fs, emitted)
+            for _ in range(20):
+                emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
+                bus.emit(emitted[-1])
+            permits.release(1000)
+            await eventually(lambda: len(behind.got) >= 2)  # what its queue held; the rest is in no file yet
+            assert len(behind.got) < len(emitted)
+            filler.unlink()
+            retry_clock.advance(RETRY_WRITE)
+            bus.emit(Event.create(AUTH_SUCCEEDED, user="carol"))  # wakes the writer, whose try is due
+            await eventually(lambda: len(behind.got) == len(emitted) + 1)
+            assert behind.got[:-1] == [event.id for event in emitted]
+            await bus.close(5)
+
+        run(main())
+
+
+def test_close_gives_up_on_a_log_that_still_cannot_be_written(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "fs") as fs:
+
+        async def main() -> None:
+            bus = EventBus(Outbox(fs / "events.db"))
+            await bus.start()
+            await _until_full(bus, fs, [])
+            for _ in range(3):
+                bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
+            with capture_logs() as logs:
+                await asyncio.wait_for(bus.close(5), 30)
+            (given_up,) = [r for r in logs if r["event"] == "event log not writable at close; events not written"]
+            assert given_up["unwritten"] >= 3 and bus.outbox.unwritten_dropped == given_up["unwritten"]
 
         run(main())
