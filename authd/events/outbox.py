@@ -21,6 +21,7 @@ the failure is logged and shown in `status`, and writing resumes when it clears.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import sqlite3
 import threading
@@ -86,6 +87,7 @@ class Outbox:
         self.committed = 0  # highest one written, or given up on by the replies (see `storage_error`)
         self.written = 0  # highest one written: what a reader of the log can find there
         self._unwritable = False  # on the loop: the last write failed, so no reply waits for one
+        self._stopped = False  # on the loop: the writer has ended (closed, or crashed): nothing waits for it
         self._retry_clock = retry_clock
         self.cursors: dict[str, int] = {}
         self.storage_error: str | None = None
@@ -102,6 +104,7 @@ class Outbox:
         self._kick_queued = False
         self._last_prune = time.monotonic()
         self._retry_at = 0.0
+        self._failing = False  # in the writer: its last write failed
 
     # -- on the event loop ------------------------------------------------------------------
 
@@ -160,8 +163,13 @@ class Outbox:
         """Wait until the events this task emitted are committed (a no-op when it emitted none)."""
         await self.flushed(_emitted.get())
 
+    @property
+    def unwritable(self) -> bool:
+        """The last write failed (and none has succeeded since), or the writer has ended."""
+        return self._unwritable or self._stopped
+
     def _committed(self, target: int) -> bool:
-        return target <= self.committed or self._loop is None or self._unwritable
+        return target <= self.committed or self._loop is None or self._unwritable or self._stopped
 
     async def flushed(self, target: int) -> None:
         """Wait until everything up to sequence number `target` is committed (or, while the log
@@ -173,9 +181,9 @@ class Outbox:
         await future
 
     async def written_upto(self, target: int) -> None:
-        """Wait until everything up to `target` is in the log, for `read`: while the log cannot
-        be written, that is when the fault clears (or close, which gives up)."""
-        if target <= self.written or self._loop is None:
+        """Wait until everything up to `target` is in the log, for `read`, or until a try to
+        write fails (once a second while the log cannot be written): the caller looks again."""
+        if target <= self.written or self._loop is None or self._stopped:
             return
         future = self._loop.create_future()
         self._readers.append((target, future))
@@ -191,6 +199,7 @@ class Outbox:
             self._cond.notify()
 
     def add_dead(self, handler: str, seq: int, attempts: int, error: str) -> None:
+        error = error.encode("utf-8", "replace").decode()  # a handler's text may hold what SQLite cannot bind
         with self._cond:
             self._pending.dead.append((handler, seq, attempts, error, self.clock.time()))
             self._cond.notify()
@@ -226,8 +235,12 @@ class Outbox:
             self._cond.notify()
 
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `job(db)` in the writer thread, after what is pending now is written."""
+        """Run `job(db)` in the writer thread, after what is pending now is written; while the
+        log cannot be written, at once, without waiting for the next try (`read` reads only
+        what is written anyway)."""
         assert self._loop is not None
+        if self._stopped:
+            raise RuntimeError("the event log is closed")
         future: asyncio.Future[T] = self._loop.create_future()
         with self._cond:
             self._pending.jobs.append((job, future))
@@ -253,7 +266,8 @@ class Outbox:
         """Write what is pending, then stop the writer and close the file."""
         if self._thread is None:
             return
-        await self.run(lambda db: None)
+        with contextlib.suppress(RuntimeError):  # the writer has ended already (it crashed): nothing to wait for
+            await self.run(lambda db: None)
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -270,6 +284,7 @@ class Outbox:
         self._unwritable = True
         self.committed = max(self.committed, self.appended)
         self._waiters = _release(self._waiters, self.committed)
+        self._readers = _release(self._readers, self.appended)  # not written: they look again
 
     def _wrote(self, upto: int) -> None:
         """A write succeeded, with the events up to `upto` (0: none) in it: replies wait for
@@ -280,8 +295,10 @@ class Outbox:
         self._waiters = _release(self._waiters, self.committed)
         self._readers = _release(self._readers, self.written)
 
-    def _closed(self) -> None:
-        """The writer stopped: nothing more will be written, so no reader waits for it."""
+    def _ended(self) -> None:
+        """The writer ended: nothing more is written, so nobody waits for it."""
+        self._stopped = True
+        self._waiters = _release(self._waiters, self.appended)
         self._readers = _release(self._readers, self.appended)
 
     # -- in the writer thread ---------------------------------------------------------------
@@ -300,20 +317,39 @@ class Outbox:
             return sqlitefile.connect(self.path, _SCHEMA, isolation_level=None, check_same_thread=False)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:  # logged here, whole; the thread ends, and `_ended` frees whoever waits for it
+            log.critical("event log writer crashed; events are kept in memory only from now on", exc_info=True)
+            self.storage_error = f"the writer crashed: {exc!r}"
+        finally:
+            with self._cond:
+                jobs, self._pending.jobs = self._pending.jobs, []
+            for _, future in jobs:
+                if future is not None:
+                    self._call(_fail, future, RuntimeError("the event log is closed"))
+            self._call(self._ended)
+
+    def _serve(self) -> None:
         assert self._db is not None and self._loop is not None
         while True:
             with self._cond:
                 while True:
                     wait = self._retry_at - self._retry_clock()
-                    if self._closing or (self._pending.busy() and wait <= 0) or self._prune_due(time.monotonic()):
+                    due = self._closing or (self._pending.busy() and wait <= 0)
+                    if due or self._pending.jobs or self._prune_due(time.monotonic()):
                         break
                     self._cond.wait(max(wait, 0.01) if self._pending.busy() else PRUNE_EVERY)
-                batch, self._pending = self._pending, _Batch()
+                if due:
+                    batch, self._pending = self._pending, _Batch()
+                else:  # a failed write's next try is not due: the jobs (reads) do not wait for it
+                    batch, self._pending.jobs = _Batch(jobs=self._pending.jobs), []
             if self._closing and not batch.busy():
                 self._db.close()
-                self._call(self._closed)
                 return
-            if batch.busy() and not self._write(batch) and self._closing:
+            if not due:
+                self._run_jobs(batch.jobs)
+            elif batch.busy() and not self._write(batch) and self._closing:
                 self._abandon()
             if self._prune_due(time.monotonic()):
                 self._prune()
@@ -346,7 +382,9 @@ class Outbox:
                     self._db.executemany(
                         "INSERT OR REPLACE INTO dead (handler, seq, attempts, error, time) VALUES (?, ?, ?, ?, ?)", batch.dead)
             self._healthy()
-            self._call(self._wrote, upto)
+            if upto or self._failing:  # a batch of cursors alone costs the loop nothing, unless after a fault
+                self._call(self._wrote, upto)
+            self._failing = False
             written = True
         except sqlite3.Error as exc:
             # Replies must not wait on a broken disk: they go out, the events are delivered from
@@ -359,9 +397,14 @@ class Outbox:
                 self._pending.cursors = {**batch.cursors, **self._pending.cursors}
                 self._pending.dead = batch.dead + self._pending.dead
             self._retry_at = self._retry_clock() + RETRY_WRITE
+            self._failing = True
             self._call(self._gave_up)
             written = False
-        for job, future in batch.jobs:
+        self._run_jobs(batch.jobs)
+        return written
+
+    def _run_jobs(self, jobs: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None]]) -> None:
+        for job, future in jobs:
             try:
                 result = job(self._db)
             except Exception as exc:  # reported to the awaiting coroutine, never lost
@@ -372,7 +415,6 @@ class Outbox:
             else:
                 if future is not None:
                     self._call(_resolve, future, result)
-        return written
 
     def _prune(self) -> None:
         assert self._db is not None

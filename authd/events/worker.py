@@ -142,6 +142,7 @@ class Worker:
         lost = len(self.queue) + (self.outbox.appended - self.position if self.spilled else 0)
         self.queue.clear()
         self.spilled = False
+        self._wake.set()  # out of a wait for the log, if it is in one
         if lost:
             self.counters.dropped += lost
             log.warning("removed handler missed its deadline; queued events dropped", handler=self.name, dropped=lost)
@@ -201,14 +202,37 @@ class Worker:
             self.invoker.stop()
 
     async def _refill(self) -> None:
-        """Read the next window of this handler's events from the log; leave spilling when caught up."""
-        target = self.outbox.appended
-        await self.outbox.written_upto(target)  # while the log cannot be written: until it can
-        rows = await self.outbox.read(self.position, target, self.limit)
+        """Read the next window of this handler's events from the log; leave spilling when caught up.
+
+        Only what the log holds is read. Events a failing disk has not taken yet are waited for,
+        except by a worker told to stop: it leaves them, its cursor before them, and the outbox
+        counts them if they are never written."""
+        if self.position >= self.outbox.written:
+            if self.stopping and self.outbox.unwritable:
+                self.spilled = False
+            else:
+                await self._until_written(self.position + 1)
+            return  # `_run` looks again, whatever ended the wait
+        upto = min(self.outbox.appended, self.outbox.written)
+        rows = await self.outbox.read(self.position, upto, self.limit)
+        if not self.spilled:
+            return  # handed over, unsubscribed or abandoned meanwhile: none of it is its own any more
         self.queue.extend((seq, e) for seq, e in rows if self.handler.accepts(e))
-        self.position = rows[-1][0] if len(rows) == self.limit else target
+        self.position = rows[-1][0] if len(rows) == self.limit else upto
         if self.position >= self.outbox.appended:
-            self.spilled = False  # nothing was emitted since `target` was read: live again
+            self.spilled = False  # nothing was emitted since `upto` was read: live again
+
+    async def _until_written(self, seq: int) -> None:
+        """Until `seq` is in the log, a try to write fails, or the worker is woken (stopped,
+        handed over, abandoned, or given dead letters to replay)."""
+        self._wake.clear()
+        written = asyncio.ensure_future(self.outbox.written_upto(seq))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({written, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            written.cancel()
+            woken.cancel()
 
     async def _deliver(self, seq: int, event: Event) -> bool:
         """Deliver, retrying as the handler allows. False if stopped before the event was settled."""

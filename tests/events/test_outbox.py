@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from authd.events import AUTH_FAILED, AUTH_SUCCEEDED, Event, EventBus, Handler, HandlerError
@@ -328,7 +329,7 @@ def test_a_full_disk_holds_no_reply_back_while_the_writer_waits_to_retry(tmp_pat
             retry_clock.advance(RETRY_WRITE)
             emitted.append(Event.create(AUTH_SUCCEEDED, user="carol"))
             bus.emit(emitted[-1])  # wakes the writer, whose try is due
-            await eventually(lambda: bus.outbox.storage_error is None)
+            await eventually(lambda: not bus.outbox.unwritable)
             assert committed_ids(path) == [event.id for event in emitted]
             emitted.append(Event.create(AUTH_SUCCEEDED, user="dave"))
             bus.emit(emitted[-1])
@@ -340,9 +341,10 @@ def test_a_full_disk_holds_no_reply_back_while_the_writer_waits_to_retry(tmp_pat
         run(main())
 
 
-def test_a_handler_reading_the_log_back_waits_out_a_full_disk_and_loses_nothing(tmp_path: Path) -> None:
-    """A handler that fell behind reads its events back from the log; those emitted while the
-    log cannot be written are not there yet, so it waits for them instead of passing them by."""
+def test_a_handler_reading_the_log_back_delivers_what_the_log_holds_and_waits_for_the_rest(tmp_path: Path) -> None:
+    """A handler that fell behind reads its events back from the log. During a fault it
+    delivers what the log holds; those a full disk has not taken yet it waits for, through
+    failed tries, instead of passing them by."""
     permits = threading.Semaphore(0)
     with tmpfs(tmp_path / "fs") as fs:
         path = fs / "events.db"
@@ -353,22 +355,116 @@ def test_a_handler_reading_the_log_back_waits_out_a_full_disk_and_loses_nothing(
             behind = Gated("audit", permits)
             bus.set_handlers([behind])
             await bus.start()
-            emitted: list[Event] = []
+            emitted = [Event.create(AUTH_SUCCEEDED, user="zoe") for _ in range(5)]
+            for event in emitted:
+                bus.emit(event)
+            await bus.durable()
             filler = await _until_full(bus, fs, emitted)
             for _ in range(20):
                 emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
                 bus.emit(emitted[-1])
             permits.release(1000)
-            await eventually(lambda: len(behind.got) >= 2)  # what its queue held; the rest is in no file yet
-            assert len(behind.got) < len(emitted)
+            in_the_log = committed_ids(path)
+            assert 5 <= len(in_the_log) < len(emitted)
+            await eventually(lambda: behind.got == in_the_log)
+            retry_clock.advance(RETRY_WRITE)
+            emitted.append(Event.create(AUTH_SUCCEEDED, user="carol"))
+            bus.emit(emitted[-1])
+            await bus.outbox.run(lambda db: None)  # runs after the try this emit made due, which fails: the disk is still full
+            assert bus.outbox.unwritable and behind.got == in_the_log
             filler.unlink()
             retry_clock.advance(RETRY_WRITE)
-            bus.emit(Event.create(AUTH_SUCCEEDED, user="carol"))  # wakes the writer, whose try is due
-            await eventually(lambda: len(behind.got) == len(emitted) + 1)
-            assert behind.got[:-1] == [event.id for event in emitted]
+            emitted.append(Event.create(AUTH_SUCCEEDED, user="dave"))
+            bus.emit(emitted[-1])  # wakes the writer, whose try is due and succeeds
+            await eventually(lambda: len(behind.got) == len(emitted))
+            assert behind.got == [event.id for event in emitted]
             await bus.close(5)
 
         run(main())
+
+
+def test_a_handler_replaced_during_a_fault_delivers_nothing_its_successor_does(tmp_path: Path) -> None:
+    """A reload hands a handler that waits for the log over to its successor: once the log is
+    back, each event reaches one of the two, not both."""
+    old_permits, new_permits = threading.Semaphore(0), threading.Semaphore(1000)
+    with tmpfs(tmp_path / "fs") as fs:
+        path = fs / "events.db"
+
+        async def main() -> None:
+            retry_clock = ManualClock()
+            bus = EventBus(Outbox(path, retry_clock=retry_clock), queue_size=2)
+            old = Gated("audit", old_permits)
+            bus.set_handlers([old])
+            await bus.start()
+            emitted = [Event.create(AUTH_SUCCEEDED, user="zoe") for _ in range(5)]
+            for event in emitted:
+                bus.emit(event)  # its queue takes two, and it reads the rest back from the log
+            await bus.durable()
+            filler = await _until_full(bus, fs, emitted)
+            for _ in range(20):
+                emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
+                bus.emit(emitted[-1])
+            old_permits.release(1000)
+            in_the_log = committed_ids(path)
+            await eventually(lambda: old.got == in_the_log)  # and now it waits for the log
+            new = Gated("audit", new_permits)
+            bus.set_handlers([new])
+            filler.unlink()
+            retry_clock.advance(RETRY_WRITE)
+            emitted.append(Event.create(AUTH_SUCCEEDED, user="dave"))
+            bus.emit(emitted[-1])
+            await eventually(lambda: len(old.got) + len(new.got) >= len(emitted))
+            await bus.close(5)
+            assert old.got == in_the_log, "the replaced handler delivered nothing more"
+            assert old.got + new.got == [event.id for event in emitted]
+
+        run(main())
+
+
+def test_a_stop_during_a_fault_does_not_wait_for_what_the_log_cannot_take(tmp_path: Path) -> None:
+    permits = threading.Semaphore(0)
+    with tmpfs(tmp_path / "fs") as fs:
+        path = fs / "events.db"
+
+        async def main() -> None:
+            bus = EventBus(Outbox(path), queue_size=2)
+            behind = Gated("audit", permits)
+            bus.set_handlers([behind])
+            await bus.start()
+            for _ in range(5):
+                bus.emit(Event.create(AUTH_SUCCEEDED, user="zoe"))
+            await bus.durable()
+            filler = await _until_full(bus, fs, [])
+            for _ in range(20):
+                bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
+            permits.release(1000)
+            in_the_log = committed_ids(path)
+            await eventually(lambda: behind.got == in_the_log)
+            with capture_logs() as logs:
+                undelivered = await asyncio.wait_for(bus.close(3600), 30)  # not held for the drain's hour
+            assert undelivered == 0, "nothing is promised for after a restart that the log does not hold"
+            (given_up,) = [r for r in logs if r["event"] == "event log not writable at close; events not written"]
+            assert given_up["unwritten"] >= 20
+            filler.unlink()
+
+        run(main())
+
+
+def test_a_dead_letter_whose_error_text_sqlite_cannot_bind_is_kept(tmp_path: Path) -> None:
+    async def main() -> None:
+        bus = EventBus(Outbox(tmp_path / "events.db"))
+        await bus.start()
+        event = Event.create(AUTH_SUCCEEDED, user="alice")
+        seq = bus.outbox.append(event)
+        bus.outbox.add_dead("webhook", seq, 3, "receiver said \udc80")  # a lone surrogate, as from a bad decode
+        (dead,) = await bus.outbox.dead_letters()
+        assert dead["error"] == "receiver said ?" and dead["event"]["id"] == event.id
+        bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
+        await bus.durable()
+        assert bus.outbox.storage_error is None
+        await bus.close(5)
+
+    run(main())
 
 
 def test_close_gives_up_on_a_log_that_still_cannot_be_written(tmp_path: Path) -> None:
@@ -386,3 +482,26 @@ def test_close_gives_up_on_a_log_that_still_cannot_be_written(tmp_path: Path) ->
             assert given_up["unwritten"] >= 3 and bus.outbox.unwritten_dropped == given_up["unwritten"]
 
         run(main())
+
+
+def test_if_the_writer_dies_nothing_waits_for_it(tmp_path: Path) -> None:
+    """An event the writer cannot encode (no front end lets one through: they all decode
+    strict UTF-8) kills the writer thread: replies, readers and close must not hang on it."""
+
+    async def main() -> None:
+        bus = EventBus(Outbox(tmp_path / "events.db"))
+        await bus.start()
+        with capture_logs() as logs:
+            bus.emit(Event.create(AUTH_SUCCEEDED, user="lone \udc80 surrogate"))
+            await bus.durable()
+            await eventually(lambda: bus.outbox.unwritable)
+        assert any(r["event"].startswith("event log writer crashed") for r in logs)
+        assert "crashed" in (bus.outbox.storage_error or "")
+        bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
+        await bus.durable()
+        await bus.outbox.written_upto(bus.outbox.appended)
+        with pytest.raises(RuntimeError, match="closed"):
+            await bus.outbox.read(0, bus.outbox.appended, 10)
+        await asyncio.wait_for(bus.close(5), 30)
+
+    run(main())
