@@ -18,7 +18,8 @@ from .cache import CredentialCache
 from .errors import ConfigError
 from .config import Daemon
 from .events import Event, EventBus
-from .events.outbox import FILENAME as OUTBOX_FILE, Outbox, Retention
+from .events.outbox import FILENAME as OUTBOX_FILE, Outbox
+from .events.retention import Retention
 from .metrics import Decisions
 from .pam.pool import PamPool
 from .policy import Policy

@@ -25,7 +25,8 @@ import uuid
 from pathlib import Path
 
 from authd.events.model import AUTH_SUCCEEDED, Event, time_ordered_id
-from authd.events.outbox import _SCHEMA, Outbox, Retention
+from authd.events.outbox import _SCHEMA, Outbox
+from authd.events.retention import Retention
 
 from .harness import scratch_dir
 

@@ -37,6 +37,7 @@ import structlog
 from authd import sqlitefile
 from authd.clock import SYSTEM, Clock
 from authd.events.model import Event
+from authd.events.retention import PRUNE_EVERY, Retention
 
 log = structlog.get_logger("authd.events")
 
@@ -51,15 +52,8 @@ CREATE TABLE IF NOT EXISTS dead (handler TEXT NOT NULL, seq INTEGER NOT NULL, at
 """
 _decode = msgspec.json.Decoder(Event).decode
 _emitted: contextvars.ContextVar[int] = contextvars.ContextVar("authd_emitted", default=0)
-PRUNE_EVERY = 5.0  # seconds between retention passes
 RETRY_WRITE = 1.0  # seconds between attempts to write to a failing log
 MAX_UNWRITTEN = 100_000  # events held for a failing log; older ones are given up (counted)
-
-
-@dataclass(frozen=True)
-class Retention:
-    max_age: float = 7 * 86400.0  # events older than this are pruned, delivered or not
-    max_events: int = 1_000_000  # and the oldest beyond this many
 
 
 @dataclass
@@ -67,10 +61,11 @@ class _Batch:
     events: list[tuple[int, Event]] = field(default_factory=list)
     cursors: dict[str, int] = field(default_factory=dict)
     dead: list[tuple[str, int, int, str, float]] = field(default_factory=list)
+    forgotten: set[str] = field(default_factory=set)  # handlers whose cursors go
     jobs: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None]] = field(default_factory=list)
 
     def busy(self) -> bool:
-        return bool(self.events or self.cursors or self.dead or self.jobs)
+        return bool(self.events or self.cursors or self.dead or self.forgotten or self.jobs)
 
 
 class Outbox:
@@ -105,6 +100,8 @@ class Outbox:
         self._last_prune = time.monotonic()
         self._retry_at = 0.0
         self._failing = False  # in the writer: its last write failed
+        self._dead = False  # under `_cond`: the writer has ended, and takes no job any more
+        self._inflight: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None]] = []
 
     # -- on the event loop ------------------------------------------------------------------
 
@@ -123,7 +120,11 @@ class Outbox:
             self.storage_error = str(exc)
             self.path = None
             self._db = self._connect()
-        (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
+        # the highest number ever given out: the events holding it may be pruned, or left out,
+        # while a cursor or a dead letter still names it, and a number must never come back
+        (last,) = self._db.execute(
+            "SELECT max(coalesce((SELECT max(seq) FROM events), 0), coalesce((SELECT max(seq) FROM cursors), 0),"
+            " coalesce((SELECT max(seq) FROM dead), 0))").fetchone()
         self.appended = self.committed = self.written = last
         self.cursors = dict(self._db.execute("SELECT handler, seq FROM cursors"))
 
@@ -164,6 +165,11 @@ class Outbox:
         await self.flushed(_emitted.get())
 
     @property
+    def stopped(self) -> bool:
+        """The writer has ended (or is ending): nothing more is written or read."""
+        return self._stopped or self._dead
+
+    @property
     def unwritable(self) -> bool:
         """The last write failed (and none has succeeded since), or the writer has ended."""
         return self._unwritable or self._stopped
@@ -196,6 +202,7 @@ class Outbox:
         self.cursors[handler] = seq
         with self._cond:
             self._pending.cursors[handler] = seq
+            self._pending.forgotten.discard(handler)  # a handler of that name again
             self._cond.notify()
 
     def add_dead(self, handler: str, seq: int, attempts: int, error: str) -> None:
@@ -207,7 +214,10 @@ class Outbox:
     def forget(self, handler: str) -> None:
         """A handler left the configuration: its cursor no longer holds events back."""
         self.cursors.pop(handler, None)
-        self._submit(lambda db: db.execute("DELETE FROM cursors WHERE handler = ?", (handler,)))
+        with self._cond:
+            self._pending.cursors.pop(handler, None)
+            self._pending.forgotten.add(handler)  # written (and retried) like a cursor
+            self._cond.notify()
 
     async def dead_letters(self, handler: str | None = None) -> list[dict[str, Any]]:
         rows = await self.run(lambda db: db.execute(
@@ -228,21 +238,15 @@ class Outbox:
             return rows
         return [(seq, _decode(body)) for seq, body in await self.run(take)]
 
-    def _submit(self, job: Callable[[sqlite3.Connection], Any]) -> None:
-        """Run `job` with the next batch; nobody waits for it (a failure is logged)."""
-        with self._cond:
-            self._pending.jobs.append((job, None))
-            self._cond.notify()
-
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run `job(db)` in the writer thread, after what is pending now is written; while the
         log cannot be written, at once, without waiting for the next try (`read` reads only
         what is written anyway)."""
         assert self._loop is not None
-        if self._stopped:
-            raise RuntimeError("the event log is closed")
         future: asyncio.Future[T] = self._loop.create_future()
         with self._cond:
+            if self._dead:
+                raise RuntimeError("the event log is closed")
             self._pending.jobs.append((job, future))
             self._cond.notify()
         return await future
@@ -324,9 +328,10 @@ class Outbox:
             self.storage_error = f"the writer crashed: {exc!r}"
         finally:
             with self._cond:
-                jobs, self._pending.jobs = self._pending.jobs, []
+                self._dead = True
+                jobs, self._pending.jobs = self._inflight + self._pending.jobs, []
             for _, future in jobs:
-                if future is not None:
+                if future is not None:  # one already resolved is left alone (`_fail` looks)
                     self._call(_fail, future, RuntimeError("the event log is closed"))
             self._call(self._ended)
 
@@ -344,6 +349,7 @@ class Outbox:
                     batch, self._pending = self._pending, _Batch()
                 else:  # a failed write's next try is not due: the jobs (reads) do not wait for it
                     batch, self._pending.jobs = _Batch(jobs=self._pending.jobs), []
+                self._inflight = batch.jobs
             if self._closing and not batch.busy():
                 self._db.close()
                 return
@@ -359,7 +365,7 @@ class Outbox:
         so that close ends. A handler's undelivered events are reported by the bus as always."""
         with self._cond:
             lost = len(self._pending.events)
-            self._pending.events, self._pending.cursors, self._pending.dead = [], {}, []
+            self._pending.events, self._pending.cursors, self._pending.dead, self._pending.forgotten = [], {}, [], set()
         self.unwritten_dropped += lost
         log.error("event log not writable at close; events not written", path=str(self.path), unwritten=lost,
                   error=self.storage_error)
@@ -367,14 +373,16 @@ class Outbox:
     def _write(self, batch: _Batch) -> bool:
         """One transaction for the batch, then its jobs; False if the write failed."""
         assert self._db is not None and self._loop is not None
-        upto = batch.events[-1][0] if batch.events else 0
+        upto = batch.events[-1][0] if batch.events else 0  # `written` passes a left-out event too
+        batch.events, rows = self._encoded(batch.events)  # a failed try re-queues only what can be written
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 # only the statements with rows: an empty executemany still costs its preparation
-                if batch.events:
-                    self._db.executemany("INSERT OR REPLACE INTO events (seq, id, time, body) VALUES (?, ?, ?, ?)",
-                                         [(seq, e.id, e.time, e.to_json()) for seq, e in batch.events])
+                if rows:
+                    self._db.executemany("INSERT OR REPLACE INTO events (seq, id, time, body) VALUES (?, ?, ?, ?)", rows)
+                if batch.forgotten:
+                    self._db.executemany("DELETE FROM cursors WHERE handler = ?", [(h,) for h in batch.forgotten])
                 if batch.cursors:
                     self._db.executemany("INSERT OR REPLACE INTO cursors (handler, seq) VALUES (?, ?)",
                                          batch.cursors.items())
@@ -394,7 +402,10 @@ class Outbox:
                 unwritten = batch.events + self._pending.events
                 self.unwritten_dropped += max(0, len(unwritten) - MAX_UNWRITTEN)
                 self._pending.events = unwritten[-MAX_UNWRITTEN:]
-                self._pending.cursors = {**batch.cursors, **self._pending.cursors}
+                newer = self._pending  # set since this batch was taken: it wins, and holds a name at most once
+                older = {h: seq for h, seq in batch.cursors.items() if h not in newer.forgotten}
+                newer.forgotten |= batch.forgotten - newer.cursors.keys()
+                newer.cursors = {**older, **newer.cursors}
                 self._pending.dead = batch.dead + self._pending.dead
             self._retry_at = self._retry_clock() + RETRY_WRITE
             self._failing = True
@@ -402,6 +413,21 @@ class Outbox:
             written = False
         self._run_jobs(batch.jobs)
         return written
+
+    def _encoded(self, events: list[tuple[int, Event]]) -> tuple[list[tuple[int, Event]], list[tuple[int, str, float, bytes]]]:
+        """The events that can be encoded, and their rows; one that cannot (no front end lets
+        one through) is left out, logged and counted, once, rather than stop the log."""
+        kept, rows = [], []
+        for seq, event in events:
+            try:
+                rows.append((seq, event.id, event.time, event.to_json()))
+            except (ValueError, TypeError, msgspec.EncodeError) as exc:  # UnicodeEncodeError is a ValueError
+                self.unwritten_dropped += 1
+                log.error("event cannot be written; left out of the log", event_id=event.id, event_name=event.name,
+                          error=str(exc))
+            else:
+                kept.append((seq, event))
+        return kept, rows
 
     def _run_jobs(self, jobs: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | None]]) -> None:
         for job, future in jobs:
@@ -419,31 +445,15 @@ class Outbox:
     def _prune(self) -> None:
         assert self._db is not None
         self._last_prune = time.monotonic()
-        retention = self.retention
         try:
-            with self._db:
-                (count,) = self._db.execute("SELECT count(*) FROM events").fetchone()
-                cutoff_seq = self._db.execute(
-                    "SELECT coalesce(max(seq), 0) FROM events WHERE time < ?", (self.clock.time() - retention.max_age,)
-                ).fetchone()[0]
-                if count > retention.max_events:
-                    (nth,) = self._db.execute("SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?",
-                                              (count - retention.max_events - 1,)).fetchone()
-                    cutoff_seq = max(cutoff_seq, nth)
-                if not cutoff_seq:
-                    return
-                slowest = min(self.cursors.values(), default=cutoff_seq)
-                (lost,) = self._db.execute("SELECT count(*) FROM events WHERE seq > ? AND seq <= ?",
-                                           (slowest, cutoff_seq)).fetchone()
-                self._db.execute("DELETE FROM events WHERE seq <= ? AND seq NOT IN (SELECT seq FROM dead)", (cutoff_seq,))
-                self._db.execute("DELETE FROM dead WHERE time < ?", (self.clock.time() - retention.max_age,))
+            lost = self.retention.prune(self._db, self.clock.time(), list(self.cursors.values()))
         except sqlite3.Error as exc:
             self._failed(exc, 0)
             return
         if lost:
             self.pruned_undelivered += lost
             log.warning("events pruned before every handler delivered them", pruned_undelivered=lost,
-                        max_age=retention.max_age, max_events=retention.max_events)
+                        max_age=self.retention.max_age, max_events=self.retention.max_events)
 
     def _prune_due(self, now: float) -> bool:
         return now - self._last_prune >= PRUNE_EVERY

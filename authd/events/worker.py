@@ -207,6 +207,12 @@ class Worker:
         Only what the log holds is read. Events a failing disk has not taken yet are waited for,
         except by a worker told to stop: it leaves them, its cursor before them, and the outbox
         counts them if they are never written."""
+        if self.position >= self.outbox.appended:
+            self.spilled = False  # caught up (a predecessor settled the last event): live again
+            return
+        if self.outbox.stopped:
+            self._leave_the_log()
+            return
         if self.position >= self.outbox.written:
             if self.stopping and self.outbox.unwritable:
                 self.spilled = False
@@ -214,13 +220,26 @@ class Worker:
                 await self._until_written(self.position + 1)
             return  # `_run` looks again, whatever ended the wait
         upto = min(self.outbox.appended, self.outbox.written)
-        rows = await self.outbox.read(self.position, upto, self.limit)
+        try:
+            rows = await self.outbox.read(self.position, upto, self.limit)
+        except RuntimeError:  # the writer died meanwhile
+            self._leave_the_log()
+            return
         if not self.spilled:
             return  # handed over, unsubscribed or abandoned meanwhile: none of it is its own any more
         self.queue.extend((seq, e) for seq, e in rows if self.handler.accepts(e))
         self.position = rows[-1][0] if len(rows) == self.limit else upto
         if self.position >= self.outbox.appended:
             self.spilled = False  # nothing was emitted since `upto` was read: live again
+
+    def _leave_the_log(self) -> None:
+        """The event log's writer died: the log gives nothing more, memory does. What it does not
+        hold is lost; what it holds is delivered after a restart (this cursor is not written)."""
+        lost = self.outbox.appended - max(self.position, self.outbox.written)
+        self.position, self.spilled = self.outbox.appended, False
+        self.counters.dropped += lost
+        log.error("handler behind when the event log stopped; delivering from memory again", handler=self.name,
+                  dropped=lost)
 
     async def _until_written(self, seq: int) -> None:
         """Until `seq` is in the log, a try to write fails, or the worker is woken (stopped,

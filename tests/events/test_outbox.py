@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sqlite3
 import threading
 import time
@@ -13,7 +14,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from authd.events import AUTH_FAILED, AUTH_SUCCEEDED, Event, EventBus, Handler, HandlerError
-from authd.events.outbox import RETRY_WRITE, Outbox, Retention
+from authd.events.outbox import RETRY_WRITE, Outbox
+from authd.events.retention import Retention
 
 from ..clock import ManualClock
 from ..filesystems import fill, tmpfs
@@ -76,12 +78,15 @@ def test_a_request_that_emitted_nothing_does_not_wait() -> None:
     async def main() -> None:
         bus = EventBus()
         await bus.start()
-        bus.emit(Event.create(AUTH_FAILED))  # another task's event, not yet committed
+        bus.emit(Event.create(AUTH_FAILED))  # this task's event, not yet committed
+        assert not bus.settled()
 
-        async def quiet() -> None:
+        async def quiet() -> None:  # another request, in a context of its own, that emitted nothing
             await bus.durable()
 
-        await asyncio.wait_for(asyncio.create_task(quiet()), 0.001)  # no commit awaited at all
+        task = asyncio.create_task(quiet(), context=contextvars.Context())
+        await asyncio.sleep(0)  # its first step: it did not wait for the commit
+        assert task.done() and not bus.settled()
         await bus.close(5)
 
     run(main())
@@ -367,6 +372,7 @@ def test_a_handler_reading_the_log_back_delivers_what_the_log_holds_and_waits_fo
             in_the_log = committed_ids(path)
             assert 5 <= len(in_the_log) < len(emitted)
             await eventually(lambda: behind.got == in_the_log)
+            assert await asyncio.wait_for(bus.outbox.first_seq(), 4) == 1, "a read does not wait for the next try"
             retry_clock.advance(RETRY_WRITE)
             emitted.append(Event.create(AUTH_SUCCEEDED, user="carol"))
             bus.emit(emitted[-1])
@@ -484,24 +490,177 @@ def test_close_gives_up_on_a_log_that_still_cannot_be_written(tmp_path: Path) ->
         run(main())
 
 
-def test_if_the_writer_dies_nothing_waits_for_it(tmp_path: Path) -> None:
-    """An event the writer cannot encode (no front end lets one through: they all decode
-    strict UTF-8) kills the writer thread: replies, readers and close must not hang on it."""
+def test_an_event_that_cannot_be_encoded_is_left_out_and_counted(tmp_path: Path) -> None:
+    """No front end lets one through (they all decode strict UTF-8); if one came, the log
+    goes on without it."""
+    path = tmp_path / "events.db"
 
     async def main() -> None:
-        bus = EventBus(Outbox(tmp_path / "events.db"))
+        bus = EventBus(Outbox(path))
         await bus.start()
+        good = [Event.create(AUTH_SUCCEEDED, user="alice"), Event.create(AUTH_SUCCEEDED, user="bob")]
         with capture_logs() as logs:
+            bus.emit(good[0])
             bus.emit(Event.create(AUTH_SUCCEEDED, user="lone \udc80 surrogate"))
-            await bus.durable()
-            await eventually(lambda: bus.outbox.unwritable)
-        assert any(r["event"].startswith("event log writer crashed") for r in logs)
-        assert "crashed" in (bus.outbox.storage_error or "")
-        bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
-        await bus.durable()
-        await bus.outbox.written_upto(bus.outbox.appended)
-        with pytest.raises(RuntimeError, match="closed"):
-            await bus.outbox.read(0, bus.outbox.appended, 10)
-        await asyncio.wait_for(bus.close(5), 30)
+            bus.emit(good[1])
+            await asyncio.wait_for(bus.durable(), 30)
+        assert any(r["event"] == "event cannot be written; left out of the log" for r in logs)
+        assert bus.outbox.stats()["unwritten_dropped"] == 1 and bus.outbox.storage_error is None
+        assert committed_ids(path) == [event.id for event in good]
+        await bus.close(5)
 
     run(main())
+
+
+def test_if_the_writer_dies_nothing_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the writer thread ends it: replies, jobs (one in the very batch that broke it
+    too), close, and a handler that was reading the log back must not hang or spin on it."""
+    permits = threading.Semaphore(0)
+
+    async def main() -> None:
+        bus, behind = await _behind(tmp_path / "events.db", permits)
+
+        def broken(batch: Any) -> bool:
+            raise RuntimeError("a bug in the writer")
+
+        monkeypatch.setattr(bus.outbox, "_write", broken)
+        with capture_logs() as logs:
+            bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
+            with pytest.raises(RuntimeError, match="closed"):
+                await asyncio.wait_for(bus.outbox.first_seq(), 30)  # in the batch that broke it
+            await asyncio.wait_for(bus.durable(), 30)
+        assert any(r["event"].startswith("event log writer crashed") for r in logs)
+        assert bus.outbox.unwritable and "crashed" in (bus.outbox.storage_error or "")
+        permits.release(1000)
+        await eventually(lambda: not bus.stats()["handlers"]["audit"]["lag"])
+        assert bus.stats()["handlers"]["audit"]["dropped"] >= 1
+        await _live_again(bus, behind)
+
+    run(main())
+
+
+async def _behind(path: Path, permits: threading.Semaphore) -> tuple[EventBus, Gated]:
+    """A bus whose handler, held by `permits`, has two events queued and three to read back."""
+    bus = EventBus(Outbox(path), queue_size=2)
+    behind = Gated("audit", permits)
+    bus.set_handlers([behind])
+    await bus.start()
+    for _ in range(5):
+        bus.emit(Event.create(AUTH_SUCCEEDED, user="zoe"))
+    await bus.durable()
+    return bus, behind
+
+
+async def _live_again(bus: EventBus, behind: Gated) -> None:
+    """With the log's writer dead, the handler takes a new event from memory; close ends."""
+    late = Event.create(AUTH_SUCCEEDED, user="carol")
+    bus.emit(late)
+    await eventually(lambda: behind.got[-1:] == [late.id])
+    await asyncio.wait_for(bus.close(5), 30)
+
+
+def test_a_handler_removed_during_a_fault_leaves_no_cursor_behind(tmp_path: Path) -> None:
+    """Its cursor, not yet written when it was removed, is not written back once the disk is."""
+    with tmpfs(tmp_path / "fs") as fs:
+        path = fs / "events.db"
+
+        async def main() -> None:
+            retry_clock = ManualClock()
+            bus = EventBus(Outbox(path, retry_clock=retry_clock))
+            audit = Gated("audit", threading.Semaphore(1000))
+            bus.set_handlers([audit])
+            await bus.start()
+            emitted: list[Event] = []
+            filler = await _until_full(bus, fs, emitted)
+            await eventually(lambda: audit.got == [event.id for event in emitted])  # its cursor moved, unwritten
+            bus.set_handlers([])
+            await eventually(lambda: "audit" not in bus.outbox.cursors)  # its worker ended: forgotten
+            filler.unlink()
+            retry_clock.advance(RETRY_WRITE)
+            bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
+            await eventually(lambda: not bus.outbox.unwritable)
+            await bus.close(5)
+            with sqlite3.connect(path) as db:
+                assert db.execute("SELECT handler FROM cursors").fetchall() == []
+
+        run(main())
+
+
+def test_a_handler_whose_read_the_dying_writer_never_ran_delivers_from_memory_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    permits, inside, crash = threading.Semaphore(0), threading.Event(), threading.Event()
+
+    async def main() -> None:
+        bus, behind = await _behind(tmp_path / "events.db", permits)
+
+        def broken(batch: Any) -> bool:
+            inside.set()
+            crash.wait(30)
+            raise RuntimeError("a bug in the writer")
+
+        monkeypatch.setattr(bus.outbox, "_write", broken)
+        bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
+        await eventually(inside.is_set)  # the writer holds that batch
+        permits.release(1000)
+        await eventually(lambda: bus.outbox._pending.jobs)  # the handler's read waits behind it
+        with capture_logs() as logs:
+            crash.set()
+            await eventually(lambda: bus.outbox.stopped and not bus.stats()["handlers"]["audit"]["lag"])
+        assert not any(r["event"] == "handler worker crashed" for r in logs)
+        await _live_again(bus, behind)
+
+    run(main())
+
+
+def test_an_event_that_cannot_be_encoded_is_counted_once_through_failed_tries(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "fs") as fs:
+        path = fs / "events.db"
+
+        async def main() -> None:
+            retry_clock = ManualClock()
+            bus = EventBus(Outbox(path, retry_clock=retry_clock))
+            await bus.start()
+            emitted: list[Event] = []
+            filler = await _until_full(bus, fs, emitted)
+            dropped = bus.outbox.unwritten_dropped
+            bus.emit(Event.create(AUTH_SUCCEEDED, user="lone \udc80 surrogate"))
+            for _ in range(3):  # tries that fail: the disk is still full
+                retry_clock.advance(RETRY_WRITE)
+                emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
+                bus.emit(emitted[-1])
+                await bus.outbox.run(lambda db: None)
+            filler.unlink()
+            retry_clock.advance(RETRY_WRITE)
+            emitted.append(Event.create(AUTH_SUCCEEDED, user="carol"))
+            bus.emit(emitted[-1])
+            await eventually(lambda: not bus.outbox.unwritable)
+            assert bus.outbox.unwritten_dropped == dropped + 1
+            assert committed_ids(path) == [event.id for event in emitted]
+            await bus.close(5)
+
+        run(main())
+
+
+def test_a_sequence_number_is_never_given_out_twice(tmp_path: Path) -> None:
+    """Even when the events that held the highest numbers are gone (pruned, or left out)
+    while a cursor or a dead letter still names them: a handler would skip the new event."""
+    path = tmp_path / "events.db"
+
+    async def main() -> list[int]:
+        bus = EventBus(Outbox(path))
+        await bus.start()
+        for _ in range(3):
+            bus.emit(Event.create(AUTH_SUCCEEDED, user="alice"))
+        await bus.durable()
+        await bus.close(5)
+        with sqlite3.connect(path) as db:
+            db.execute("DELETE FROM events WHERE seq > 1")
+            db.execute("INSERT INTO cursors VALUES ('audit', 2)")
+            db.execute("INSERT INTO dead VALUES ('webhook', 3, 1, 'gone', 0)")
+        again = EventBus(Outbox(path))
+        await again.start()
+        seqs = [again.outbox.append(Event.create(AUTH_SUCCEEDED, user="bob")) for _ in range(2)]
+        await again.close(5)
+        return seqs
+
+    assert run(main()) == [4, 5]
