@@ -433,7 +433,7 @@ def test_a_stop_during_a_fault_does_not_wait_for_what_the_log_cannot_take(tmp_pa
         path = fs / "events.db"
 
         async def main() -> None:
-            bus = EventBus(Outbox(path), queue_size=2)
+            bus = EventBus(Outbox(path, retry_clock=ManualClock()), queue_size=2)  # no try falls due by itself
             behind = Gated("audit", permits)
             bus.set_handlers([behind])
             await bus.start()
