@@ -7,6 +7,7 @@ import contextvars
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,30 @@ async def _until_full(bus: EventBus, fs: Path, emitted: list[Event]) -> Path:
     return filler
 
 
+async def _behind(path: Path, permits: threading.Semaphore,
+                  retry_clock: Callable[[], float] = time.monotonic) -> tuple[EventBus, Gated, list[Event]]:
+    """A bus whose handler, held by `permits`, has two events queued and three to read back
+    from the log; and those five events."""
+    bus = EventBus(Outbox(path, retry_clock=retry_clock), queue_size=2)
+    behind = Gated("audit", permits)
+    bus.set_handlers([behind])
+    await bus.start()
+    emitted = [Event.create(AUTH_SUCCEEDED, user="zoe") for _ in range(5)]
+    for event in emitted:
+        bus.emit(event)
+    await bus.durable()
+    return bus, behind, emitted
+
+
+async def _fault(bus: EventBus, fs: Path, emitted: list[Event]) -> Path:
+    """Fill the disk, then emit 20 events more than the log can take."""
+    filler = await _until_full(bus, fs, emitted)
+    for _ in range(20):
+        emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
+        bus.emit(emitted[-1])
+    return filler
+
+
 def test_a_full_disk_holds_no_reply_back_while_the_writer_waits_to_retry(tmp_path: Path) -> None:
     """A failed write releases its replies; the events emitted before the writer's next try
     do not wait for it either; once it writes again, replies wait for their commit again, and
@@ -356,18 +381,8 @@ def test_a_handler_reading_the_log_back_delivers_what_the_log_holds_and_waits_fo
 
         async def main() -> None:
             retry_clock = ManualClock()
-            bus = EventBus(Outbox(path, retry_clock=retry_clock), queue_size=2)
-            behind = Gated("audit", permits)
-            bus.set_handlers([behind])
-            await bus.start()
-            emitted = [Event.create(AUTH_SUCCEEDED, user="zoe") for _ in range(5)]
-            for event in emitted:
-                bus.emit(event)
-            await bus.durable()
-            filler = await _until_full(bus, fs, emitted)
-            for _ in range(20):
-                emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
-                bus.emit(emitted[-1])
+            bus, behind, emitted = await _behind(path, permits, retry_clock)
+            filler = await _fault(bus, fs, emitted)
             permits.release(1000)
             in_the_log = committed_ids(path)
             assert 5 <= len(in_the_log) < len(emitted)
@@ -398,18 +413,8 @@ def test_a_handler_replaced_during_a_fault_delivers_nothing_its_successor_does(t
 
         async def main() -> None:
             retry_clock = ManualClock()
-            bus = EventBus(Outbox(path, retry_clock=retry_clock), queue_size=2)
-            old = Gated("audit", old_permits)
-            bus.set_handlers([old])
-            await bus.start()
-            emitted = [Event.create(AUTH_SUCCEEDED, user="zoe") for _ in range(5)]
-            for event in emitted:
-                bus.emit(event)  # its queue takes two, and it reads the rest back from the log
-            await bus.durable()
-            filler = await _until_full(bus, fs, emitted)
-            for _ in range(20):
-                emitted.append(Event.create(AUTH_SUCCEEDED, user="bob"))
-                bus.emit(emitted[-1])
+            bus, old, emitted = await _behind(path, old_permits, retry_clock)
+            filler = await _fault(bus, fs, emitted)
             old_permits.release(1000)
             in_the_log = committed_ids(path)
             await eventually(lambda: old.got == in_the_log)  # and now it waits for the log
@@ -433,16 +438,8 @@ def test_a_stop_during_a_fault_does_not_wait_for_what_the_log_cannot_take(tmp_pa
         path = fs / "events.db"
 
         async def main() -> None:
-            bus = EventBus(Outbox(path, retry_clock=ManualClock()), queue_size=2)  # no try falls due by itself
-            behind = Gated("audit", permits)
-            bus.set_handlers([behind])
-            await bus.start()
-            for _ in range(5):
-                bus.emit(Event.create(AUTH_SUCCEEDED, user="zoe"))
-            await bus.durable()
-            filler = await _until_full(bus, fs, [])
-            for _ in range(20):
-                bus.emit(Event.create(AUTH_SUCCEEDED, user="bob"))
+            bus, behind, emitted = await _behind(path, permits, ManualClock())  # no try falls due by itself
+            filler = await _fault(bus, fs, emitted)
             permits.release(1000)
             in_the_log = committed_ids(path)
             await eventually(lambda: behind.got == in_the_log)
@@ -518,7 +515,7 @@ def test_if_the_writer_dies_nothing_waits_for_it(tmp_path: Path, monkeypatch: py
     permits = threading.Semaphore(0)
 
     async def main() -> None:
-        bus, behind = await _behind(tmp_path / "events.db", permits)
+        bus, behind, _ = await _behind(tmp_path / "events.db", permits)
 
         def broken(batch: Any) -> bool:
             raise RuntimeError("a bug in the writer")
@@ -537,18 +534,6 @@ def test_if_the_writer_dies_nothing_waits_for_it(tmp_path: Path, monkeypatch: py
         await _live_again(bus, behind)
 
     run(main())
-
-
-async def _behind(path: Path, permits: threading.Semaphore) -> tuple[EventBus, Gated]:
-    """A bus whose handler, held by `permits`, has two events queued and three to read back."""
-    bus = EventBus(Outbox(path), queue_size=2)
-    behind = Gated("audit", permits)
-    bus.set_handlers([behind])
-    await bus.start()
-    for _ in range(5):
-        bus.emit(Event.create(AUTH_SUCCEEDED, user="zoe"))
-    await bus.durable()
-    return bus, behind
 
 
 async def _live_again(bus: EventBus, behind: Gated) -> None:
@@ -591,7 +576,7 @@ def test_a_handler_whose_read_the_dying_writer_never_ran_delivers_from_memory_ag
     permits, inside, crash = threading.Semaphore(0), threading.Event(), threading.Event()
 
     async def main() -> None:
-        bus, behind = await _behind(tmp_path / "events.db", permits)
+        bus, behind, _ = await _behind(tmp_path / "events.db", permits)
 
         def broken(batch: Any) -> bool:
             inside.set()
